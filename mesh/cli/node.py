@@ -1,0 +1,126 @@
+"""`mesh node start` and `mesh node describe`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from mesh.cli._common import EXIT_ERROR, message_to_dict, print_json, run_async
+from mesh.errors import ConfigError, ModelLoadError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    node = subparsers.add_parser("node", help="run or inspect a node daemon")
+    actions = node.add_subparsers(dest="node_command", metavar="ACTION")
+
+    start = actions.add_parser("start", help="start a node daemon in the foreground")
+    start.add_argument("--config", help="node config YAML file")
+    start.add_argument("--name", help="node name (default: host name)")
+    start.add_argument("--cluster", help="mesh the node joins (default: 'default')")
+    start.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    start.add_argument("--port", type=int, help="port to listen on (default 50051; 0: any free)")
+    start.add_argument("--model", help="model alias (e.g. smollm2) or path to a .gguf file")
+    start.add_argument("--n-threads", type=int, help="inference threads per model")
+    start.add_argument("--max-concurrent", type=int, help="requests run at once")
+    start.add_argument("--max-queued", type=int, help="requests waiting beyond that")
+    start.add_argument("--state-dir", help="where the node keeps its id")
+    start.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                       help="a label for routing constraints (repeatable)")
+    start.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
+    start.add_argument("--interface", help="IP of the interface to advertise on")
+    start.set_defaults(func=_start)
+
+    describe = actions.add_parser("describe", help="show a node's identity, hardware, models, load")
+    describe.add_argument("address", help="host:port of the node")
+    describe.add_argument("--json", action="store_true", help="print JSON")
+    describe.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    describe.set_defaults(func=_describe)
+    node.set_defaults(func=lambda _args: node.print_help() or 2)
+
+
+def _labels(pairs: list[str]) -> dict[str, str] | None:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--label {pair!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels or None
+
+
+def _start(args: argparse.Namespace) -> int:
+    from nodes.config import load_node_config, model_config_from_flag
+    from nodes.daemon import NodeDaemon, run_daemon
+
+    try:
+        models = None
+        if args.model:
+            models = (model_config_from_flag(args.model, n_threads=args.n_threads),)
+        config = load_node_config(
+            args.config, name=args.name, cluster=args.cluster, host=args.host, port=args.port,
+            models=models, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
+            state_dir=args.state_dir, labels=_labels(args.label),
+            advertise=False if args.no_advertise else None, interface=args.interface,
+        )
+        if args.n_threads and not args.model:
+            config = config.model_copy(update={"models": tuple(
+                m.model_copy(update={"n_threads": args.n_threads}) for m in config.models)})
+        daemon = NodeDaemon(config, announcer_factory=_announcer_factory())
+        return asyncio.run(run_daemon(daemon))
+    except (ConfigError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _announcer_factory():  # type: ignore[no-untyped-def]
+    try:
+        from nodes.announcer import daemon_announcer
+    except ImportError:  # the announcer needs zeroconf; without it the node runs unannounced
+        return None
+    return daemon_announcer
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from mesh.client import NodeClient
+
+    async def describe():  # type: ignore[no-untyped-def]
+        async with NodeClient(args.address) as client:
+            return await client.describe(timeout_s=args.timeout)
+
+    result = run_async(describe)
+    if isinstance(result, int):
+        return result
+    if args.json:
+        print_json(result)
+        return 0
+    print(format_description(message_to_dict(result)))
+    return 0
+
+
+def format_description(d: dict) -> str:  # type: ignore[type-arg]
+    node, hw, load, cap = d["node"], d["hardware"], d["load"], d["capacity"]
+    gib = 1024**3
+    lines = [
+        f"node      {node['name']} ({node['node_id']}), cluster {node['cluster']}, "
+        f"version {node['version']}",
+        f"hardware  {hw['cpu_model']}, {hw['physical_cores']} cores ({hw['logical_cores']} threads), "
+        f"{hw['architecture']}, {int(hw['memory_total_bytes']) / gib:.1f} GiB RAM "
+        f"({int(hw['memory_available_bytes']) / gib:.1f} free), {hw['os']}",
+        f"gpus      {', '.join(g['name'] for g in hw['gpus']) or 'none'}",
+        f"onnx      {', '.join(hw['onnx_providers']) or 'not installed'}",
+        f"load      {load['in_flight']} running, {load['queued']} queued "
+        f"(capacity {cap['max_concurrent']} + {cap['max_queued']} queued), "
+        f"cpu {load['cpu_percent']:.0f}%, memory {load['memory_percent']:.0f}%, "
+        f"{load['completed']} done, {load['rejected']} refused",
+        "models",
+    ]
+    for m in d["models"]:
+        state = m["state"].removeprefix("MODEL_STATE_").lower()
+        default = " (default)" if m["is_default"] else ""
+        lines.append(f"  {m['model_id']}{default}: {state}, {m['backend']}, {m['family']} "
+                     f"{m['quantization']}, {int(m['size_bytes']) / 1e6:.1f} MB, "
+                     f"context {m['context_length']}" + (f", error: {m['error']}" if m["error"] else ""))
+    return "\n".join(lines)
+
+

@@ -1,0 +1,145 @@
+"""Client library for a node's gRPC service. Raises `mesh.errors` exceptions, never grpc ones.
+
+    async with NodeClient("127.0.0.1:50051") as node:
+        reply = await node.generate("What is the capital of France?", temperature=0)
+        async for chunk in node.generate_stream("Tell me a story"):
+            print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edgemesh.v1 import node_pb2, node_pb2_grpc
+from mesh._grpc_errors import from_grpc_error
+from mesh.channels import PLAINTEXT, ChannelSecurity, create_channel
+
+DEFAULT_TIMEOUT_S = 120.0
+NODE_SERVICE = "edgemesh.v1.NodeService"
+
+
+def build_generate_request(
+    prompt: str = "",
+    *,
+    messages: Sequence[dict[str, str]] | None = None,
+    model: str = "",
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    continuation: str = "",
+    raw: bool = False,
+    task: node_pb2.TaskContext | None = None,
+) -> node_pb2.GenerateRequest:
+    """A GenerateRequest from plain Python values; unset sampling fields use the node's defaults."""
+    sampling = node_pb2.Sampling(stop=list(stop))
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    request = node_pb2.GenerateRequest(
+        model=model,
+        prompt=prompt,
+        messages=[node_pb2.ChatMessage(**m) for m in (messages or ())],
+        sampling=sampling,
+        continuation=continuation,
+        raw=raw,
+    )
+    if task is not None:
+        request.task.CopyFrom(task)
+    return request
+
+
+class NodeClient:
+    """An asyncio client for one node. Use as an async context manager, or call `close()`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        security: ChannelSecurity = PLAINTEXT,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = channel or create_channel(address, security)
+        self._owns_channel = channel is None
+        self._stub = node_pb2_grpc.NodeServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> NodeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def describe(self, *, timeout_s: float | None = None) -> node_pb2.DescribeResponse:
+        try:
+            return await self._stub.Describe(
+                node_pb2.DescribeRequest(), timeout=timeout_s or min(self.timeout_s, 10.0)
+            )
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from None
+
+    async def health(self, service: str = "", *, timeout_s: float = 5.0) -> str:
+        """The health status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = the node)."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    async def generate_request(
+        self, request: node_pb2.GenerateRequest, *, timeout_s: float | None = None
+    ) -> node_pb2.GenerateResponse:
+        try:
+            return await self._stub.Generate(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from None
+
+    async def stream_request(
+        self, request: node_pb2.GenerateRequest, *, timeout_s: float | None = None
+    ) -> AsyncIterator[node_pb2.GenerateChunk]:
+        call = self._stub.GenerateStream(request, timeout=timeout_s or self.timeout_s)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from None
+        finally:
+            # Leaving the loop early (break, exception, cancellation) stops the
+            # generation on the node instead of letting it run to the end.
+            call.cancel()
+
+    async def generate(
+        self, prompt: str = "", *, timeout_s: float | None = None, **options: Any
+    ) -> node_pb2.GenerateResponse:
+        """One completion. Options are those of `build_generate_request`."""
+        return await self.generate_request(
+            build_generate_request(prompt, **options), timeout_s=timeout_s
+        )
+
+    async def generate_stream(
+        self, prompt: str = "", *, timeout_s: float | None = None, **options: Any
+    ) -> AsyncIterator[node_pb2.GenerateChunk]:
+        """A completion as chunks; the last one has `final` set (usage, timing)."""
+        async for chunk in self.stream_request(
+            build_generate_request(prompt, **options), timeout_s=timeout_s
+        ):
+            yield chunk

@@ -1,0 +1,158 @@
+"""Browse the LAN for `_edgemesh._tcp` services and turn them into typed discovery events.
+
+    async with MdnsBrowser(interface_ip="192.168.1.20") as browser:
+        async for event in browser.events():
+            print(event.kind, event.record)
+
+Malformed or hostile records are logged once per service name and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from enum import StrEnum
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from mesh._model import FrozenModel
+from mesh.discovery.records import SERVICE_TYPE, MalformedRecordError, NodeRecord
+
+logger = logging.getLogger("mesh.discovery")
+
+
+class DiscoveryKind(StrEnum):
+    ADDED = "added"
+    UPDATED = "updated"
+    REMOVED = "removed"
+
+
+class DiscoveryEvent(FrozenModel):
+    """One change seen on mDNS. `record` is None only for REMOVED."""
+
+    kind: DiscoveryKind
+    name: str  # the DNS-SD service instance name
+    record: NodeRecord | None = None
+
+    @property
+    def address(self) -> str | None:
+        return self.record.address if self.record is not None else None
+
+
+class MdnsBrowser:
+    """Follows `service_type` on the LAN (or on one interface) and queues `DiscoveryEvent`s."""
+
+    def __init__(
+        self,
+        *,
+        interface_ip: str | None = None,
+        service_type: str = SERVICE_TYPE,
+        resolve_timeout_s: float = 3.0,
+        zeroconf: AsyncZeroconf | None = None,
+    ) -> None:
+        self.interface_ip = interface_ip
+        self.service_type = service_type
+        self.resolve_timeout_s = resolve_timeout_s
+        self._given_zeroconf = zeroconf
+        self._zeroconf: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._queue: asyncio.Queue[DiscoveryEvent] = asyncio.Queue()
+        self._resolving: dict[str, asyncio.Task[None]] = {}
+        self._known: set[str] = set()  # names that produced a valid record
+        self._warned: set[str] = set()  # names already logged as malformed
+
+    async def start(self) -> None:
+        if self._given_zeroconf is not None:
+            self._zeroconf = self._given_zeroconf
+        elif self.interface_ip:
+            self._zeroconf = AsyncZeroconf(interfaces=[self.interface_ip])
+        else:
+            self._zeroconf = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        self._browser = AsyncServiceBrowser(
+            self._zeroconf.zeroconf, [self.service_type], handlers=[self._on_change]
+        )
+
+    async def stop(self) -> None:
+        for task in self._resolving.values():
+            task.cancel()
+        await asyncio.gather(*self._resolving.values(), return_exceptions=True)
+        self._resolving.clear()
+        if self._browser is not None:
+            await self._browser.async_cancel()
+            self._browser = None
+        if self._zeroconf is not None and self._given_zeroconf is None:
+            await self._zeroconf.async_close()
+        self._zeroconf = None
+
+    async def __aenter__(self) -> MdnsBrowser:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def events(self) -> AsyncIterator[DiscoveryEvent]:
+        """Discovery events as they happen (one consumer)."""
+        while True:
+            yield await self._queue.get()
+
+    # Called by zeroconf on the event loop, with keyword arguments.
+    def _on_change(
+        self,
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        previous = self._resolving.pop(name, None)
+        if previous is not None:
+            previous.cancel()  # the newest change wins
+        if state_change is ServiceStateChange.Removed:
+            if name in self._known:
+                self._known.discard(name)
+                self._queue.put_nowait(DiscoveryEvent(kind=DiscoveryKind.REMOVED, name=name))
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
+        self._resolving[name] = task
+        task.add_done_callback(lambda t, n=name: self._forget_task(n, t))
+
+    def _forget_task(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._resolving.get(name) is task:
+            del self._resolving[name]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("resolving %s failed", name, exc_info=task.exception())
+
+    async def _resolve(self, service_type: str, name: str) -> None:
+        assert self._zeroconf is not None
+        info = AsyncServiceInfo(service_type, name)
+        found = await info.async_request(
+            self._zeroconf.zeroconf, int(self.resolve_timeout_s * 1000)
+        )
+        if not found or info.port is None:
+            self._warn_once(name, "did not resolve (no SRV/TXT/address answer)")
+            return
+        try:
+            record = NodeRecord.from_txt(
+                info.properties, addresses=info.parsed_addresses(), port=info.port
+            )
+            if not record.addresses:
+                raise MalformedRecordError("no usable address")
+        except MalformedRecordError as error:
+            self._warn_once(name, str(error))
+            if name in self._known:  # a valid node turned bad: treat it as gone
+                self._known.discard(name)
+                self._queue.put_nowait(DiscoveryEvent(kind=DiscoveryKind.REMOVED, name=name))
+            return
+        kind = DiscoveryKind.UPDATED if name in self._known else DiscoveryKind.ADDED
+        self._known.add(name)
+        self._warned.discard(name)
+        self._queue.put_nowait(DiscoveryEvent(kind=kind, name=name, record=record))
+
+    def _warn_once(self, name: str, why: str) -> None:
+        if name in self._warned:
+            logger.debug("ignoring mDNS service %s: %s", name, why)
+            return
+        self._warned.add(name)
+        logger.warning("ignoring mDNS service %s: %s", name, why)

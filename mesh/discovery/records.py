@@ -1,0 +1,268 @@
+"""The DNS-SD TXT record a node advertises, shared by the announcer and the browser.
+
+The record is a small, versioned summary; everything larger comes from `Describe` over gRPC.
+Keys are short to stay inside the DNS-SD budget (RFC 6763 section 6): every "key=value"
+string is at most 255 bytes and the whole TXT record stays under `MAX_TXT_TOTAL_BYTES`.
+Nothing secret is ever put here: the record is readable by anyone on the LAN.
+
+    v    protocol version (must equal PROTOCOL_VERSION)
+    id   node id                     n    node name             c    cluster name
+    p    gRPC port (equals the SRV port)
+    inc  incarnation: changes at every process start, so a restart is told from a stale record
+    m    model ids, comma-separated  mt   "1" when the model list was truncated
+    a    agent names, comma-separated at  "1" when the agent list was truncated
+    cpu  cores                       ram  RAM in GB (one decimal)
+    acc  accelerator kinds, comma-separated (e.g. "nvidia,openvino")
+    ld   coarse load, 0..100 (percent of capacity in use, in steps of 10)
+    cap  requests the node runs at once
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+from pydantic import Field, ValidationError
+
+from mesh._model import FrozenModel
+from mesh.errors import MeshError
+from mesh.ids import NodeId
+
+SERVICE_TYPE = "_edgemesh._tcp.local."
+PROTOCOL_VERSION = 1
+
+MAX_TXT_STRING_BYTES = 255  # one "key=value" string (RFC 6763 6.1)
+MAX_TXT_TOTAL_BYTES = 900  # whole record; well under a 1300-byte mDNS packet with the SRV/A records
+MAX_LIST_VALUE_BYTES = 200  # budget for each of the model/agent list values before truncation
+MAX_NAME_CHARS = 63
+LOAD_STEP_PERCENT = 10
+
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_ITEM_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,99}$")
+_REQUIRED_KEYS = ("v", "id", "n", "c", "p", "inc")
+
+
+class MalformedRecordError(MeshError):
+    """A TXT record could not be parsed into a NodeRecord (encoding, version, fields, size)."""
+
+    grpc_code_name = "INVALID_ARGUMENT"
+
+
+class NodeRecord(FrozenModel):
+    """What one node advertises over mDNS, parsed and validated."""
+
+    version: int = PROTOCOL_VERSION
+    node_id: NodeId = Field(pattern=_ID_PATTERN.pattern)
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    cluster: str = Field(default="default", max_length=MAX_NAME_CHARS)
+    grpc_port: int = Field(ge=1, le=65535)
+    incarnation: str = Field(pattern=r"^[0-9a-f]{1,16}$")
+    models: tuple[str, ...] = ()
+    models_truncated: bool = False
+    agents: tuple[str, ...] = ()
+    agents_truncated: bool = False
+    cores: int = Field(default=0, ge=0, le=65535)
+    ram_gb: float = Field(default=0.0, ge=0.0, le=1_000_000.0)
+    accelerators: tuple[str, ...] = ()
+    load_percent: int = Field(default=0, ge=0, le=100)
+    capacity: int = Field(default=1, ge=0, le=1_000_000)
+    # From the A/AAAA records, not the TXT record; empty on the announcing side.
+    addresses: tuple[str, ...] = ()
+
+    @property
+    def address(self) -> str:
+        """`host:port` of the node's gRPC server: the first advertised address, IPv4 first."""
+        if not self.addresses:
+            raise MalformedRecordError(f"node {self.node_id} advertises no address")
+        host = self.addresses[0]
+        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+
+    def to_txt(self) -> dict[bytes, bytes]:
+        """The TXT properties, within the DNS-SD budget (long lists are truncated and flagged)."""
+        models, models_cut = _fit_list(self.models, MAX_LIST_VALUE_BYTES)
+        agents, agents_cut = _fit_list(self.agents, MAX_LIST_VALUE_BYTES)
+        accelerators, _ = _fit_list(self.accelerators, 100)
+        txt: dict[str, str] = {
+            "v": str(self.version),
+            "id": self.node_id,
+            "n": self.name,
+            "c": self.cluster,
+            "p": str(self.grpc_port),
+            "inc": self.incarnation,
+            "m": ",".join(models),
+            "a": ",".join(agents),
+            "cpu": str(self.cores),
+            "ram": f"{self.ram_gb:.1f}",
+            "acc": ",".join(accelerators),
+            "ld": str(self.load_percent),
+            "cap": str(self.capacity),
+        }
+        if models_cut or self.models_truncated:
+            txt["mt"] = "1"
+        if agents_cut or self.agents_truncated:
+            txt["at"] = "1"
+        encoded = {k.encode(): v.encode() for k, v in txt.items()}
+        check_txt_size(encoded)
+        return encoded
+
+    @classmethod
+    def from_txt(
+        cls, properties: Mapping[bytes, bytes | None], *, addresses: Sequence[str], port: int
+    ) -> NodeRecord:
+        """Parse TXT `properties` seen with SRV `port` and A/AAAA `addresses`.
+
+        Raises MalformedRecordError on bad encoding, a wrong version, missing or invalid fields,
+        oversized values, or a TXT port that differs from the SRV port. Unknown keys are ignored
+        (newer nodes may add some).
+        """
+        check_txt_size(properties)
+        txt = _decode(properties)
+        missing = [key for key in _REQUIRED_KEYS if not txt.get(key)]
+        if missing:
+            raise MalformedRecordError(f"missing TXT keys: {', '.join(missing)}")
+        version = _parse_int(txt, "v")
+        if version != PROTOCOL_VERSION:
+            raise MalformedRecordError(
+                f"protocol version {version} is not {PROTOCOL_VERSION}", version=version
+            )
+        grpc_port = _parse_int(txt, "p")
+        if grpc_port != port:
+            raise MalformedRecordError(f"TXT port {grpc_port} differs from SRV port {port}")
+        try:
+            return cls(
+                version=version,
+                node_id=NodeId(txt["id"]),
+                name=txt["n"],
+                cluster=txt["c"],
+                grpc_port=grpc_port,
+                incarnation=txt["inc"],
+                models=_parse_list(txt, "m"),
+                models_truncated=txt.get("mt") == "1",
+                agents=_parse_list(txt, "a"),
+                agents_truncated=txt.get("at") == "1",
+                cores=_parse_int(txt, "cpu", default=0),
+                ram_gb=_parse_float(txt, "ram"),
+                accelerators=_parse_list(txt, "acc"),
+                load_percent=_parse_int(txt, "ld", default=0),
+                capacity=_parse_int(txt, "cap", default=1),
+                addresses=_order_addresses(addresses),
+            )
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise MalformedRecordError(f"invalid TXT field {where}: {first['msg']}") from None
+
+    def summary(self) -> str:
+        return f"{self.name} ({self.node_id}) at {self.address if self.addresses else '?'}"
+
+
+def check_txt_size(properties: Mapping[bytes, bytes | None]) -> None:
+    """Raise MalformedRecordError if a string or the whole record exceeds the DNS-SD budget."""
+    total = 0
+    for key, value in properties.items():
+        if not isinstance(key, bytes) or not isinstance(value, bytes | None):
+            raise MalformedRecordError(f"TXT entry {key!r} is not bytes")
+        size = len(key) + (0 if value is None else 1 + len(value))
+        if size > MAX_TXT_STRING_BYTES:
+            raise MalformedRecordError(
+                f"TXT string {key[:16]!r} is {size} bytes (max {MAX_TXT_STRING_BYTES})"
+            )
+        total += 1 + size
+    if total > MAX_TXT_TOTAL_BYTES:
+        raise MalformedRecordError(f"TXT record is {total} bytes (max {MAX_TXT_TOTAL_BYTES})")
+
+
+def coarse_load_percent(in_flight: int, queued: int, max_concurrent: int) -> int:
+    """Work in progress as a percent of capacity, clamped to 0..100 and rounded to steps of 10.
+
+    Coarse on purpose: the TXT record changes (and is re-announced) only on real shifts.
+    """
+    percent = 100.0 * (in_flight + queued) / max(1, max_concurrent)
+    stepped = int(percent / LOAD_STEP_PERCENT + 0.5) * LOAD_STEP_PERCENT  # half up
+    return max(0, min(100, stepped))
+
+
+def accelerator_kinds(gpu_vendors: Iterable[str], onnx_providers: Iterable[str]) -> tuple[str, ...]:
+    """Coarse accelerator kinds, e.g. ("nvidia", "cuda") or ("cpu",) when there is none.
+
+    GPU vendors plus ONNX Runtime execution providers other than CPU/Azure, as the node's
+    hardware probe reports them.
+    """
+    kinds = {vendor.strip().lower() for vendor in gpu_vendors if vendor.strip()}
+    for provider in onnx_providers:
+        kind = provider.removesuffix("ExecutionProvider").lower()
+        if kind not in ("cpu", "azure"):
+            kinds.add(kind)
+    return tuple(sorted(kind for kind in kinds if _ITEM_PATTERN.match(kind))) or ("cpu",)
+
+
+def _fit_list(items: Sequence[str], budget: int) -> tuple[tuple[str, ...], bool]:
+    """The longest prefix of `items` whose comma-joined form fits in `budget` bytes."""
+    kept: list[str] = []
+    used = 0
+    for item in items:
+        cost = len(item.encode()) + (1 if kept else 0)
+        if used + cost > budget:
+            return tuple(kept), True
+        kept.append(item)
+        used += cost
+    return tuple(kept), False
+
+
+def _decode(properties: Mapping[bytes, bytes | None]) -> dict[str, str]:
+    txt: dict[str, str] = {}
+    for key, value in properties.items():
+        try:
+            name = key.decode("ascii").lower()
+            txt[name] = "" if value is None else value.decode("utf-8")
+        except (UnicodeDecodeError, AttributeError):
+            # AttributeError: a key or value that is not bytes at all.
+            raise MalformedRecordError(f"TXT key {key!r} is not valid ASCII/UTF-8") from None
+        if any(ord(ch) < 32 for ch in txt[name]):
+            raise MalformedRecordError(f"TXT value of {name!r} has control characters")
+    return txt
+
+
+def _parse_int(txt: Mapping[str, str], key: str, *, default: int | None = None) -> int:
+    raw = txt.get(key, "")
+    if not raw and default is not None:
+        return default
+    if not raw.isdigit() or len(raw) > 9:
+        raise MalformedRecordError(f"TXT key {key!r} is not a small non-negative integer: {raw!r}")
+    return int(raw)
+
+
+def _parse_float(txt: Mapping[str, str], key: str) -> float:
+    raw = txt.get(key, "") or "0"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise MalformedRecordError(f"TXT key {key!r} is not a number: {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise MalformedRecordError(f"TXT key {key!r} is not a finite number: {raw!r}")
+    return value
+
+
+def _parse_list(txt: Mapping[str, str], key: str) -> tuple[str, ...]:
+    raw = txt.get(key, "")
+    items = tuple(item for item in raw.split(",") if item)
+    for item in items:
+        if not _ITEM_PATTERN.match(item):
+            raise MalformedRecordError(f"TXT key {key!r} has an invalid item: {item[:40]!r}")
+    return items
+
+
+def _order_addresses(addresses: Sequence[str]) -> tuple[str, ...]:
+    """Valid IP addresses, IPv4 first, link-local and unspecified ones dropped."""
+    parsed = []
+    for text in addresses:
+        try:
+            address = ipaddress.ip_address(text.split("%")[0])
+        except ValueError:
+            continue
+        if address.is_unspecified or address.is_link_local or address.is_multicast:
+            continue
+        parsed.append(address)
+    parsed.sort(key=lambda a: (a.version, a.is_loopback))
+    return tuple(str(a) for a in parsed)

@@ -1,0 +1,134 @@
+"""How the registry checks a node: a probe (Describe + health Check) and a health Watch stream.
+
+Mechanism only; what the results mean for a node's state is decided in `mesh.node_table`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edgemesh.v1 import node_pb2
+from mesh.channels import PLAINTEXT, ChannelSecurity, create_channel
+from mesh.client import NodeClient
+from mesh.discovery.records import accelerator_kinds
+from mesh.errors import DeadlineExceededError, MeshError, UnavailableError
+from mesh.ids import NodeId
+from mesh.node_table import NodeDetails, ProbeResult, ProbeStatus
+
+logger = logging.getLogger("mesh.registry")
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class Prober(Protocol):
+    """What the registry needs to check nodes; `GrpcProber` is the real one, tests use fakes."""
+
+    async def probe(self, key: str, address: str, *, timeout_s: float) -> ProbeResult: ...
+
+    async def watch(self, key: str, address: str, on_status: Callable[[bool], None]) -> str:
+        """Follow the node's health until the stream breaks; return why it broke."""
+        ...
+
+    async def discard(self, key: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def details_from_describe(reply: node_pb2.DescribeResponse) -> NodeDetails:
+    """The proto-free summary of a Describe reply (only models that are ready count)."""
+    ready = node_pb2.MODEL_STATE_READY
+    hardware = reply.hardware
+    return NodeDetails(
+        node_id=NodeId(reply.node.node_id),
+        name=reply.node.name or reply.node.node_id,
+        cluster=reply.node.cluster,
+        protocol_version=reply.node.protocol_version,
+        models=tuple(m.model_id for m in reply.models if m.state == ready),
+        agents=tuple(a.name for a in reply.agents),
+        labels=dict(reply.node.labels),
+        in_flight=reply.load.in_flight,
+        queued=reply.load.queued,
+        max_concurrent=max(1, reply.capacity.max_concurrent),
+        max_queued=reply.capacity.max_queued,
+        cpu_percent=reply.load.cpu_percent,
+        memory_percent=reply.load.memory_percent,
+        cores=hardware.logical_cores or hardware.physical_cores,
+        memory_total_bytes=hardware.memory_total_bytes,
+        accelerators=accelerator_kinds(
+            (gpu.vendor for gpu in hardware.gpus), hardware.onnx_providers
+        ),
+    )
+
+
+def result_for_error(error: MeshError) -> ProbeResult:
+    """Classify a failed probe: a dead node and a slow node are different facts."""
+    if isinstance(error, UnavailableError):
+        return ProbeResult(status=ProbeStatus.UNREACHABLE, reason=str(error)[:200])
+    if isinstance(error, DeadlineExceededError):
+        return ProbeResult(status=ProbeStatus.TIMEOUT, reason="no answer before the deadline")
+    if error.fields.get("grpc_code") == "UNIMPLEMENTED":
+        return ProbeResult(status=ProbeStatus.INVALID, reason="not an edgemesh node service")
+    return ProbeResult(status=ProbeStatus.TIMEOUT, reason=f"probe failed: {str(error)[:200]}")
+
+
+class GrpcProber:
+    """Probes and watches nodes over gRPC, one channel per tracked entry."""
+
+    def __init__(self, security: ChannelSecurity = PLAINTEXT) -> None:
+        self._security = security
+        self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+
+    def _channel(self, key: str, address: str) -> grpc.aio.Channel:
+        held = self._channels.get(key)
+        if held is not None and held[0] == address:
+            return held[1]
+        if held is not None:
+            # Old address: close in the background; the new one gets a fresh channel.
+            asyncio.get_running_loop().create_task(held[1].close())
+        channel = create_channel(address, self._security)
+        self._channels[key] = (address, channel)
+        return channel
+
+    async def probe(self, key: str, address: str, *, timeout_s: float) -> ProbeResult:
+        client = NodeClient(address, channel=self._channel(key, address), timeout_s=timeout_s)
+        try:
+            status = await client.health(timeout_s=timeout_s)
+            if status != "SERVING":
+                return ProbeResult(status=ProbeStatus.NOT_SERVING, reason=f"health {status}")
+            reply = await client.describe(timeout_s=timeout_s)
+        except MeshError as error:
+            return result_for_error(error)
+        if not reply.node.node_id:
+            return ProbeResult(status=ProbeStatus.INVALID, reason="Describe has no node id")
+        return ProbeResult(status=ProbeStatus.OK, details=details_from_describe(reply))
+
+    async def watch(self, key: str, address: str, on_status: Callable[[bool], None]) -> str:
+        stub = health_pb2_grpc.HealthStub(self._channel(key, address))
+        # A watch is long-lived by design, so it has no deadline; a dead peer ends it through
+        # the connection (RST on a crash) or keepalive (a vanished host), and the periodic
+        # Describe refresh (with its deadline) covers the rest.
+        call = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        try:
+            async for reply in call:
+                on_status(reply.status == _SERVING)
+        except grpc.RpcError as error:
+            code = error.code() if hasattr(error, "code") else None
+            return f"{code.name if code else 'error'}"
+        finally:
+            call.cancel()
+        return "stream ended"
+
+    async def discard(self, key: str) -> None:
+        held = self._channels.pop(key, None)
+        if held is not None:
+            await held[1].close()
+
+    async def close(self) -> None:
+        for key in list(self._channels):
+            await self.discard(key)

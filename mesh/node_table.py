@@ -1,0 +1,504 @@
+"""The node registry's state machine: pure, clock-injected, no sockets.
+
+Inputs are facts (a node was advertised or withdrawn, a probe or the health watch reported
+something, time passed); outputs are `Step`s: actions for the mechanism to carry out (probe,
+watch, discard a channel) and events for subscribers. `mesh.registry.NodeRegistry` wires this
+to mDNS and gRPC; tests drive it directly with a fake clock.
+
+    joining --probe ok--> ready --watch broken / not serving / refresh failed--> suspect
+    suspect --probe ok--> ready      suspect --unreachable or suspect_timeout_s--> gone
+    joining --join_timeout_s--> gone     any --mDNS goodbye--> gone
+    gone --re-advertised (new address or incarnation), or a periodic re-probe ok--> ready
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pydantic import Field
+
+from mesh._model import FrozenModel
+from mesh.discovery.records import PROTOCOL_VERSION, NodeRecord
+from mesh.ids import NodeId
+from mesh.nodes_view import NodeSource, NodeState, NodeView
+
+logger = logging.getLogger("mesh.registry")
+
+
+class NodeDetails(FrozenModel):
+    """What a node's `Describe` said, free of protobuf."""
+
+    node_id: NodeId
+    name: str
+    cluster: str = ""
+    protocol_version: int = 0
+    models: tuple[str, ...] = ()
+    agents: tuple[str, ...] = ()
+    labels: dict[str, str] = Field(default_factory=dict)
+    in_flight: int = 0
+    queued: int = 0
+    max_concurrent: int = 1
+    max_queued: int = 0
+    cpu_percent: float = 0.0
+    memory_percent: float = 0.0
+    cores: int = 0
+    memory_total_bytes: int = 0
+    accelerators: tuple[str, ...] = ()
+
+
+class ProbeStatus(StrEnum):
+    OK = "ok"  # Describe answered and health is SERVING
+    NOT_SERVING = "not_serving"  # alive but not taking work (loading, draining)
+    UNREACHABLE = "unreachable"  # connection refused/reset: the process is not there
+    TIMEOUT = "timeout"  # no answer in time: slow or cut off, not proven dead
+    INVALID = "invalid"  # answered with something that is not a node of ours
+
+
+class ProbeResult(FrozenModel):
+    status: ProbeStatus
+    details: NodeDetails | None = None
+    reason: str = ""
+
+
+class RegistryTimings(FrozenModel):
+    """Tunables of the registry; the defaults give crash detection well under a second."""
+
+    health_interval_s: float = Field(default=2.0, gt=0)  # Describe refresh of ready nodes
+    probe_timeout_s: float = Field(default=1.0, gt=0)  # deadline of each probe RPC
+    retry_initial_s: float = Field(default=0.25, gt=0)  # first retry of a failed probe
+    retry_max_s: float = Field(default=5.0, gt=0)  # backoff cap (joining and gone nodes)
+    join_timeout_s: float = Field(default=15.0, gt=0)  # joining this long without an answer: gone
+    suspect_timeout_s: float = Field(default=3.0, gt=0)  # suspect this long: gone
+    forget_after_s: float = Field(default=300.0, gt=0)  # withdrawn and gone this long: dropped
+    tick_interval_s: float = Field(default=0.1, gt=0)  # how often the mechanism calls tick()
+
+
+class EventKind(StrEnum):
+    JOINING = "joining"
+    READY = "ready"
+    UPDATED = "updated"  # a ready node's load, models or agents changed
+    SUSPECT = "suspect"
+    GONE = "gone"
+
+
+class NodeEvent(FrozenModel):
+    kind: EventKind
+    view: NodeView
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Probe:
+    key: str
+    address: str
+    epoch: int
+    refresh: bool = False  # a periodic load refresh of a ready node
+
+
+@dataclass(frozen=True)
+class StartWatch:
+    key: str
+    address: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class StopWatch:
+    key: str
+
+
+@dataclass(frozen=True)
+class Discard:
+    """Close whatever channel the mechanism holds for this entry."""
+
+    key: str
+
+
+Action = Probe | StartWatch | StopWatch | Discard
+
+
+@dataclass
+class Step:
+    actions: list[Action] = field(default_factory=list)
+    events: list[NodeEvent] = field(default_factory=list)
+
+    def extend(self, other: Step) -> None:
+        self.actions.extend(other.actions)
+        self.events.extend(other.events)
+
+
+class Rejection(StrEnum):
+    DUPLICATE = "duplicate node id"
+    CLUSTER = "other cluster"
+    PROTOCOL = "protocol version"
+    IDENTITY = "identity mismatch"
+    INVALID = "invalid answer"
+
+
+@dataclass
+class _Entry:
+    key: str  # mDNS service name, or "static:<address>"
+    source: NodeSource
+    address: str
+    since_s: float
+    record: NodeRecord | None = None
+    node_id: NodeId | None = None
+    details: NodeDetails | None = None
+    state: NodeState = NodeState.JOINING
+    last_seen_s: float = 0.0
+    epoch: int = 0
+    advertised: bool = True
+    probing_epoch: int | None = None
+    watching: bool = False
+    next_probe_s: float | None = None
+    failures: int = 0
+    next_refresh_s: float = 0.0
+    rejected: Rejection | None = None
+
+
+class NodeTable:
+    """Every node the registry knows of, and the rules that move them between states."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        timings: RegistryTimings | None = None,
+        cluster: str | None = None,
+    ) -> None:
+        self._clock = clock
+        self.timings = timings or RegistryTimings()
+        self.cluster = cluster  # None accepts every cluster (e.g. `mesh discover`)
+        self._entries: dict[str, _Entry] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    # ------------------------------------------------------------------ inputs
+
+    def advertise(
+        self, key: str, *, address: str, source: NodeSource, record: NodeRecord | None = None
+    ) -> Step:
+        """A node is advertised (mDNS added/updated) or listed statically at `address`."""
+        now = self._clock()
+        step = Step()
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = _Entry(key=key, source=source, address=address, since_s=now, record=record)
+            entry.node_id = record.node_id if record else None
+            self._entries[key] = entry
+            moved = True
+        else:
+            old = entry.record
+            moved = (
+                entry.address != address
+                or not entry.advertised
+                or (record is not None and old is not None and record.incarnation != old.incarnation)
+                or (record is not None and old is not None and record.node_id != old.node_id)
+            )
+            entry.record = record or entry.record
+            entry.advertised = True
+            if not moved:
+                return step
+            entry.epoch += 1
+            entry.address = address
+            entry.node_id = record.node_id if record else entry.node_id
+            entry.rejected = None
+            entry.failures = 0
+            self._stop_watch(entry, step)
+            if entry.state is not NodeState.JOINING:
+                self._move(entry, NodeState.JOINING, "re-advertised", step)
+        if record is not None and self.cluster is not None and record.cluster != self.cluster:
+            self._reject(entry, Rejection.CLUSTER, f"cluster {record.cluster!r}", step)
+            return step
+        if entry.node_id is not None and self._duplicate_check(entry, step):
+            return step
+        if entry.state is NodeState.JOINING and moved and self._visible(entry):
+            step.events.append(self._event(entry, EventKind.JOINING, "advertised"))
+        self._probe(entry, step)
+        return step
+
+    def withdraw(self, key: str, reason: str = "left") -> Step:
+        """The node said goodbye (mDNS removal)."""
+        step = Step()
+        entry = self._entries.get(key)
+        if entry is None:
+            return step
+        entry.advertised = False
+        entry.epoch += 1  # results of probes in flight no longer count
+        self._stop_watch(entry, step)
+        if entry.state is not NodeState.GONE:
+            self._move(entry, NodeState.GONE, reason, step)
+        step.actions.append(Discard(key))
+        return step
+
+    def probe_done(self, key: str, epoch: int, result: ProbeResult) -> Step:
+        """A probe (Describe + health check) issued for `epoch` finished."""
+        step = Step()
+        entry = self._entries.get(key)
+        if entry is None:
+            return step
+        if entry.probing_epoch == epoch:
+            entry.probing_epoch = None
+        if epoch != entry.epoch or entry.rejected is not None:
+            return step
+        now = self._clock()
+        if result.status is ProbeStatus.OK and result.details is not None:
+            self._probe_ok(entry, result.details, step)
+        elif result.status is ProbeStatus.INVALID:
+            self._reject(entry, Rejection.INVALID, result.reason, step)
+        elif result.status is ProbeStatus.NOT_SERVING:
+            entry.last_seen_s = now
+            if entry.state is NodeState.READY:
+                self._move(entry, NodeState.SUSPECT, "not serving", step)
+            self._retry_later(entry)
+        elif result.status is ProbeStatus.UNREACHABLE and entry.state is NodeState.READY:
+            self._move(entry, NodeState.SUSPECT, result.reason or "unreachable", step)
+            self._probe(entry, step)  # confirm at once: a crash must be gone within a second
+        elif result.status is ProbeStatus.UNREACHABLE and entry.state is NodeState.SUSPECT:
+            self._go(entry, result.reason or "unreachable", step)
+        elif entry.state is NodeState.READY:  # TIMEOUT: slow, not proven dead
+            self._move(entry, NodeState.SUSPECT, result.reason or "probe timed out", step)
+            self._retry_later(entry)
+        else:
+            self._retry_later(entry)
+            self._log_once(entry, "probe", "%s at %s does not answer: %s", result.reason)
+        return step
+
+    def watch_status(self, key: str, epoch: int, *, serving: bool) -> Step:
+        """The node's health Watch stream reported SERVING or something else."""
+        step = Step()
+        entry = self._entries.get(key)
+        if entry is None or epoch != entry.epoch or entry.rejected is not None:
+            return step
+        entry.last_seen_s = self._clock()
+        if serving and entry.state is NodeState.SUSPECT:
+            self._probe(entry, step)
+        elif not serving and entry.state is NodeState.READY:
+            self._move(entry, NodeState.SUSPECT, "not serving", step)
+            self._retry_later(entry)
+        return step
+
+    def watch_broken(self, key: str, epoch: int, reason: str) -> Step:
+        """The node's health Watch stream ended or failed: suspect at once, then probe."""
+        step = Step()
+        entry = self._entries.get(key)
+        if entry is None or epoch != entry.epoch:
+            return step
+        entry.watching = False
+        if entry.state is NodeState.READY:
+            self._move(entry, NodeState.SUSPECT, f"health watch broke: {reason}", step)
+        if entry.state is NodeState.SUSPECT:
+            self._probe(entry, step)
+        return step
+
+    def tick(self) -> Step:
+        """Time passed: refresh ready nodes, retry probes, time out joining/suspect, forget."""
+        now = self._clock()
+        step = Step()
+        t = self.timings
+        for entry in list(self._entries.values()):
+            if entry.rejected is Rejection.DUPLICATE and self._holder(entry) is None:
+                entry.rejected = None
+                self._probe(entry, step)
+            if entry.rejected is not None:
+                continue
+            age = now - entry.since_s
+            due = entry.next_probe_s is not None and now >= entry.next_probe_s
+            if entry.state is NodeState.READY:
+                if now >= entry.next_refresh_s and entry.probing_epoch is None:
+                    entry.next_refresh_s = now + t.health_interval_s
+                    entry.probing_epoch = entry.epoch
+                    step.actions.append(Probe(entry.key, entry.address, entry.epoch, refresh=True))
+            elif entry.state is NodeState.JOINING and age > t.join_timeout_s:
+                self._go(entry, f"no answer for {t.join_timeout_s:g} s", step)
+            elif entry.state is NodeState.SUSPECT and age > t.suspect_timeout_s:
+                self._go(entry, f"suspect for {t.suspect_timeout_s:g} s", step)
+            elif entry.state is NodeState.GONE and not entry.advertised:
+                if entry.source is NodeSource.MDNS and age > t.forget_after_s:
+                    del self._entries[entry.key]
+            elif due:
+                self._probe(entry, step)
+        return step
+
+    # ------------------------------------------------------------------ outputs
+
+    def snapshot(self) -> list[NodeView]:
+        """Every node with a known identity that was not rejected, in a stable order."""
+        views = [self._view(e) for e in self._entries.values() if self._visible(e)]
+        return sorted(views, key=lambda v: (v.name, v.node_id))
+
+    def view(self, key: str) -> NodeView | None:
+        entry = self._entries.get(key)
+        return self._view(entry) if entry is not None and self._visible(entry) else None
+
+    def state_of(self, key: str) -> NodeState | None:
+        entry = self._entries.get(key)
+        return None if entry is None else entry.state
+
+    def rejection_of(self, key: str) -> Rejection | None:
+        entry = self._entries.get(key)
+        return None if entry is None else entry.rejected
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    # ------------------------------------------------------------------ rules
+
+    def _probe_ok(self, entry: _Entry, details: NodeDetails, step: Step) -> None:
+        now = self._clock()
+        if entry.record is not None and details.node_id != entry.record.node_id:
+            self._reject(entry, Rejection.IDENTITY, f"answers as {details.node_id}", step)
+            return
+        if details.protocol_version not in (0, PROTOCOL_VERSION):
+            self._reject(entry, Rejection.PROTOCOL, f"protocol {details.protocol_version}", step)
+            return
+        if self.cluster is not None and details.cluster and details.cluster != self.cluster:
+            self._reject(entry, Rejection.CLUSTER, f"cluster {details.cluster!r}", step)
+            return
+        first_identity = entry.node_id is None
+        entry.node_id = details.node_id
+        if first_identity and self._duplicate_check(entry, step):
+            entry.node_id = None
+            return
+        before = self._view(entry) if entry.details is not None else None
+        entry.details = details
+        entry.last_seen_s = now
+        entry.failures = 0
+        entry.next_probe_s = None
+        entry.next_refresh_s = now + self.timings.health_interval_s
+        if entry.state is not NodeState.READY:
+            self._move(entry, NodeState.READY, "describe and health ok", step)
+        elif before is not None and _load_key(before) != _load_key(self._view(entry)):
+            step.events.append(self._event(entry, EventKind.UPDATED, "load"))
+        if not entry.watching:
+            entry.watching = True
+            step.actions.append(StartWatch(entry.key, entry.address, entry.epoch))
+
+    def _duplicate_check(self, entry: _Entry, step: Step) -> bool:
+        """Reject `entry` if another live entry already holds its node id; True if rejected."""
+        holder = self._holder(entry)
+        if holder is None:
+            return False
+        if holder.address == entry.address:
+            # The same node reached two ways (static list and mDNS): keep the first, quietly.
+            entry.rejected = Rejection.DUPLICATE
+            return True
+        self._reject(entry, Rejection.DUPLICATE, f"{entry.node_id} is already at {holder.address}", step)
+        return True
+
+    def _holder(self, entry: _Entry) -> _Entry | None:
+        for other in self._entries.values():
+            if (
+                other is not entry
+                and other.node_id == entry.node_id
+                and other.rejected is None
+                and other.state is not NodeState.GONE
+            ):
+                return other
+        return None
+
+    def _reject(self, entry: _Entry, why: Rejection, detail: str, step: Step) -> None:
+        was_visible = self._visible(entry)
+        if was_visible and entry.state is not NodeState.GONE:
+            self._move(entry, NodeState.GONE, f"rejected: {why}", step)
+        entry.rejected = why
+        self._stop_watch(entry, step)
+        self._log_once(entry, str(why), "ignoring %s at %s: " + str(why) + ": %s", detail)
+
+    def _probe(self, entry: _Entry, step: Step) -> None:
+        entry.next_probe_s = None
+        if entry.probing_epoch == entry.epoch:
+            return
+        entry.probing_epoch = entry.epoch
+        step.actions.append(Probe(entry.key, entry.address, entry.epoch))
+
+    def _retry_later(self, entry: _Entry) -> None:
+        entry.failures += 1
+        t = self.timings
+        delay = min(t.retry_max_s, t.retry_initial_s * 2 ** (entry.failures - 1))
+        entry.next_probe_s = self._clock() + delay
+
+    def _go(self, entry: _Entry, reason: str, step: Step) -> None:
+        self._stop_watch(entry, step)
+        self._move(entry, NodeState.GONE, reason, step)
+        step.actions.append(Discard(entry.key))
+        if entry.advertised:  # still advertised: try again now and then (a restart comes back)
+            entry.failures = 0
+            self._retry_later(entry)
+
+    def _stop_watch(self, entry: _Entry, step: Step) -> None:
+        if entry.watching:
+            entry.watching = False
+            step.actions.append(StopWatch(entry.key))
+
+    def _move(self, entry: _Entry, state: NodeState, reason: str, step: Step) -> None:
+        if entry.state is state:
+            return
+        entry.state = state
+        entry.since_s = self._clock()
+        if self._visible(entry):
+            step.events.append(self._event(entry, EventKind(state.value), reason))
+        logger.info("node %s at %s: %s (%s)", entry.node_id or "?", entry.address, state, reason)
+
+    def _log_once(self, entry: _Entry, topic: str, message: str, detail: str) -> None:
+        if (entry.key, topic) in self._warned:
+            return
+        self._warned.add((entry.key, topic))
+        logger.warning(message, entry.key, entry.address, detail)
+
+    # ------------------------------------------------------------------ views
+
+    @staticmethod
+    def _visible(entry: _Entry) -> bool:
+        return entry.node_id is not None and entry.rejected is None
+
+    def _event(self, entry: _Entry, kind: EventKind, reason: str) -> NodeEvent:
+        return NodeEvent(kind=kind, view=self._view(entry), reason=reason)
+
+    def _view(self, entry: _Entry) -> NodeView:
+        d, r = entry.details, entry.record
+        common = {
+            "node_id": entry.node_id or NodeId(""),
+            "address": entry.address,
+            "state": entry.state,
+            "source": entry.source,
+            "state_since_s": entry.since_s,
+            "last_seen_s": entry.last_seen_s,
+        }
+        if d is not None:
+            return NodeView(
+                **common,
+                name=d.name,
+                cluster=d.cluster,
+                models=d.models,
+                agents=d.agents,
+                labels=d.labels,
+                in_flight=d.in_flight,
+                queued=d.queued,
+                max_concurrent=d.max_concurrent,
+                max_queued=d.max_queued,
+                cpu_percent=d.cpu_percent,
+                memory_percent=d.memory_percent,
+                cores=d.cores,
+                memory_total_bytes=d.memory_total_bytes,
+                accelerators=d.accelerators,
+            )
+        if r is not None:
+            return NodeView(
+                **common,
+                name=r.name,
+                cluster=r.cluster,
+                models=r.models,
+                agents=r.agents,
+                max_concurrent=max(1, r.capacity),
+                cores=r.cores,
+                memory_total_bytes=int(r.ram_gb * 1e9),
+                accelerators=r.accelerators,
+            )
+        return NodeView(**common, name=entry.address)
+
+
+def _load_key(view: NodeView) -> tuple[object, ...]:
+    return (view.in_flight, view.queued, view.models, view.agents, view.max_concurrent)

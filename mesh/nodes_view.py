@@ -1,0 +1,52 @@
+"""What the mesh knows about one node: the registry's row, shared by routing and the coordinator."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from mesh._model import FrozenModel
+from mesh.ids import NodeId
+
+
+class NodeState(StrEnum):
+    JOINING = "joining"  # seen (mDNS or static) but not yet verified over gRPC
+    READY = "ready"  # Describe and health check succeeded; takes work
+    SUSPECT = "suspect"  # a health check failed or the watch broke; no new work
+    GONE = "gone"  # left (goodbye), crashed, or unreachable past the bound
+
+
+class NodeSource(StrEnum):
+    MDNS = "mdns"
+    STATIC = "static"
+
+
+class NodeView(FrozenModel):
+    """A snapshot of one node as the registry sees it."""
+
+    node_id: NodeId
+    name: str
+    address: str  # host:port of the node's gRPC server
+    state: NodeState
+    source: NodeSource
+    cluster: str = ""
+    models: tuple[str, ...] = ()
+    agents: tuple[str, ...] = ()
+    labels: dict[str, str] = Field(default_factory=dict)
+    in_flight: int = 0
+    queued: int = 0
+    max_concurrent: int = 1
+    max_queued: int = 0
+    cpu_percent: float = 0.0
+    memory_percent: float = 0.0
+    cores: int = 0
+    memory_total_bytes: int = 0
+    accelerators: tuple[str, ...] = ()
+    state_since_s: float = 0.0  # registry clock time of the last state change
+    last_seen_s: float = 0.0  # registry clock time of the last sign of life
+
+    @property
+    def free_slots(self) -> int:
+        """Requests the node can still take at once without queueing."""
+        return max(0, self.max_concurrent - self.in_flight)

@@ -1,0 +1,91 @@
+"""Routing: which node takes a task. Pure policy here; retries, deadlines and probes live elsewhere.
+
+Typical use by a dispatcher (one set of these objects per dispatcher, used from its event loop):
+
+    from mesh.routing import (CooldownTracker, Ewma, PolicyState, TaskShape, filter_candidates,
+                              policy_by_name)
+
+    policy = policy_by_name(topology.routing.policy)
+    state = PolicyState(seed=topology.routing.seed)
+    ewma = Ewma(alpha=topology.routing.ewma_alpha)
+    cooldowns = CooldownTracker(failures_before_cooldown=topology.failover.failures_before_cooldown,
+                                cooldown_s=topology.failover.cooldown_s)
+
+    task = TaskShape(agent="customer-service")
+    tried: set[NodeId] = set()
+    candidates = filter_candidates(registry_snapshot, task, exclude=tried, cooling=cooldowns,
+                                   ewma=ewma, outstanding=my_in_flight_per_node)
+    node_id = policy(candidates, task, state)   # None: nothing can take it now
+    ... on success:  ewma.update(node_id, ms_per_token(duration_s, tokens)); cooldowns.record_success(node_id)
+    ... on failure:  cooldowns.record_failure(node_id); tried.add(node_id); choose again
+
+`filter_candidates` enforces capacity: a node is never offered more than the
+`max_concurrent + max_queued` it advertised (counting this dispatcher's own `outstanding`
+requests), so an empty list with `any(serves(view, task) ...)` true means "mesh full": queue or
+refuse with RESOURCE_EXHAUSTED. `choose_node` does filter + choose in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping, Sequence
+
+from mesh.ids import NodeId
+from mesh.nodes_view import NodeView
+from mesh.routing._candidates import (
+    Candidate,
+    SupportsGet,
+    TaskShape,
+    candidate_from_view,
+    filter_candidates,
+    serves,
+)
+from mesh.routing._policies import (
+    POLICIES,
+    Policy,
+    PolicyState,
+    choose_latency_aware,
+    choose_least_loaded,
+    choose_power_of_two,
+    choose_round_robin,
+    policy_by_name,
+)
+from mesh.routing._trackers import CooldownTracker, Ewma, ms_per_token
+
+
+def choose_node(
+    nodes: Sequence[NodeView],
+    task: TaskShape,
+    *,
+    policy: Policy,
+    state: PolicyState,
+    exclude: Container[NodeId] = (),
+    cooling: Container[NodeId] = (),
+    ewma: SupportsGet | None = None,
+    outstanding: Mapping[NodeId, int] | None = None,
+) -> NodeId | None:
+    """`filter_candidates` then `policy`: the node for `task`, or None when none can take it."""
+    candidates = filter_candidates(nodes, task, exclude=exclude, cooling=cooling, ewma=ewma,
+                                   outstanding=outstanding)
+    return policy(candidates, task, state)
+
+
+__all__ = [
+    "POLICIES",
+    "Candidate",
+    "CooldownTracker",
+    "Ewma",
+    "Policy",
+    "PolicyState",
+    "SupportsGet",
+    "TaskShape",
+    "candidate_from_view",
+    "choose_latency_aware",
+    "choose_least_loaded",
+    "choose_node",
+    "choose_power_of_two",
+    "choose_round_robin",
+    "filter_candidates",
+    "ms_per_token",
+    "policy_by_name",
+    "serves",
+]

@@ -1,0 +1,8 @@
+"""Edge Agent Mesh: everything that runs on a device (daemon, backends, hardware probe, announcer).
+
+Nothing under `nodes` imports Ray or the coordinator.
+"""
+
+import logging
+
+logger = logging.getLogger("nodes")

@@ -1,0 +1,260 @@
+"""GGUF models through llama-cpp-python.
+
+A llama.cpp context is not safe for concurrent calls, so each instance has one
+worker thread and requests for it are serialised; `instances` > 1 loads more
+contexts over the same (memory-mapped) weights. Tokens travel from the worker
+thread to the event loop through `call_soon_threadsafe`; closing the async
+iterator sets a flag the worker checks after every token, so a cancelled or
+timed-out request stops producing tokens at once and frees its instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mesh.errors import InvalidRequestError, ModelLoadError
+from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
+from nodes.model_files import resolve_gguf
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+class _Instance:
+    """One llama.cpp context and the single thread allowed to use it."""
+
+    def __init__(self, llama: Any, index: int) -> None:
+        self.llama = llama
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{index}")
+
+
+class LlamaBackend:
+    """A GGUF model served by llama.cpp."""
+
+    def __init__(
+        self,
+        model_id: str,
+        source: str,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int = 2,
+        n_batch: int = 256,
+        instances: int = 1,
+        system_prompt: str | None = None,
+    ) -> None:
+        self._system_prompt = system_prompt
+        self._source = source
+        self._n_ctx = n_ctx
+        self._n_threads = n_threads
+        self._n_batch = n_batch
+        self._instance_count = instances
+        self.descriptor = ModelDescriptor(model_id=model_id, backend="llama.cpp", source=source,
+                                          context_length=n_ctx)
+        self.status = ModelStatus.UNLOADED
+        self.error = ""
+        self._instances: list[_Instance] = []
+        self._free: asyncio.Queue[_Instance] | None = None
+        self._formatter: Any = None
+
+    # ------------------------------------------------------------------ loading
+
+    async def load(self) -> None:
+        self.status = ModelStatus.LOADING
+        try:
+            resolved = resolve_gguf(self._source)
+            self.descriptor = ModelDescriptor(
+                model_id=self.descriptor.model_id, backend="llama.cpp", source=resolved.source,
+                size_bytes=resolved.size_bytes, context_length=self._n_ctx,
+                family=resolved.family, quantization=resolved.quantization,
+            )
+            for index in range(self._instance_count):
+                llama = await asyncio.to_thread(self._load_one, str(resolved.path))
+                self._instances.append(_Instance(llama, index))
+        except ModelLoadError as error:
+            self.status, self.error = ModelStatus.FAILED, str(error)
+            raise
+        self._formatter = _chat_formatter(self._instances[0].llama)
+        self._free = asyncio.Queue()
+        for instance in self._instances:
+            self._free.put_nowait(instance)
+        self.status = ModelStatus.READY
+
+    def _load_one(self, path: str) -> Any:
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ModelLoadError(
+                "llama-cpp-python is not installed; install the node extra: "
+                "pip install 'edge-agent-mesh[node]'"
+            ) from None
+        try:
+            return llama_cpp.Llama(
+                model_path=path, n_ctx=self._n_ctx, n_threads=self._n_threads,
+                n_threads_batch=self._n_threads, n_batch=self._n_batch, verbose=False,
+            )
+        except (ValueError, RuntimeError) as error:  # llama.cpp refused the file
+            raise ModelLoadError(f"llama.cpp could not load {path}: {error}") from None
+
+    async def close(self) -> None:
+        for instance in self._instances:
+            instance.executor.shutdown(wait=True)
+            with contextlib.suppress(AttributeError):  # older versions have no close()
+                instance.llama.close()
+        self._instances.clear()
+        self.status = ModelStatus.UNLOADED
+
+    # ------------------------------------------------------------------ prompts
+
+    def render_prompt(self, request: GenerationInput) -> tuple[str, list[str]]:
+        """The text the model sees (chat template applied, then any continuation) and stop strings."""
+        stops = list(request.stop)
+        if request.raw:
+            return request.prompt + request.continuation, stops
+        if self._formatter is None:
+            text = "".join(f"{m.role}: {m.content}\n" for m in request.messages)
+            return text + "assistant: " + request.continuation, stops + ["\nuser:"]
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        if self._system_prompt and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self._system_prompt})
+        response = self._formatter(messages=messages)
+        template_stops = response.stop if isinstance(response.stop, list) else [response.stop]
+        stops += [s for s in template_stops if s and s not in stops]
+        return response.prompt + request.continuation, stops
+
+    # ------------------------------------------------------------------ generation
+
+    async def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
+        if self._free is None:
+            raise ModelLoadError(f"model {self.descriptor.model_id} is not loaded")
+        instance = await self._free.get()
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(item: Any) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+
+        future = loop.run_in_executor(instance.executor, self._run, instance.llama, request,
+                                      stop, emit)
+        pending: Any = None
+        try:
+            while True:
+                item = pending if pending is not None else await pieces.get()
+                pending = None
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                # Coalesce text already waiting into one piece (a slow reader gets fewer, larger pieces).
+                text, completion = item.text, item.completion
+                while completion is None and not pieces.empty():
+                    nxt = pieces.get_nowait()
+                    if isinstance(nxt, Piece) and nxt.completion is None:
+                        text += nxt.text
+                    else:
+                        pending = nxt
+                        break
+                yield Piece(text, completion)
+        finally:
+            stop.set()
+            # The instance goes back to the pool only when its thread is done with it.
+            future.add_done_callback(lambda _f: self._free.put_nowait(instance))  # type: ignore[union-attr]
+
+    def _run(self, llama: Any, request: GenerationInput, stop: threading.Event,
+             emit: Any) -> None:
+        try:
+            for piece in self._generate(llama, request, stop):
+                emit(piece)
+        except InvalidRequestError as error:
+            emit(error)
+        except Exception as error:  # noqa: BLE001 - reported to the caller, never lost in a thread
+            logger.exception("generation failed")
+            emit(error)
+        finally:
+            emit(_END)
+
+    def _generate(self, llama: Any, request: GenerationInput,
+                  stop: threading.Event) -> Iterator[Piece]:
+        prompt, stops = self.render_prompt(request)
+        tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        n_ctx = llama.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise InvalidRequestError(
+                f"the prompt is {len(tokens)} tokens, which does not fit the context window of "
+                f"{n_ctx} tokens; shorten the prompt"
+            )
+        # Token healing for continuations: the text so far may end inside what the
+        # model would have produced as one token (e.g. a trailing space). Back off
+        # the last token and drop its text again from what the model regenerates.
+        healed = ""
+        if request.continuation and len(tokens) > 1:
+            healed = llama.detokenize(tokens[-1:]).decode("utf-8", errors="ignore")
+            tokens = tokens[:-1]
+        max_tokens = min(request.max_tokens + (1 if healed else 0), n_ctx - len(tokens))
+        kwargs: dict[str, Any] = {
+            "max_tokens": max_tokens, "temperature": request.temperature,
+            "top_p": request.top_p, "top_k": request.top_k, "stop": stops or None, "stream": True,
+        }
+        if request.seed is not None:
+            kwargs["seed"] = request.seed
+        completion = Completion(prompt_tokens=len(tokens))
+        first_at = last_at = 0.0
+        finish = "length"
+        pending = ""  # text held back until the healed prefix is matched
+        for chunk in llama.create_completion(tokens, **kwargs):
+            choice = chunk["choices"][0]
+            text = choice.get("text") or ""
+            if text:
+                completion.completion_tokens += 1
+                last_at = time.perf_counter()
+                first_at = first_at or last_at
+                if healed:
+                    pending += text
+                    if len(pending) < len(healed) and healed.startswith(pending):
+                        text = ""
+                    else:
+                        text = pending[_common_prefix(pending, healed):]
+                        healed = pending = ""
+                if text:
+                    yield Piece(text)
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+            if stop.is_set():
+                finish = "cancelled"
+                break
+        completion.finish_reason = finish
+        completion.decode_s = last_at - first_at
+        yield Piece("", completion)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_formatter(llama: Any) -> Any:
+    """The model's own chat template from its GGUF metadata, or None."""
+    template = llama.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    def token_text(token_id: int) -> str:
+        return llama._model.token_get_text(token_id) if token_id != -1 else ""
+
+    eos = token_text(llama.token_eos())
+    bos = token_text(llama.token_bos())
+    return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
+                               stop_token_ids=[llama.token_eos()])

@@ -1,0 +1,121 @@
+"""Node configuration: a YAML file, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+from typing import Annotated
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from mesh._model import FrozenModel
+from mesh.errors import ConfigError
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+DEFAULT_PORT = 50051
+
+
+def _default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+class ModelConfig(FrozenModel):
+    """One model the node serves."""
+
+    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+    # "bundled:smollm2", a path to a .gguf file, or a known alias ("smollm2").
+    source: Annotated[str, Field(min_length=1)]
+    n_ctx: Annotated[int, Field(ge=128, le=131072)] = 2048
+    n_threads: Annotated[int, Field(ge=1, le=256)] = Field(default_factory=_default_threads)
+    n_batch: Annotated[int, Field(ge=8, le=8192)] = 256
+    instances: Annotated[int, Field(ge=1, le=16)] = 1
+    # Used when a chat has no system message. Small models answer far better with
+    # a plain one than with their template's built-in default.
+    system_prompt: str | None = "You are a helpful assistant."
+
+
+class NodeConfig(FrozenModel):
+    """Everything a node daemon needs; defaults give a node serving the bundled model."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63)] = Field(
+        default_factory=lambda: socket.gethostname().split(".")[0] or "node"
+    )
+    cluster: Annotated[str, Field(min_length=1, max_length=63)] = "default"
+    host: str = "0.0.0.0"
+    port: Port = DEFAULT_PORT
+    models: tuple[ModelConfig, ...] = (ModelConfig(id="smollm2", source="bundled:smollm2"),)
+    default_model: str | None = None
+    max_concurrent: Annotated[int, Field(ge=1, le=256)] = 1
+    max_queued: Annotated[int, Field(ge=0, le=10_000)] = 8
+    max_prompt_bytes: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] = 64 * 1024
+    default_max_tokens: Annotated[int, Field(ge=1)] = 256
+    default_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    grace_s: Annotated[float, Field(ge=0.0, le=600.0)] = 10.0
+    advertise: bool = True
+    interface: str | None = None  # IP of the interface to advertise on; None: all
+    labels: dict[str, str] = Field(default_factory=dict)
+    state_dir: str | None = None  # where the node id is kept; None: ~/.local/state/...
+
+    @model_validator(mode="after")
+    def _check_models(self) -> NodeConfig:
+        ids = [m.id for m in self.models]
+        if not ids:
+            raise ValueError("models: at least one model is required")
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate model id(s) {', '.join(duplicates)}")
+        if self.default_model is not None and self.default_model not in ids:
+            raise ValueError(
+                f"default_model: {self.default_model!r} is not one of the models ({', '.join(ids)})"
+            )
+        return self
+
+    @property
+    def default_model_id(self) -> str:
+        return self.default_model or self.models[0].id
+
+    def resolved_state_dir(self) -> pathlib.Path:
+        if self.state_dir:
+            return pathlib.Path(self.state_dir)
+        base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        return pathlib.Path(base) / "edge-agent-mesh" / "nodes" / self.name
+
+
+def model_config_from_flag(value: str, *, n_threads: int | None = None) -> ModelConfig:
+    """A ModelConfig from `--model ALIAS_OR_PATH`."""
+    model_id = pathlib.Path(value).stem.lower() if value.endswith(".gguf") else value
+    model_id = "".join(c if c.isalnum() or c in "._:-" else "-" for c in model_id)[:64] or "model"
+    extra = {"n_threads": n_threads} if n_threads else {}
+    return ModelConfig(id=model_id, source=value, **extra)
+
+
+def _format_validation_error(path: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"{path}: {location}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_node_config(path: str | None, **overrides: object) -> NodeConfig:
+    """Read `path` (YAML; None: defaults) and apply non-None `overrides`; ConfigError on any problem."""
+    data: dict[str, object] = {}
+    source = path or "(command line)"
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle)
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read node config: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the node config must be a mapping of keys to values")
+        data = dict(loaded or {})
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(source, error)) from None

@@ -1,0 +1,215 @@
+"""The node daemon's lifecycle: check models, serve, load, advertise, drain, stop.
+
+Order at start: model files are checked first (a missing or non-GGUF file fails
+before anything listens); the server then listens with health NOT_SERVING while
+models load, and turns SERVING only when every model is ready. On SIGINT or
+SIGTERM: health NOT_SERVING, the mDNS goodbye, then in-flight requests get
+`grace_s` to finish before the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Protocol, TextIO
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import mesh
+from edgemesh.v1 import node_pb2, node_pb2_grpc
+from mesh.channels import add_server_port, create_server, format_address
+from mesh.errors import ConfigError, ModelLoadError
+from nodes.admission import AdmissionController
+from nodes.backends import Backend
+from nodes.backends.llama import LlamaBackend
+from nodes.config import NodeConfig
+from nodes.hardware import HardwareInfo, probe_hardware
+from nodes.model_files import resolve_gguf
+from nodes.service import NodeIdentity, NodeServicer
+
+logger = logging.getLogger(__name__)
+
+NODE_SERVICE_NAME = node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
+
+
+class Announcer(Protocol):
+    """What the daemon needs from an mDNS announcer (see nodes/announcer.py)."""
+
+    async def start(self) -> None: ...
+    async def refresh(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+AnnouncerFactory = Callable[["NodeDaemon"], Announcer]
+
+
+def load_node_id(config: NodeConfig) -> str:
+    """The node's id, kept in its state directory so that a restart keeps it."""
+    directory = config.resolved_state_dir()
+    path = directory / "node-id"
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise ConfigError(f"cannot read node id from {path}: {error.strerror}") from None
+    node_id = uuid.uuid4().hex[:12]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(node_id + "\n", encoding="utf-8")
+    except OSError as error:
+        logger.warning("cannot keep node id in %s (%s); it will change on restart",
+                       path, error.strerror)
+    return node_id
+
+
+def build_backends(config: NodeConfig) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {}
+    for model in config.models:
+        resolve_gguf(model.source)  # fail now, before listening, on a bad file
+        backends[model.id] = LlamaBackend(
+            model.id, model.source, n_ctx=model.n_ctx, n_threads=model.n_threads,
+            n_batch=model.n_batch, instances=model.instances, system_prompt=model.system_prompt,
+        )
+    return backends
+
+
+class NodeDaemon:
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        backends: dict[str, Backend] | None = None,
+        announcer_factory: AnnouncerFactory | None = None,
+        progress: TextIO = sys.stderr,
+    ) -> None:
+        self.config = config
+        self.backends = backends if backends is not None else build_backends(config)
+        self.node_id = load_node_id(config)
+        self.hardware: HardwareInfo | None = None
+        self.admission = AdmissionController(config.max_concurrent, config.max_queued)
+        # gRPC asyncio objects bind to the running loop: created in start().
+        self.health: health.aio.HealthServicer | None = None
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+        self.servicer: NodeServicer | None = None
+        self._announcer_factory = announcer_factory
+        self._announcer: Announcer | None = None
+        self._progress = progress
+        self._stopping = asyncio.Event()
+        self.serving = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return format_address(self.config.host, self.port)
+
+    def _say(self, text: str) -> None:
+        print(text, file=self._progress, flush=True)
+
+    async def start(self) -> None:
+        """Listen, load models, and turn SERVING. Raises ModelLoadError if a model fails."""
+        self.health = health.aio.HealthServicer()
+        self._server = create_server()
+        # The probe (ONNX Runtime providers in a child process) runs while models load.
+        probe = asyncio.create_task(asyncio.to_thread(probe_hardware))
+        identity = NodeIdentity(
+            node_id=self.node_id, name=self.config.name, cluster=self.config.cluster,
+            version=mesh.__version__, protocol_version=mesh.PROTOCOL_VERSION,
+            started_at_unix_s=time.time(),
+        )
+        self.servicer = NodeServicer(identity, self.config, self.backends, None, self.admission)
+        node_pb2_grpc.add_NodeServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (NODE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        for service in ("", NODE_SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            self.port = add_server_port(self._server,
+                                        format_address(self.config.host, self.config.port))
+        except RuntimeError as error:  # grpc raises RuntimeError when the port is taken
+            raise ConfigError(
+                f"cannot listen on {format_address(self.config.host, self.config.port)}: {error}; "
+                "pick another --port (0 for any free port)"
+            ) from None
+        await self._server.start()
+        try:
+            await self._load_models()
+        finally:
+            self.hardware = self.servicer.hardware = await probe
+        for service in ("", NODE_SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.advertise and self._announcer_factory is not None:
+            self._announcer = self._announcer_factory(self)
+            await self._announcer.start()
+        self.serving.set()
+
+    async def _load_models(self) -> None:
+        for model_id, backend in self.backends.items():
+            began = time.perf_counter()
+            self._say(f"loading model {model_id} from {backend.descriptor.source} ...")
+            await backend.load()
+            size_mb = backend.descriptor.size_bytes / 1e6
+            self._say(f"model {model_id} ready ({size_mb:.1f} MB, "
+                      f"{backend.descriptor.family or 'unknown family'}) "
+                      f"in {time.perf_counter() - began:.2f} s")
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """NOT_SERVING, goodbye on mDNS, let in-flight requests finish within grace, stop."""
+        if self._server is None or self.health is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        if self._announcer is not None:
+            try:
+                await asyncio.wait_for(self._announcer.stop(), timeout=5)
+            except TimeoutError:
+                logger.warning("mDNS goodbye did not finish within 5 s")
+        await self._server.stop(self.config.grace_s)
+        for backend in self.backends.values():
+            await backend.close()
+
+    async def refresh_announcement(self) -> None:
+        if self._announcer is not None:
+            await self._announcer.refresh()
+
+
+async def run_daemon(daemon: NodeDaemon, *, ready_line: TextIO = sys.stdout) -> int:
+    """Run until SIGINT/SIGTERM; print one line with the address once serving. Returns an exit code."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, daemon.request_stop)
+    try:
+        try:
+            await daemon.start()
+        except ModelLoadError:
+            await daemon.stop()
+            raise
+        models = ", ".join(daemon.backends)
+        print(f"node {daemon.config.name} ({daemon.node_id}) serving {models} on {daemon.address}",
+              file=ready_line, flush=True)
+        await daemon.wait_stopped()
+        print(f"node {daemon.config.name} stopping: draining in-flight requests "
+              f"(grace {daemon.config.grace_s:g} s)", file=sys.stderr, flush=True)
+        for sig in signals:  # a second signal ends the process at once
+            loop.remove_signal_handler(sig)
+        await daemon.stop()
+        return 0
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

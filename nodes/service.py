@@ -1,0 +1,259 @@
+"""The NodeService servicer: request validation, admission, generation, Describe.
+
+gRPC methods are CamelCase only because gRPC demands it; each delegates at once
+to snake_case code, and MeshError becomes a status code here, at the edge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from edgemesh.v1 import node_pb2, node_pb2_grpc
+from mesh._grpc_errors import status_code_for
+from mesh.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
+from nodes.admission import AdmissionController
+from nodes.backends import Backend, Completion, GenerationInput, Message, ModelStatus
+from nodes.config import NodeConfig
+from nodes.hardware import HardwareInfo, system_load
+
+logger = logging.getLogger(__name__)
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+_MODEL_STATES = {
+    ModelStatus.LOADING: node_pb2.MODEL_STATE_LOADING,
+    ModelStatus.READY: node_pb2.MODEL_STATE_READY,
+    ModelStatus.FAILED: node_pb2.MODEL_STATE_FAILED,
+    ModelStatus.UNLOADED: node_pb2.MODEL_STATE_UNLOADED,
+}
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    node_id: str
+    name: str
+    cluster: str
+    version: str
+    protocol_version: int
+    started_at_unix_s: float
+
+
+def _check_range(name: str, value: float, low: float, high: float, hint: str) -> None:
+    if not low <= value <= high:
+        raise InvalidRequestError(f"{name} must be between {low:g} and {high:g}, got {value:g}; {hint}")
+
+
+def to_generation_input(
+    request: node_pb2.GenerateRequest, config: NodeConfig, backends: Mapping[str, Backend]
+) -> tuple[Backend, GenerationInput]:
+    """Validate a request against the node's limits; InvalidRequestError/NotFoundError say what to change."""
+    model_id = request.model or config.default_model_id
+    backend = backends.get(model_id)
+    if backend is None:
+        known = ", ".join(sorted(backends))
+        raise NotFoundError(f"model {model_id!r} is not served by this node; it serves: {known}")
+    if backend.status is not ModelStatus.READY:
+        raise NotReadyError(f"model {model_id!r} is {backend.status.value}; retry when it is ready")
+
+    size = len(request.prompt.encode()) + sum(len(m.content.encode()) for m in request.messages)
+    size += len(request.continuation.encode())
+    if size > config.max_prompt_bytes:
+        raise InvalidRequestError(
+            f"the prompt is {size} bytes, over this node's limit of {config.max_prompt_bytes}; "
+            "shorten it"
+        )
+    messages = [Message(m.role, m.content) for m in request.messages]
+    for index, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise InvalidRequestError(
+                f"messages[{index}].role {message.role!r} is not one of {', '.join(sorted(ROLES))}"
+            )
+    if not messages and request.prompt.strip():
+        messages = [Message("user", request.prompt)]
+    if not request.raw and not any(m.content.strip() for m in messages):
+        raise InvalidRequestError("the prompt is empty; give a prompt or at least one message")
+    if request.raw and not request.prompt.strip():
+        raise InvalidRequestError("the prompt is empty; a raw request needs a prompt")
+
+    sampling = request.sampling
+    context = backend.descriptor.context_length
+    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else config.default_max_tokens
+    if max_tokens < 1:
+        raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}")
+    if context and max_tokens > context:
+        raise InvalidRequestError(
+            f"max_tokens {max_tokens} is larger than the model's context window of {context} tokens; "
+            f"ask for at most {context}"
+        )
+    temperature = (sampling.temperature if sampling.HasField("temperature")
+                   else config.default_temperature)
+    _check_range("temperature", temperature, 0.0, 2.0, "use 0 for deterministic output")
+    top_p = sampling.top_p if sampling.HasField("top_p") else 0.95
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p:g}")
+    top_k = sampling.top_k if sampling.HasField("top_k") else 40
+    if top_k < 0:
+        raise InvalidRequestError(f"top_k must be 0 (off) or more, got {top_k}")
+    if len(sampling.stop) > 8 or any(not s or len(s) > 64 for s in sampling.stop):
+        raise InvalidRequestError("stop takes at most 8 non-empty strings of at most 64 characters")
+    return backend, GenerationInput(
+        messages=messages, prompt=request.prompt, raw=request.raw,
+        continuation=request.continuation, max_tokens=max_tokens, temperature=temperature,
+        top_p=top_p, top_k=top_k, seed=sampling.seed if sampling.HasField("seed") else None,
+        stop=tuple(sampling.stop),
+    )
+
+
+class NodeServicer(node_pb2_grpc.NodeServiceServicer):
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        config: NodeConfig,
+        backends: Mapping[str, Backend],
+        hardware: HardwareInfo | None,
+        admission: AdmissionController,
+    ) -> None:
+        self.identity = identity
+        self.config = config
+        self.backends = backends
+        self.hardware = hardware
+        self.admission = admission
+
+    # ------------------------------------------------------------------ gRPC edge
+
+    async def Describe(self, request: node_pb2.DescribeRequest,
+                       context: grpc.aio.ServicerContext) -> node_pb2.DescribeResponse:
+        return self.describe()
+
+    async def Generate(self, request: node_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> node_pb2.GenerateResponse:
+        try:
+            text: list[str] = []
+            final = None
+            async for chunk in self.generate(request):
+                if chunk.HasField("final"):
+                    final = chunk.final
+                else:
+                    text.append(chunk.text)
+            assert final is not None  # generate() always ends with a final chunk
+            final.text = "".join(text)
+            return final
+        except MeshError as error:
+            await context.abort(status_code_for(error), str(error))
+            raise  # unreachable: abort raises
+
+    async def GenerateStream(self, request: node_pb2.GenerateRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[node_pb2.GenerateChunk]:
+        try:
+            async for chunk in self.generate(request):
+                yield chunk
+        except MeshError as error:
+            await context.abort(status_code_for(error), str(error))
+
+    # ------------------------------------------------------------------ behaviour
+
+    def load(self) -> node_pb2.Load:
+        cpu, memory, _available = system_load()
+        return node_pb2.Load(
+            in_flight=self.admission.in_flight, queued=self.admission.queued, cpu_percent=cpu,
+            memory_percent=memory, completed=self.admission.completed,
+            rejected=self.admission.rejected,
+        )
+
+    def describe(self) -> node_pb2.DescribeResponse:
+        return node_pb2.DescribeResponse(
+            node=self._node_info(), hardware=self._hardware(), models=self._models(),
+            load=self.load(), capacity=self._capacity(),
+        )
+
+    def _node_info(self) -> node_pb2.NodeInfo:
+        ident = self.identity
+        return node_pb2.NodeInfo(
+            node_id=ident.node_id, name=ident.name, cluster=ident.cluster, version=ident.version,
+            protocol_version=ident.protocol_version, labels=dict(self.config.labels),
+            started_at_unix_s=ident.started_at_unix_s,
+        )
+
+    def _hardware(self) -> node_pb2.Hardware | None:
+        hw = self.hardware
+        if hw is None:  # still probing at start
+            return None
+        _cpu, _memory, available = system_load()
+        return node_pb2.Hardware(
+            cpu_model=hw.cpu_model, physical_cores=hw.physical_cores,
+            logical_cores=hw.logical_cores, cpu_max_mhz=hw.cpu_max_mhz,
+            architecture=hw.architecture, memory_total_bytes=hw.memory_total_bytes,
+            memory_available_bytes=available, os=hw.os,
+            gpus=[node_pb2.Gpu(vendor=g.vendor, name=g.name,
+                               memory_total_bytes=g.memory_total_bytes,
+                               memory_used_bytes=g.memory_used_bytes) for g in hw.gpus],
+            onnx_providers=list(hw.onnx_providers),
+        )
+
+    def _models(self) -> list[node_pb2.ModelInfo]:
+        models = []
+        for model_id, backend in self.backends.items():
+            d = backend.descriptor
+            models.append(node_pb2.ModelInfo(
+                model_id=model_id, backend=d.backend, source=d.source,
+                state=_MODEL_STATES[backend.status], size_bytes=d.size_bytes,
+                context_length=d.context_length, is_default=model_id == self.config.default_model_id,
+                error=backend.error, family=d.family, quantization=d.quantization,
+            ))
+        return models
+
+    def _capacity(self) -> node_pb2.Capacity:
+        return node_pb2.Capacity(max_concurrent=self.admission.max_concurrent,
+                                 max_queued=self.admission.max_queued)
+
+    async def generate(self, request: node_pb2.GenerateRequest
+                       ) -> AsyncIterator[node_pb2.GenerateChunk]:
+        """Chunks of new text, then one chunk whose `final` carries usage and timing."""
+        backend, generation = to_generation_input(request, self.config, self.backends)
+        arrived = time.perf_counter()
+        index = 0
+        async with self.admission.slot():
+            started = time.perf_counter()
+            first_token_at = 0.0
+            completion = Completion()
+            try:
+                async with contextlib.aclosing(backend.stream(generation)) as pieces:
+                    async for piece in pieces:
+                        if piece.text:
+                            first_token_at = first_token_at or time.perf_counter()
+                            yield node_pb2.GenerateChunk(text=piece.text, index=index)
+                            index += 1
+                        if piece.completion is not None:
+                            completion = piece.completion
+            finally:
+                if request.task.task_id:
+                    logger.debug("task %s attempt %d on %s: %s",
+                                 request.task.task_id, request.task.attempt,
+                                 backend.descriptor.model_id, completion.finish_reason)
+        done = time.perf_counter()
+        decode_rate = (completion.completion_tokens - 1) / completion.decode_s \
+            if completion.decode_s > 0 and completion.completion_tokens > 1 else 0.0
+        final = node_pb2.GenerateResponse(
+            finish_reason=completion.finish_reason,
+            usage=node_pb2.Usage(
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                total_tokens=completion.prompt_tokens + completion.completion_tokens,
+            ),
+            timing=node_pb2.Timing(
+                queue_ms=(started - arrived) * 1000,
+                time_to_first_token_ms=((first_token_at or done) - arrived) * 1000,
+                total_ms=(done - arrived) * 1000,
+                tokens_per_second=decode_rate,
+            ),
+            model=backend.descriptor.model_id,
+            node_id=self.identity.node_id,
+            task=request.task,
+        )
+        yield node_pb2.GenerateChunk(index=index, final=final)

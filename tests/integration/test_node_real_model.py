@@ -1,0 +1,181 @@
+"""The node daemon with the real bundled GGUF model through llama-cpp-python, and the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mesh.client import NodeClient
+from mesh.errors import InvalidRequestError
+from nodes.config import ModelConfig, NodeConfig
+from nodes.daemon import NodeDaemon
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "What is the capital of France?"
+
+
+@contextlib.asynccontextmanager
+async def real_node(tmp_path, **config):
+    settings = dict(host="127.0.0.1", port=0, advertise=False, state_dir=str(tmp_path),
+                    models=(ModelConfig(id="smollm2", source="bundled:smollm2", n_ctx=512,
+                                        n_threads=2),),
+                    grace_s=1.0)
+    settings.update(config)
+    daemon = NodeDaemon(NodeConfig(**settings), progress=io.StringIO())
+    await daemon.start()
+    try:
+        yield daemon
+    finally:
+        await daemon.stop()
+
+
+def run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def test_paris_unary_and_streaming(tmp_path):
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            reply = await client.generate(QUESTION, temperature=0, max_tokens=32)
+            assert "Paris" in reply.text
+            assert reply.finish_reason in ("stop", "length")
+            assert reply.usage.prompt_tokens > 5 and reply.usage.completion_tokens > 0
+            assert reply.model == "smollm2"
+
+            chunks = [c async for c in client.generate_stream(QUESTION, temperature=0,
+                                                               max_tokens=32)]
+            streamed = "".join(c.text for c in chunks if not c.HasField("final"))
+            assert "Paris" in streamed
+            assert streamed == reply.text  # temperature 0: the same answer both ways
+            final = chunks[-1].final
+            assert final.usage.completion_tokens == reply.usage.completion_tokens
+            assert final.timing.time_to_first_token_ms > 0 and final.timing.total_ms > 0
+
+    run(scenario())
+
+
+def test_describe_reports_real_model(tmp_path):
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            info = await client.describe()
+            model = info.models[0]
+            assert model.family == "SmolLM2-135M-Instruct" and model.quantization == "Q4_1"
+            assert 90e6 < model.size_bytes < 110e6 and model.context_length == 512
+
+    run(scenario())
+
+
+def test_prompt_longer_than_context_is_invalid_and_node_keeps_serving(tmp_path):
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            with pytest.raises(InvalidRequestError, match="context window of 512"):
+                await client.generate("hello " * 600, max_tokens=8)
+            with pytest.raises(InvalidRequestError, match="context window"):
+                await client.generate("hi", max_tokens=10_000)
+            reply = await client.generate(QUESTION, temperature=0, max_tokens=16)
+            assert "Paris" in reply.text
+
+    run(scenario())
+
+
+def test_continuation_resumes_without_repeating(tmp_path):
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            whole = await client.generate(QUESTION, temperature=0, max_tokens=24)
+            head = whole.text[: len(whole.text) // 2]
+            rest = await client.generate(QUESTION, temperature=0, max_tokens=24,
+                                         continuation=head)
+            assert not rest.text.startswith(head)
+            assert (head + rest.text).startswith(whole.text[: len(head) + 3])
+
+    run(scenario())
+
+
+def test_cancelled_stream_stops_the_model(tmp_path):
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            async for _chunk in client.generate_stream("Write a long story about a dragon.",
+                                                       max_tokens=400, temperature=0.8):
+                break
+            began = time.perf_counter()
+            while d.admission.in_flight and time.perf_counter() - began < 5:
+                await asyncio.sleep(0.01)
+            assert d.admission.in_flight == 0
+            # The instance is free again: a new request is answered promptly.
+            reply = await client.generate(QUESTION, temperature=0, max_tokens=8, timeout_s=20)
+            assert reply.usage.completion_tokens > 0
+
+    run(scenario())
+
+
+# ------------------------------------------------------------------ the real CLI
+
+
+def _mesh(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mesh.cli", *args]
+
+
+@pytest.fixture
+def node_process(tmp_path):
+    process = subprocess.Popen(
+        _mesh("node", "start", "--host", "127.0.0.1", "--port", "0", "--no-advertise",
+              "--state-dir", str(tmp_path), "--name", "cli-node", "--n-threads", "2"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline().strip()
+        assert "serving smollm2 on 127.0.0.1:" in line, line
+        yield process, line.rsplit(" ", 1)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+
+
+def test_cli_start_describe_generate_and_sigterm(node_process):
+    process, address = node_process
+    described = subprocess.run(_mesh("node", "describe", address, "--json"),
+                               capture_output=True, text=True, timeout=60)
+    assert described.returncode == 0, described.stderr
+    info = json.loads(described.stdout)
+    assert info["node"]["name"] == "cli-node"
+    assert info["models"][0]["state"] == "MODEL_STATE_READY"
+
+    streamed = subprocess.run(
+        _mesh("generate", address, QUESTION, "--temperature", "0", "--max-tokens", "24",
+              "--stream"), capture_output=True, text=True, timeout=60)
+    assert streamed.returncode == 0 and "Paris" in streamed.stdout
+    assert "tokens/s" in streamed.stderr
+
+    bad = subprocess.run(_mesh("generate", address, "hi", "--max-tokens", "0"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "max_tokens must be at least 1" in bad.stderr
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    stderr = process.stderr.read()
+    assert "loading model smollm2" in stderr and "draining" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("content", [None, b"not a model at all"])
+def test_cli_bad_model_file_fails_cleanly(tmp_path, content):
+    path = tmp_path / "broken.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    result = subprocess.run(
+        _mesh("node", "start", "--host", "127.0.0.1", "--port", "0", "--no-advertise",
+              "--state-dir", str(tmp_path), "--model", str(path)),
+        capture_output=True, text=True, timeout=60, env={**os.environ})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert ("not found" if content is None else "not a GGUF model file") in result.stderr
