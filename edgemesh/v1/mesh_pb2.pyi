@@ -71,7 +71,7 @@ class Attempt(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., outcome: _Optional[_Union[AttemptOutcome, str]] = ..., duration_ms: _Optional[float] = ..., detail: _Optional[str] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
-    __slots__ = ("task_id", "text", "finish_reason", "node_id", "node_name", "model", "agent", "usage", "attempts", "failed_over", "total_ms", "time_to_first_token_ms")
+    __slots__ = ("task_id", "text", "finish_reason", "node_id", "node_name", "model", "agent", "usage", "attempts", "failed_over", "total_ms", "time_to_first_token_ms", "steps", "tier", "escalation_reason", "routed_by")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,10 @@ class SubmitResponse(_message.Message):
     FAILED_OVER_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    ESCALATION_REASON_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_BY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     text: str
     finish_reason: str
@@ -96,7 +100,11 @@ class SubmitResponse(_message.Message):
     failed_over: bool
     total_ms: float
     time_to_first_token_ms: float
-    def __init__(self, task_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., model: _Optional[str] = ..., agent: _Optional[str] = ..., usage: _Optional[_Union[_node_pb2.Usage, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., failed_over: _Optional[bool] = ..., total_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[_node_pb2.AgentStep]
+    tier: str
+    escalation_reason: str
+    routed_by: str
+    def __init__(self, task_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., model: _Optional[str] = ..., agent: _Optional[str] = ..., usage: _Optional[_Union[_node_pb2.Usage, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., failed_over: _Optional[bool] = ..., total_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., steps: _Optional[_Iterable[_Union[_node_pb2.AgentStep, _Mapping]]] = ..., tier: _Optional[str] = ..., escalation_reason: _Optional[str] = ..., routed_by: _Optional[str] = ...) -> None: ...
 
 class SubmitChunk(_message.Message):
     __slots__ = ("text", "index", "result")

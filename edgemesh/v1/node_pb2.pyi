@@ -268,3 +268,163 @@ class GenerateChunk(_message.Message):
     index: int
     final: GenerateResponse
     def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+
+class AgentRequest(_message.Message):
+    __slots__ = ("agent", "input", "history", "task", "completed_steps", "model", "max_steps")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    input: str
+    history: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    task: TaskContext
+    completed_steps: _containers.RepeatedCompositeFieldContainer[AgentStep]
+    model: str
+    max_steps: int
+    def __init__(self, agent: _Optional[str] = ..., input: _Optional[str] = ..., history: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., completed_steps: _Optional[_Iterable[_Union[AgentStep, _Mapping]]] = ..., model: _Optional[str] = ..., max_steps: _Optional[int] = ...) -> None: ...
+
+class ToolCall(_message.Message):
+    __slots__ = ("tool", "arguments_json")
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    tool: str
+    arguments_json: str
+    def __init__(self, tool: _Optional[str] = ..., arguments_json: _Optional[str] = ...) -> None: ...
+
+class AgentStep(_message.Message):
+    __slots__ = ("index", "kind", "call", "result_json", "idempotent", "tokens", "duration_ms", "model", "error", "node_id")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    kind: str
+    call: ToolCall
+    result_json: str
+    idempotent: bool
+    tokens: int
+    duration_ms: float
+    model: str
+    error: str
+    node_id: str
+    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., call: _Optional[_Union[ToolCall, _Mapping]] = ..., result_json: _Optional[str] = ..., idempotent: _Optional[bool] = ..., tokens: _Optional[int] = ..., duration_ms: _Optional[float] = ..., model: _Optional[str] = ..., error: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class AgentResult(_message.Message):
+    __slots__ = ("agent", "answer", "finish_reason", "steps", "usage", "total_ms", "model", "node_id", "tier", "escalation_reason")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    ESCALATION_REASON_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    answer: str
+    finish_reason: str
+    steps: _containers.RepeatedCompositeFieldContainer[AgentStep]
+    usage: Usage
+    total_ms: float
+    model: str
+    node_id: str
+    tier: str
+    escalation_reason: str
+    def __init__(self, agent: _Optional[str] = ..., answer: _Optional[str] = ..., finish_reason: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[AgentStep, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., total_ms: _Optional[float] = ..., model: _Optional[str] = ..., node_id: _Optional[str] = ..., tier: _Optional[str] = ..., escalation_reason: _Optional[str] = ...) -> None: ...
+
+class AgentEvent(_message.Message):
+    __slots__ = ("step", "text", "result")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    step: AgentStep
+    text: str
+    result: AgentResult
+    def __init__(self, step: _Optional[_Union[AgentStep, _Mapping]] = ..., text: _Optional[str] = ..., result: _Optional[_Union[AgentResult, _Mapping]] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("model", "text")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    text: str
+    def __init__(self, model: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "score")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    score: float
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("label", "confidence", "scores", "model", "latency_ms")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    confidence: float
+    scores: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    model: str
+    latency_ms: float
+    def __init__(self, label: _Optional[str] = ..., confidence: _Optional[float] = ..., scores: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., model: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "raw", "strings")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    STRINGS_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    raw: bytes
+    strings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., raw: _Optional[bytes] = ..., strings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("model", "inputs", "outputs")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    inputs: _containers.MessageMap[str, Tensor]
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class InferResponse(_message.Message):
+    __slots__ = ("outputs", "model", "latency_ms")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.MessageMap[str, Tensor]
+    model: str
+    latency_ms: float
+    def __init__(self, outputs: _Optional[_Mapping[str, Tensor]] = ..., model: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...

@@ -49,6 +49,21 @@ class NodeServiceStub:
                 request_serializer=edgemesh_dot_v1_dot_node__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=edgemesh_dot_v1_dot_node__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.RunAgent = channel.unary_stream(
+                '/edgemesh.v1.NodeService/RunAgent',
+                request_serializer=edgemesh_dot_v1_dot_node__pb2.AgentRequest.SerializeToString,
+                response_deserializer=edgemesh_dot_v1_dot_node__pb2.AgentEvent.FromString,
+                _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/edgemesh.v1.NodeService/Classify',
+                request_serializer=edgemesh_dot_v1_dot_node__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=edgemesh_dot_v1_dot_node__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.Infer = channel.unary_unary(
+                '/edgemesh.v1.NodeService/Infer',
+                request_serializer=edgemesh_dot_v1_dot_node__pb2.InferRequest.SerializeToString,
+                response_deserializer=edgemesh_dot_v1_dot_node__pb2.InferResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -76,6 +91,28 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunAgent(self, request, context):
+        """Run an agent (a model plus tools plus a loop); every step is streamed,
+        the last event carries the answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """Classify a text with a classifier model (e.g. the ONNX intent router).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Infer(self, request, context):
+        """Run any loaded tensor model (ONNX Runtime) on named input tensors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +130,21 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=edgemesh_dot_v1_dot_node__pb2.GenerateRequest.FromString,
                     response_serializer=edgemesh_dot_v1_dot_node__pb2.GenerateChunk.SerializeToString,
+            ),
+            'RunAgent': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunAgent,
+                    request_deserializer=edgemesh_dot_v1_dot_node__pb2.AgentRequest.FromString,
+                    response_serializer=edgemesh_dot_v1_dot_node__pb2.AgentEvent.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=edgemesh_dot_v1_dot_node__pb2.ClassifyRequest.FromString,
+                    response_serializer=edgemesh_dot_v1_dot_node__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Infer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Infer,
+                    request_deserializer=edgemesh_dot_v1_dot_node__pb2.InferRequest.FromString,
+                    response_serializer=edgemesh_dot_v1_dot_node__pb2.InferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +228,87 @@ class NodeService:
             '/edgemesh.v1.NodeService/GenerateStream',
             edgemesh_dot_v1_dot_node__pb2.GenerateRequest.SerializeToString,
             edgemesh_dot_v1_dot_node__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgemesh.v1.NodeService/RunAgent',
+            edgemesh_dot_v1_dot_node__pb2.AgentRequest.SerializeToString,
+            edgemesh_dot_v1_dot_node__pb2.AgentEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgemesh.v1.NodeService/Classify',
+            edgemesh_dot_v1_dot_node__pb2.ClassifyRequest.SerializeToString,
+            edgemesh_dot_v1_dot_node__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Infer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgemesh.v1.NodeService/Infer',
+            edgemesh_dot_v1_dot_node__pb2.InferRequest.SerializeToString,
+            edgemesh_dot_v1_dot_node__pb2.InferResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,13 +21,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     commands = parser.add_subparsers(dest="topology_command", metavar="ACTION", required=True)
 
     check = commands.add_parser(
-        "check", help="validate topology files; every problem with its key path and line")
+        "check", help="validate topology files; every problem with its key path and line"
+    )
     check.add_argument("files", nargs="+", metavar="FILE")
     check.add_argument("--json", action="store_true", help="machine-readable results")
     check.set_defaults(func=_check)
 
     show = commands.add_parser(
-        "show", help="print a topology with every default filled in (no FILE: the defaults)")
+        "show", help="print a topology with every default filled in (no FILE: the defaults)"
+    )
     show.add_argument("file", nargs="?", metavar="FILE")
     show.set_defaults(func=_show)
 
@@ -54,12 +56,14 @@ def _check(args: argparse.Namespace) -> int:
     results = []
     for path in args.files:
         topology, problems = _check_one(path)
-        results.append({
-            "file": path,
-            "ok": topology is not None,
-            "summary": _summary(topology) if topology is not None else None,
-            "problems": [p.model_dump() for p in problems],
-        })
+        results.append(
+            {
+                "file": path,
+                "ok": topology is not None,
+                "summary": _summary(topology) if topology is not None else None,
+                "problems": [p.model_dump() for p in problems],
+            }
+        )
         if args.json:
             continue
         if topology is not None:

@@ -64,8 +64,9 @@ def choose_node(
     outstanding: Mapping[NodeId, int] | None = None,
 ) -> NodeId | None:
     """`filter_candidates` then `policy`: the node for `task`, or None when none can take it."""
-    candidates = filter_candidates(nodes, task, exclude=exclude, cooling=cooling, ewma=ewma,
-                                   outstanding=outstanding)
+    candidates = filter_candidates(
+        nodes, task, exclude=exclude, cooling=cooling, ewma=ewma, outstanding=outstanding
+    )
     return policy(candidates, task, state)
 
 

@@ -65,8 +65,9 @@ class SupportsGet(Protocol):
     def get(self, node_id: NodeId, /) -> float | None: ...
 
 
-def candidate_from_view(view: NodeView, *, ewma_ms_per_token: float | None = None,
-                        outstanding: int = 0) -> Candidate:
+def candidate_from_view(
+    view: NodeView, *, ewma_ms_per_token: float | None = None, outstanding: int = 0
+) -> Candidate:
     """A candidate from a registry row; `outstanding`: requests this dispatcher has sent there.
 
     The node's reported load lags behind what a dispatcher just sent; the larger of the two is
@@ -75,10 +76,16 @@ def candidate_from_view(view: NodeView, *, ewma_ms_per_token: float | None = Non
     load = max(view.in_flight + view.queued, outstanding)
     in_flight = min(load, view.max_concurrent)
     return Candidate(
-        node_id=view.node_id, in_flight=in_flight, queued=load - in_flight,
-        max_concurrent=view.max_concurrent, max_queued=view.max_queued,
-        ewma_ms_per_token=ewma_ms_per_token, labels=view.labels, models=view.models,
-        agents=view.agents)
+        node_id=view.node_id,
+        in_flight=in_flight,
+        queued=load - in_flight,
+        max_concurrent=view.max_concurrent,
+        max_queued=view.max_queued,
+        ewma_ms_per_token=ewma_ms_per_token,
+        labels=view.labels,
+        models=view.models,
+        agents=view.agents,
+    )
 
 
 def serves(view: NodeView, task: TaskShape) -> bool:
@@ -114,8 +121,10 @@ def filter_candidates(
         if not serves(view, task):
             continue
         candidate = candidate_from_view(
-            view, ewma_ms_per_token=ewma.get(view.node_id) if ewma is not None else None,
-            outstanding=outstanding.get(view.node_id, 0))
+            view,
+            ewma_ms_per_token=ewma.get(view.node_id) if ewma is not None else None,
+            outstanding=outstanding.get(view.node_id, 0),
+        )
         if candidate.spare > 0:
             chosen.append(candidate)
     chosen.sort(key=lambda candidate: candidate.node_id)

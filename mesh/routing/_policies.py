@@ -49,14 +49,16 @@ def _load_key(candidate: Candidate) -> tuple[float, int]:
     return candidate.utilisation, candidate.load
 
 
-def choose_round_robin(candidates: Sequence[Candidate], task: TaskShape,
-                       state: PolicyState) -> NodeId | None:
+def choose_round_robin(
+    candidates: Sequence[Candidate], task: TaskShape, state: PolicyState
+) -> NodeId | None:
     """Each candidate in turn, in node-id order, per task key."""
     return _rotate([candidate.node_id for candidate in candidates], task, state)
 
 
-def choose_least_loaded(candidates: Sequence[Candidate], task: TaskShape,
-                        state: PolicyState) -> NodeId | None:
+def choose_least_loaded(
+    candidates: Sequence[Candidate], task: TaskShape, state: PolicyState
+) -> NodeId | None:
     """The lowest load per execution slot, then the fewest requests.
 
     Ties go round-robin among the tied nodes (deterministic given `state`), so an idle mesh fed one
@@ -69,8 +71,9 @@ def choose_least_loaded(candidates: Sequence[Candidate], task: TaskShape,
     return _rotate(tied, task, state)
 
 
-def choose_power_of_two(candidates: Sequence[Candidate], task: TaskShape,
-                        state: PolicyState) -> NodeId | None:
+def choose_power_of_two(
+    candidates: Sequence[Candidate], task: TaskShape, state: PolicyState
+) -> NodeId | None:
     """Two distinct candidates drawn with `state.rng`; the less loaded one (the first on a tie)."""
     if not candidates:
         return None
@@ -81,8 +84,9 @@ def choose_power_of_two(candidates: Sequence[Candidate], task: TaskShape,
     return second.node_id if _load_key(second) < _load_key(first) else first.node_id
 
 
-def choose_latency_aware(candidates: Sequence[Candidate], task: TaskShape,
-                         state: PolicyState) -> NodeId | None:
+def choose_latency_aware(
+    candidates: Sequence[Candidate], task: TaskShape, state: PolicyState
+) -> NodeId | None:
     """The lowest expected time per token: EWMA ms/token x (1 + load per slot).
 
     Idle nodes without measurements are explored first (least-loaded among them), so a new node
@@ -121,4 +125,5 @@ def policy_by_name(name: str) -> Policy:
         return POLICIES[name]
     except KeyError:
         raise ConfigError(
-            f"unknown routing policy {name!r}; known: {', '.join(POLICIES)}") from None
+            f"unknown routing policy {name!r}; known: {', '.join(POLICIES)}"
+        ) from None

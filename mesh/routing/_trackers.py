@@ -27,8 +27,11 @@ class Ewma:
         if not math.isfinite(ms_per_token) or ms_per_token < 0:
             raise ValueError(f"ms_per_token must be a finite number >= 0, got {ms_per_token}")
         previous = self._values.get(node_id)
-        value = ms_per_token if previous is None else (
-            self.alpha * ms_per_token + (1 - self.alpha) * previous)
+        value = (
+            ms_per_token
+            if previous is None
+            else (self.alpha * ms_per_token + (1 - self.alpha) * previous)
+        )
         self._values[node_id] = value
         return value
 
@@ -57,8 +60,13 @@ class CooldownTracker:
     it can be passed as `filter_candidates(..., cooling=tracker)`.
     """
 
-    def __init__(self, *, failures_before_cooldown: int = 2, cooldown_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        failures_before_cooldown: int = 2,
+        cooldown_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if failures_before_cooldown < 1:
             raise ValueError("failures_before_cooldown must be >= 1")
         if cooldown_s < 0:

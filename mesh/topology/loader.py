@@ -91,14 +91,18 @@ def check_topology_text(text: str, *, source: str) -> tuple[Topology | None, lis
     finally:
         loader.dispose()
     lines = _line_index(root)
-    problems = [TopologyProblem(file=source, path=format_path(path), message=message, line=line)
-                for path, message, line in duplicates]
+    problems = [
+        TopologyProblem(file=source, path=format_path(path), message=message, line=line)
+        for path, message, line in duplicates
+    ]
     if not isinstance(data, Mapping):
         message = f"the top level must be a mapping of keys to values (got {_describe(data)})"
         problems.append(_problem(source, (), message, lines))
         return None, problems
-    problems.extend(_problem(source, p, m, lines) for p, m in reference_problems(
-        data, default_models=(DEFAULT_MODEL_ALIAS,)))
+    problems.extend(
+        _problem(source, p, m, lines)
+        for p, m in reference_problems(data, default_models=(DEFAULT_MODEL_ALIAS,))
+    )
     topology: Topology | None = None
     try:
         topology = Topology.model_validate(data)
@@ -116,13 +120,17 @@ def _yaml_problem(source: str, error: yaml.MarkedYAMLError) -> TopologyProblem:
     if error.context and error.problem:
         problem = f"{error.context}: {error.problem}"
     return TopologyProblem(
-        file=source, message=f"YAML syntax error: {problem}",
-        line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None)
+        file=source,
+        message=f"YAML syntax error: {problem}",
+        line=mark.line + 1 if mark else None,
+        column=mark.column + 1 if mark else None,
+    )
 
 
 def _problem(source: str, path: _Path, message: str, lines: _LineIndex) -> TopologyProblem:
-    return TopologyProblem(file=source, path=format_path(path), message=message,
-                           line=_line_of(path, lines))
+    return TopologyProblem(
+        file=source, path=format_path(path), message=message, line=_line_of(path, lines)
+    )
 
 
 def _duplicate_keys(node: yaml.Node, path: _Path) -> list[tuple[_Path, str, int]]:
@@ -138,7 +146,9 @@ def _duplicate_keys(node: yaml.Node, path: _Path) -> list[tuple[_Path, str, int]
         if isinstance(current, yaml.MappingNode):
             first_line: dict[str, int] = {}
             for key_node, value_node in current.value:
-                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                    key_node, yaml.ScalarNode
+                ):
                     continue
                 key, line = key_node.value, key_node.start_mark.line + 1
                 if key in first_line:
@@ -185,8 +195,9 @@ def _line_of(path: _Path, lines: _LineIndex) -> int | None:
     return None
 
 
-def _validation_problems(source: str, error: ValidationError,
-                         lines: _LineIndex) -> list[TopologyProblem]:
+def _validation_problems(
+    source: str, error: ValidationError, lines: _LineIndex
+) -> list[TopologyProblem]:
     problems = []
     for item in error.errors(include_url=False):
         if item["type"] == "topology_references":
@@ -231,8 +242,12 @@ def _message(item: Mapping[str, Any], loc: _Path) -> str:
         return "must not be empty"
     if kind == "string_too_long":
         return f"must be at most {ctx.get('max_length')} characters"
-    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
-              "less_than": "<"}
+    bounds = {
+        "greater_than_equal": ">=",
+        "greater_than": ">",
+        "less_than_equal": "<=",
+        "less_than": "<",
+    }
     if kind in bounds:
         bound = next(iter(ctx.values()), "?")
         return f"must be {bounds[kind]} {bound}{got}"

@@ -89,8 +89,10 @@ Port = Annotated[int, Strict(), AfterValidator(_check_port)]
 ListenPort = Annotated[int, Strict(), AfterValidator(_check_listen_port)]
 Address = Annotated[str, Strict(), AfterValidator(_check_address)]
 Seconds = Annotated[float, Strict(), Field(gt=0, le=86_400)]
-Labels = dict[Annotated[str, Strict(), Field(min_length=1, max_length=63, pattern=_NAME_PATTERN)],
-              Annotated[str, Strict(), Field(max_length=253)]]
+Labels = dict[
+    Annotated[str, Strict(), Field(min_length=1, max_length=63, pattern=_NAME_PATTERN)],
+    Annotated[str, Strict(), Field(max_length=253)],
+]
 NameList = Annotated[tuple[Name, ...], AfterValidator(_unique_items)]
 AliasList = Annotated[tuple[Alias, ...], AfterValidator(_unique_items)]
 Text = Annotated[str, Strict()]
@@ -164,8 +166,10 @@ class ModelSpec(FrozenModel):
         if len(given) != 1:
             found = " and ".join(given) if given else "none"
             raise PydanticCustomError(
-                "mesh", "needs exactly one of package, path or upstream (found {found})",
-                {"found": found})
+                "mesh",
+                "needs exactly one of package, path or upstream (found {found})",
+                {"found": found},
+            )
         return self
 
     @property
@@ -218,7 +222,8 @@ class FailoverSpec(FrozenModel):
         if self.attempt_timeout_s > self.deadline_s:
             raise field_error(
                 "attempt_timeout_s",
-                f"must be <= deadline_s ({self.attempt_timeout_s:g} > {self.deadline_s:g})")
+                f"must be <= deadline_s ({self.attempt_timeout_s:g} > {self.deadline_s:g})",
+            )
         return self
 
 
@@ -254,7 +259,8 @@ class DiscoverySpec(FrozenModel):
         if self.gone_after_s < self.health_interval_s:
             raise field_error(
                 "gone_after_s",
-                f"must be >= health_interval_s ({self.gone_after_s:g} < {self.health_interval_s:g})")
+                f"must be >= health_interval_s ({self.gone_after_s:g} < {self.health_interval_s:g})",
+            )
         return self
 
 
@@ -296,15 +302,22 @@ class Topology(FrozenModel):
         return {node.name: node.address for node in self.nodes if node.address is not None}
 
     def summary(self) -> str:
-        return (f"{len(self.nodes)} nodes, {len(self.models)} models, {len(self.agents)} agents, "
-                f"policy {self.routing.policy}")
+        return (
+            f"{len(self.nodes)} nodes, {len(self.models)} models, {len(self.agents)} agents, "
+            f"policy {self.routing.policy}"
+        )
 
 
 def default_topology() -> Topology:
     """What the coordinator assumes with no topology file: one local device, the bundled model."""
     return Topology(
         cluster=ClusterSpec(name="default", description="no topology file: one device"),
-        nodes=(NodeSpec(name="local", address=f"127.0.0.1:{DEFAULT_NODE_PORT}",
-                        models=(DEFAULT_MODEL_ALIAS,)),),
+        nodes=(
+            NodeSpec(
+                name="local",
+                address=f"127.0.0.1:{DEFAULT_NODE_PORT}",
+                models=(DEFAULT_MODEL_ALIAS,),
+            ),
+        ),
         models=_default_models(),
     )
