@@ -83,6 +83,7 @@ class GrpcProber:
     def __init__(self, security: ChannelSecurity = PLAINTEXT) -> None:
         self._security = security
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _channel(self, key: str, address: str) -> grpc.aio.Channel:
         held = self._channels.get(key)
@@ -90,7 +91,9 @@ class GrpcProber:
             return held[1]
         if held is not None:
             # Old address: close in the background; the new one gets a fresh channel.
-            asyncio.get_running_loop().create_task(held[1].close())
+            task = asyncio.get_running_loop().create_task(held[1].close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         channel = create_channel(address, self._security)
         self._channels[key] = (address, channel)
         return channel
@@ -132,3 +135,4 @@ class GrpcProber:
     async def close(self) -> None:
         for key in list(self._channels):
             await self.discard(key)
+        await asyncio.gather(*self._closing, return_exceptions=True)

@@ -157,6 +157,7 @@ class _Entry:
     failures: int = 0
     next_refresh_s: float = 0.0
     rejected: Rejection | None = None
+    announced: bool = False  # subscribers have heard of it (so a rejection must say gone)
 
 
 class NodeTable:
@@ -184,17 +185,19 @@ class NodeTable:
         now = self._clock()
         step = Step()
         entry = self._entries.get(key)
+        is_new = entry is None
         if entry is None:
             entry = _Entry(key=key, source=source, address=address, since_s=now, record=record)
             entry.node_id = record.node_id if record else None
             self._entries[key] = entry
-            moved = True
         else:
             old = entry.record
             moved = (
                 entry.address != address
                 or not entry.advertised
-                or (record is not None and old is not None and record.incarnation != old.incarnation)
+                or (
+                    record is not None and old is not None and record.incarnation != old.incarnation
+                )
                 or (record is not None and old is not None and record.node_id != old.node_id)
             )
             entry.record = record or entry.record
@@ -214,7 +217,7 @@ class NodeTable:
             return step
         if entry.node_id is not None and self._duplicate_check(entry, step):
             return step
-        if entry.state is NodeState.JOINING and moved and self._visible(entry):
+        if is_new and self._visible(entry):
             step.events.append(self._event(entry, EventKind.JOINING, "advertised"))
         self._probe(entry, step)
         return step
@@ -385,7 +388,9 @@ class NodeTable:
             # The same node reached two ways (static list and mDNS): keep the first, quietly.
             entry.rejected = Rejection.DUPLICATE
             return True
-        self._reject(entry, Rejection.DUPLICATE, f"{entry.node_id} is already at {holder.address}", step)
+        self._reject(
+            entry, Rejection.DUPLICATE, f"{entry.node_id} is already at {holder.address}", step
+        )
         return True
 
     def _holder(self, entry: _Entry) -> _Entry | None:
@@ -400,8 +405,7 @@ class NodeTable:
         return None
 
     def _reject(self, entry: _Entry, why: Rejection, detail: str, step: Step) -> None:
-        was_visible = self._visible(entry)
-        if was_visible and entry.state is not NodeState.GONE:
+        if entry.announced and entry.state is not NodeState.GONE:
             self._move(entry, NodeState.GONE, f"rejected: {why}", step)
         entry.rejected = why
         self._stop_watch(entry, step)
@@ -455,6 +459,7 @@ class NodeTable:
         return entry.node_id is not None and entry.rejected is None
 
     def _event(self, entry: _Entry, kind: EventKind, reason: str) -> NodeEvent:
+        entry.announced = True
         return NodeEvent(kind=kind, view=self._view(entry), reason=reason)
 
     def _view(self, entry: _Entry) -> NodeView:

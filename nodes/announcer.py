@@ -32,6 +32,7 @@ from mesh.discovery.records import (
     accelerator_kinds,
     coarse_load_percent,
 )
+from mesh.errors import ConfigError
 from mesh.ids import NodeId
 
 if TYPE_CHECKING:
@@ -149,11 +150,7 @@ class MulticastAnnouncer:
         """Probe for the name and register; returns when the first announcement goes out."""
         async with self._lock:
             if self._zeroconf is None:
-                self._zeroconf = self._given_zeroconf or (
-                    AsyncZeroconf(interfaces=[self.interface_ip])
-                    if self.interface_ip
-                    else AsyncZeroconf(ip_version=IPVersion.V4Only)
-                )
+                self._zeroconf = self._given_zeroconf or self._open_zeroconf()
             self._info = self._service_info(record)
             began = time.perf_counter()
             try:
@@ -161,8 +158,11 @@ class MulticastAnnouncer:
             except NonUniqueNameException:
                 # Another responder holds our name: the same node id runs twice on this LAN.
                 # Take a suffixed name; registries will reject the duplicate node id.
-                logger.warning("mDNS name %s is taken; node id %s is not unique on this LAN",
-                               self._info.name, record.node_id)
+                logger.warning(
+                    "mDNS name %s is taken; node id %s is not unique on this LAN",
+                    self._info.name,
+                    record.node_id,
+                )
                 broadcast = await self._zeroconf.async_register_service(
                     self._info, allow_name_change=True
                 )
@@ -177,6 +177,18 @@ class MulticastAnnouncer:
                 self._info.name,
                 time.perf_counter() - began,
             )
+
+    def _open_zeroconf(self) -> AsyncZeroconf:
+        try:
+            if self.interface_ip:
+                return AsyncZeroconf(interfaces=[self.interface_ip])
+            return AsyncZeroconf(ip_version=IPVersion.V4Only)
+        except OSError as error:  # no such interface, or multicast unavailable on it
+            where = f"interface {self.interface_ip}" if self.interface_ip else "any interface"
+            raise ConfigError(
+                f"cannot advertise on mDNS on {where}: {error.strerror or error}; "
+                "pass --interface with an IP address of this host, or --no-advertise"
+            ) from None
 
     async def update(self, record: NodeRecord) -> None:
         """Publish `record` now, or at the end of the rate limit (only the latest is sent)."""

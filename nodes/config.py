@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -31,6 +31,9 @@ class ModelConfig(FrozenModel):
     n_threads: Annotated[int, Field(ge=1, le=256)] = Field(default_factory=_default_threads)
     n_batch: Annotated[int, Field(ge=8, le=8192)] = 256
     instances: Annotated[int, Field(ge=1, le=16)] = 1
+    # KV cache precision: q8_0 (with flash attention) halves its memory at no
+    # measurable quality or speed cost on the bundled model; f16 is llama.cpp's default.
+    kv_cache: Literal["f16", "q8_0"] = "q8_0"
     # Used when a chat has no system message. Small models answer far better with
     # a plain one than with their template's built-in default.
     system_prompt: str | None = "You are a helpful assistant."

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 import mesh
 from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh.channels import add_server_port, create_server, format_address
-from mesh.errors import ConfigError, ModelLoadError
+from mesh.errors import ConfigError, MeshError
 from nodes.admission import AdmissionController
 from nodes.backends import Backend
 from nodes.backends.llama import LlamaBackend
@@ -79,6 +79,7 @@ def build_backends(config: NodeConfig) -> dict[str, Backend]:
         backends[model.id] = LlamaBackend(
             model.id, model.source, n_ctx=model.n_ctx, n_threads=model.n_threads,
             n_batch=model.n_batch, instances=model.instances, system_prompt=model.system_prompt,
+            kv_cache=model.kv_cache,
         )
     return backends
 
@@ -148,10 +149,13 @@ class NodeDaemon:
             self.hardware = self.servicer.hardware = await probe
         for service in ("", NODE_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.serving.set()
+
+    async def announce(self) -> None:
+        """Advertise on mDNS (when configured); returns after probing, about a second."""
         if self.config.advertise and self._announcer_factory is not None:
             self._announcer = self._announcer_factory(self)
             await self._announcer.start()
-        self.serving.set()
 
     async def _load_models(self) -> None:
         for model_id, backend in self.backends.items():
@@ -197,12 +201,17 @@ async def run_daemon(daemon: NodeDaemon, *, ready_line: TextIO = sys.stdout) -> 
     try:
         try:
             await daemon.start()
-        except ModelLoadError:
+        except MeshError:  # a model or the announcer failed: stop listening, then report
             await daemon.stop()
             raise
         models = ", ".join(daemon.backends)
         print(f"node {daemon.config.name} ({daemon.node_id}) serving {models} on {daemon.address}",
               file=ready_line, flush=True)
+        try:
+            await daemon.announce()
+        except MeshError:
+            await daemon.stop()
+            raise
         await daemon.wait_stopped()
         print(f"node {daemon.config.name} stopping: draining in-flight requests "
               f"(grace {daemon.config.grace_s:g} s)", file=sys.stderr, flush=True)

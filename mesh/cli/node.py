@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from mesh.cli._common import EXIT_ERROR, message_to_dict, print_json, run_async
-from mesh.errors import ConfigError, ModelLoadError
+from mesh.errors import ConfigError, MeshError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +68,7 @@ def _start(args: argparse.Namespace) -> int:
                 m.model_copy(update={"n_threads": args.n_threads}) for m in config.models)})
         daemon = NodeDaemon(config, announcer_factory=_announcer_factory())
         return asyncio.run(run_daemon(daemon))
-    except (ConfigError, ModelLoadError) as error:
+    except MeshError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
 

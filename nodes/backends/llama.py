@@ -49,7 +49,9 @@ class LlamaBackend:
         n_batch: int = 256,
         instances: int = 1,
         system_prompt: str | None = None,
+        kv_cache: str = "q8_0",
     ) -> None:
+        self._kv_cache = kv_cache
         self._system_prompt = system_prompt
         self._source = source
         self._n_ctx = n_ctx
@@ -95,10 +97,14 @@ class LlamaBackend:
                 "llama-cpp-python is not installed; install the node extra: "
                 "pip install 'edge-agent-mesh[node]'"
             ) from None
+        kv: dict[str, Any] = {}
+        if self._kv_cache == "q8_0":  # quantised V cache needs flash attention
+            kv = {"flash_attn": True, "type_k": llama_cpp.GGML_TYPE_Q8_0,
+                  "type_v": llama_cpp.GGML_TYPE_Q8_0}
         try:
             return llama_cpp.Llama(
                 model_path=path, n_ctx=self._n_ctx, n_threads=self._n_threads,
-                n_threads_batch=self._n_threads, n_batch=self._n_batch, verbose=False,
+                n_threads_batch=self._n_threads, n_batch=self._n_batch, verbose=False, **kv,
             )
         except (ValueError, RuntimeError) as error:  # llama.cpp refused the file
             raise ModelLoadError(f"llama.cpp could not load {path}: {error}") from None

@@ -1,0 +1,397 @@
+"""The registry's state machine, driven with a fake clock and fake probe results (no sockets)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from mesh.discovery.records import NodeRecord
+from mesh.ids import NodeId
+from mesh.node_table import (
+    Discard,
+    EventKind,
+    NodeDetails,
+    NodeTable,
+    Probe,
+    ProbeResult,
+    ProbeStatus,
+    RegistryTimings,
+    Rejection,
+    StartWatch,
+    Step,
+    StopWatch,
+)
+from mesh.nodes_view import NodeSource, NodeState
+
+pytestmark = pytest.mark.unit
+
+KEY = "kiosk-1-n1._edgemesh._tcp.local."
+ADDRESS = "198.18.0.2:50051"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def record(
+    node_id: str = "n1",
+    *,
+    incarnation: str = "aa",
+    cluster: str = "home",
+    host: str = "198.18.0.2",
+    port: int = 50051,
+) -> NodeRecord:
+    return NodeRecord(
+        node_id=NodeId(node_id),
+        name=f"name-{node_id}",
+        cluster=cluster,
+        grpc_port=port,
+        incarnation=incarnation,
+        models=("smollm2",),
+        cores=4,
+        ram_gb=8.0,
+        capacity=2,
+        addresses=(host,),
+    )
+
+
+def ok(
+    node_id: str = "n1", *, in_flight: int = 0, cluster: str = "home", protocol: int = 1
+) -> ProbeResult:
+    details = NodeDetails(
+        node_id=NodeId(node_id),
+        name=f"name-{node_id}",
+        cluster=cluster,
+        protocol_version=protocol,
+        models=("smollm2",),
+        in_flight=in_flight,
+        max_concurrent=2,
+        cores=4,
+    )
+    return ProbeResult(status=ProbeStatus.OK, details=details)
+
+
+UNREACHABLE = ProbeResult(status=ProbeStatus.UNREACHABLE, reason="connection refused")
+TIMEOUT = ProbeResult(status=ProbeStatus.TIMEOUT, reason="slow")
+NOT_SERVING = ProbeResult(status=ProbeStatus.NOT_SERVING, reason="health NOT_SERVING")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def table(clock: FakeClock) -> NodeTable:
+    timings = RegistryTimings(
+        health_interval_s=2.0,
+        retry_initial_s=0.25,
+        retry_max_s=2.0,
+        join_timeout_s=10.0,
+        suspect_timeout_s=3.0,
+        forget_after_s=60.0,
+    )
+    return NodeTable(clock=clock, timings=timings, cluster="home")
+
+
+def probes(step: Step) -> list[Probe]:
+    return [a for a in step.actions if isinstance(a, Probe)]
+
+
+def kinds(step: Step) -> list[EventKind]:
+    return [e.kind for e in step.events]
+
+
+def advertise(table: NodeTable, rec: NodeRecord | None = None, key: str = KEY) -> Step:
+    rec = rec or record()
+    return table.advertise(key, address=rec.address, source=NodeSource.MDNS, record=rec)
+
+
+def make_ready(table: NodeTable, rec: NodeRecord | None = None, key: str = KEY) -> int:
+    step = advertise(table, rec, key)
+    (probe,) = probes(step)
+    done = table.probe_done(key, probe.epoch, ok(rec.node_id if rec else "n1"))
+    assert kinds(done) == [EventKind.READY]
+    return probe.epoch
+
+
+def test_advertised_node_joins_then_becomes_ready_after_a_probe(table: NodeTable) -> None:
+    step = advertise(table)
+    assert kinds(step) == [EventKind.JOINING]
+    assert [(p.key, p.address) for p in probes(step)] == [(KEY, ADDRESS)]
+    assert table.state_of(KEY) is NodeState.JOINING
+
+    done = table.probe_done(KEY, probes(step)[0].epoch, ok())
+    assert kinds(done) == [EventKind.READY]
+    assert any(isinstance(a, StartWatch) for a in done.actions)
+    (view,) = table.snapshot()
+    assert (view.node_id, view.state, view.address, view.max_concurrent) == (
+        "n1",
+        NodeState.READY,
+        ADDRESS,
+        2,
+    )
+
+
+def test_never_ready_without_a_successful_probe(table: NodeTable, clock: FakeClock) -> None:
+    step = advertise(table)
+    epoch = probes(step)[0].epoch
+    table.probe_done(KEY, epoch, UNREACHABLE)
+    for _ in range(44):
+        clock.advance(0.25)
+        for probe in probes(table.tick()):
+            table.probe_done(KEY, probe.epoch, UNREACHABLE)
+    assert table.state_of(KEY) is NodeState.GONE  # join_timeout_s passed
+    assert all(v.state is not NodeState.READY for v in table.snapshot())
+
+
+def test_joining_retries_back_off(table: NodeTable, clock: FakeClock) -> None:
+    epoch = probes(advertise(table))[0].epoch
+    table.probe_done(KEY, epoch, UNREACHABLE)
+    times = []
+    for _ in range(80):
+        clock.advance(0.05)
+        for probe in probes(table.tick()):
+            times.append(clock.now)
+            table.probe_done(KEY, probe.epoch, UNREACHABLE)
+    gaps = [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
+    assert gaps[:2] == [pytest.approx(0.5, abs=0.06), pytest.approx(1.0, abs=0.06)]
+    assert max(gaps) <= 2.06
+
+
+def test_broken_watch_makes_suspect_then_unreachable_probe_makes_gone(table: NodeTable) -> None:
+    epoch = make_ready(table)
+    broken = table.watch_broken(KEY, epoch, "UNAVAILABLE")
+    assert kinds(broken) == [EventKind.SUSPECT]
+    (probe,) = probes(broken)
+    gone = table.probe_done(KEY, probe.epoch, UNREACHABLE)
+    assert kinds(gone) == [EventKind.GONE]
+    assert any(isinstance(a, Discard) for a in gone.actions)
+    assert table.snapshot()[0].state is NodeState.GONE
+
+
+def test_suspect_node_that_answers_is_ready_again(table: NodeTable) -> None:
+    epoch = make_ready(table)
+    (probe,) = probes(table.watch_broken(KEY, epoch, "stream ended"))
+    back = table.probe_done(KEY, probe.epoch, ok())
+    assert kinds(back) == [EventKind.READY]
+    assert any(isinstance(a, StartWatch) for a in back.actions)
+
+
+def test_slow_node_is_suspect_not_gone_until_suspect_timeout(
+    table: NodeTable, clock: FakeClock
+) -> None:
+    epoch = make_ready(table)
+    (probe,) = probes(table.watch_broken(KEY, epoch, "DEADLINE"))
+    assert kinds(table.probe_done(KEY, probe.epoch, TIMEOUT)) == []
+    assert table.state_of(KEY) is NodeState.SUSPECT
+    clock.advance(2.0)
+    for p in probes(table.tick()):
+        table.probe_done(KEY, p.epoch, TIMEOUT)
+    assert table.state_of(KEY) is NodeState.SUSPECT
+    clock.advance(1.5)
+    assert kinds(table.tick()) == [EventKind.GONE]
+
+
+def test_not_serving_on_the_watch_is_suspect_at_once(table: NodeTable) -> None:
+    epoch = make_ready(table)
+    step = table.watch_status(KEY, epoch, serving=False)
+    assert kinds(step) == [EventKind.SUSPECT]
+    assert table.watch_status(KEY, epoch, serving=True).actions  # probes again
+
+
+def test_goodbye_is_gone_immediately_and_forgotten_later(
+    table: NodeTable, clock: FakeClock
+) -> None:
+    make_ready(table)
+    step = table.withdraw(KEY)
+    assert kinds(step) == [EventKind.GONE]
+    assert step.events[0].reason == "left"
+    assert any(isinstance(a, StopWatch) for a in step.actions)
+    clock.advance(30)
+    assert probes(table.tick()) == []  # a node that said goodbye is not probed
+    clock.advance(31)
+    table.tick()
+    assert table.snapshot() == []
+
+
+def test_periodic_refresh_updates_load(table: NodeTable, clock: FakeClock) -> None:
+    make_ready(table)
+    clock.advance(1.0)
+    assert probes(table.tick()) == []
+    clock.advance(1.1)
+    (refresh,) = probes(table.tick())
+    assert refresh.refresh
+    step = table.probe_done(KEY, refresh.epoch, ok(in_flight=2))
+    assert kinds(step) == [EventKind.UPDATED]
+    assert table.snapshot()[0].in_flight == 2
+    clock.advance(2.1)
+    (refresh,) = probes(table.tick())
+    assert kinds(table.probe_done(KEY, refresh.epoch, ok(in_flight=2))) == []  # no change
+
+
+def test_refresh_that_finds_the_node_unreachable_suspects_and_confirms(
+    table: NodeTable, clock: FakeClock
+) -> None:
+    make_ready(table)
+    clock.advance(2.1)
+    (refresh,) = probes(table.tick())
+    step = table.probe_done(KEY, refresh.epoch, UNREACHABLE)
+    assert kinds(step) == [EventKind.SUSPECT]
+    (confirm,) = probes(step)
+    assert kinds(table.probe_done(KEY, confirm.epoch, UNREACHABLE)) == [EventKind.GONE]
+
+
+def test_crashed_node_still_in_the_mdns_cache_is_reprobed_and_comes_back(
+    table: NodeTable, clock: FakeClock
+) -> None:
+    epoch = make_ready(table)
+    (probe,) = probes(table.watch_broken(KEY, epoch, "UNAVAILABLE"))
+    table.probe_done(KEY, probe.epoch, UNREACHABLE)
+    assert table.state_of(KEY) is NodeState.GONE
+    clock.advance(0.3)
+    (reprobe,) = probes(table.tick())
+    assert kinds(table.probe_done(KEY, reprobe.epoch, ok())) == [EventKind.READY]
+
+
+def test_restart_with_a_new_incarnation_rejoins_at_once(table: NodeTable) -> None:
+    epoch = make_ready(table)
+    (probe,) = probes(table.watch_broken(KEY, epoch, "UNAVAILABLE"))
+    table.probe_done(KEY, probe.epoch, UNREACHABLE)
+    step = advertise(table, record(incarnation="bb", port=50099))
+    assert kinds(step) == [EventKind.JOINING]
+    (probe,) = probes(step)
+    assert probe.address == "198.18.0.2:50099"
+    assert kinds(table.probe_done(KEY, probe.epoch, ok())) == [EventKind.READY]
+
+
+def test_results_of_an_old_epoch_are_ignored(table: NodeTable) -> None:
+    old = probes(advertise(table))[0].epoch
+    new = probes(advertise(table, record(incarnation="bb")))[0].epoch
+    assert new != old
+    assert table.probe_done(KEY, old, ok()).events == []
+    assert table.state_of(KEY) is NodeState.JOINING
+
+
+def test_same_record_again_does_nothing(table: NodeTable) -> None:
+    make_ready(table)
+    step = advertise(table)
+    assert step.actions == [] and step.events == []
+
+
+def test_duplicate_node_id_at_another_address_is_rejected_once(
+    table: NodeTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_ready(table)
+    caplog.set_level(logging.WARNING, logger="mesh.registry")
+    other = "impostor-n1._edgemesh._tcp.local."
+    step = advertise(table, record(host="198.18.0.9"), key=other)
+    assert step.events == [] and probes(step) == []
+    assert table.rejection_of(other) is Rejection.DUPLICATE
+    advertise(table, record(host="198.18.0.9", incarnation="cc"), key=other)
+    assert len([r for r in caplog.records if "duplicate" in r.getMessage()]) == 1
+    assert [v.address for v in table.snapshot()] == [ADDRESS]
+
+
+def test_duplicate_is_admitted_once_the_holder_is_gone(table: NodeTable) -> None:
+    make_ready(table)
+    other = "moved-n1._edgemesh._tcp.local."
+    advertise(table, record(host="198.18.0.9"), key=other)
+    table.withdraw(KEY)
+    (probe,) = probes(table.tick())
+    assert probe.key == other
+    assert kinds(table.probe_done(other, probe.epoch, ok())) == [EventKind.READY]
+
+
+def test_wrong_cluster_in_the_record_is_never_probed(table: NodeTable) -> None:
+    step = advertise(table, record(cluster="elsewhere"))
+    assert step.actions == [] and step.events == []
+    assert table.snapshot() == []
+    assert table.rejection_of(KEY) is Rejection.CLUSTER
+
+
+def test_registry_without_a_cluster_accepts_every_cluster(clock: FakeClock) -> None:
+    table = NodeTable(clock=clock)
+    assert probes(advertise(table, record(cluster="elsewhere")))
+
+
+def test_node_answering_with_another_identity_is_rejected(table: NodeTable) -> None:
+    (probe,) = probes(advertise(table))
+    step = table.probe_done(KEY, probe.epoch, ok("someone-else"))
+    assert kinds(step) == [EventKind.GONE]
+    assert table.rejection_of(KEY) is Rejection.IDENTITY
+    assert table.snapshot() == []
+
+
+def test_node_with_another_protocol_version_is_rejected(table: NodeTable) -> None:
+    (probe,) = probes(advertise(table))
+    table.probe_done(KEY, probe.epoch, ok(protocol=7))
+    assert table.rejection_of(KEY) is Rejection.PROTOCOL
+
+
+def test_static_node_appears_only_after_its_first_answer(table: NodeTable) -> None:
+    key = "static:198.18.0.5:7000"
+    step = table.advertise(key, address="198.18.0.5:7000", source=NodeSource.STATIC)
+    assert step.events == [] and table.snapshot() == []
+    (probe,) = probes(step)
+    assert kinds(table.probe_done(key, probe.epoch, ok("s1"))) == [EventKind.READY]
+    (view,) = table.snapshot()
+    assert (view.node_id, view.source) == ("s1", NodeSource.STATIC)
+
+
+def test_static_and_mdns_views_of_one_node_merge_quietly(table: NodeTable) -> None:
+    key = f"static:{ADDRESS}"
+    (probe,) = probes(table.advertise(key, address=ADDRESS, source=NodeSource.STATIC))
+    table.probe_done(key, probe.epoch, ok())
+    step = advertise(table)
+    assert step.events == [] and probes(step) == []
+    assert len(table.snapshot()) == 1
+
+
+def test_static_node_is_reprobed_forever_while_gone(table: NodeTable, clock: FakeClock) -> None:
+    key = "static:198.18.0.5:7000"
+    (probe,) = probes(table.advertise(key, address="198.18.0.5:7000", source=NodeSource.STATIC))
+    table.probe_done(key, probe.epoch, UNREACHABLE)
+    seen = 0
+    for _ in range(400):
+        clock.advance(0.25)
+        for p in probes(table.tick()):
+            seen += 1
+            table.probe_done(key, p.epoch, UNREACHABLE)
+    assert seen >= 40  # ~100 s at a 2 s cap
+    assert key in table.keys()  # noqa: SIM118 (keys() is the table API, not a dict)
+
+
+def test_not_serving_joiner_waits(table: NodeTable, clock: FakeClock) -> None:
+    (probe,) = probes(advertise(table))
+    assert table.probe_done(KEY, probe.epoch, NOT_SERVING).events == []
+    assert table.state_of(KEY) is NodeState.JOINING
+    clock.advance(0.3)
+    (again,) = probes(table.tick())
+    assert kinds(table.probe_done(KEY, again.epoch, ok())) == [EventKind.READY]
+
+
+def test_invalid_answer_is_rejected(table: NodeTable) -> None:
+    (probe,) = probes(advertise(table))
+    table.probe_done(KEY, probe.epoch, ProbeResult(status=ProbeStatus.INVALID, reason="x"))
+    assert table.rejection_of(KEY) is Rejection.INVALID and table.snapshot() == []
+
+
+def test_view_before_describe_comes_from_the_record(table: NodeTable) -> None:
+    advertise(table)
+    (view,) = table.snapshot()
+    assert (view.name, view.models, view.cores, view.max_concurrent, view.state) == (
+        "name-n1",
+        ("smollm2",),
+        4,
+        2,
+        NodeState.JOINING,
+    )
