@@ -15,137 +15,57 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 
-from pydantic import Field
-
-from mesh._model import FrozenModel
 from mesh.discovery.records import PROTOCOL_VERSION, NodeRecord
 from mesh.ids import NodeId
 from mesh.nodes_view import NodeSource, NodeState, NodeView
+from mesh.registry_types import (
+    Action,
+    Discard,
+    EventKind,
+    NodeDetails,
+    NodeEvent,
+    Probe,
+    ProbeResult,
+    ProbeStatus,
+    RegistryTimings,
+    Rejection,
+    StartWatch,
+    Step,
+    StopWatch,
+)
+
+__all__ = [
+    "Action",
+    "Discard",
+    "EventKind",
+    "NodeDetails",
+    "NodeEvent",
+    "NodeTable",
+    "Probe",
+    "ProbeResult",
+    "ProbeStatus",
+    "RegistryTimings",
+    "Rejection",
+    "StartWatch",
+    "Step",
+    "StopWatch",
+]
 
 logger = logging.getLogger("mesh.registry")
-
-
-class NodeDetails(FrozenModel):
-    """What a node's `Describe` said, free of protobuf."""
-
-    node_id: NodeId
-    name: str
-    cluster: str = ""
-    protocol_version: int = 0
-    models: tuple[str, ...] = ()
-    agents: tuple[str, ...] = ()
-    labels: dict[str, str] = Field(default_factory=dict)
-    in_flight: int = 0
-    queued: int = 0
-    max_concurrent: int = 1
-    max_queued: int = 0
-    cpu_percent: float = 0.0
-    memory_percent: float = 0.0
-    cores: int = 0
-    memory_total_bytes: int = 0
-    accelerators: tuple[str, ...] = ()
-
-
-class ProbeStatus(StrEnum):
-    OK = "ok"  # Describe answered and health is SERVING
-    NOT_SERVING = "not_serving"  # alive but not taking work (loading, draining)
-    UNREACHABLE = "unreachable"  # connection refused/reset: the process is not there
-    TIMEOUT = "timeout"  # no answer in time: slow or cut off, not proven dead
-    INVALID = "invalid"  # answered with something that is not a node of ours
-
-
-class ProbeResult(FrozenModel):
-    status: ProbeStatus
-    details: NodeDetails | None = None
-    reason: str = ""
-
-
-class RegistryTimings(FrozenModel):
-    """Tunables of the registry; the defaults give crash detection well under a second."""
-
-    health_interval_s: float = Field(default=2.0, gt=0)  # Describe refresh of ready nodes
-    probe_timeout_s: float = Field(default=1.0, gt=0)  # deadline of each probe RPC
-    retry_initial_s: float = Field(default=0.25, gt=0)  # first retry of a failed probe
-    retry_max_s: float = Field(default=5.0, gt=0)  # backoff cap (joining and gone nodes)
-    join_timeout_s: float = Field(default=15.0, gt=0)  # joining this long without an answer: gone
-    suspect_timeout_s: float = Field(default=3.0, gt=0)  # suspect this long: gone
-    forget_after_s: float = Field(default=300.0, gt=0)  # withdrawn and gone this long: dropped
-    tick_interval_s: float = Field(default=0.1, gt=0)  # how often the mechanism calls tick()
-
-
-class EventKind(StrEnum):
-    JOINING = "joining"
-    READY = "ready"
-    UPDATED = "updated"  # a ready node's load, models or agents changed
-    SUSPECT = "suspect"
-    GONE = "gone"
-
-
-class NodeEvent(FrozenModel):
-    kind: EventKind
-    view: NodeView
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class Probe:
-    key: str
-    address: str
-    epoch: int
-    refresh: bool = False  # a periodic load refresh of a ready node
-
-
-@dataclass(frozen=True)
-class StartWatch:
-    key: str
-    address: str
-    epoch: int
-
-
-@dataclass(frozen=True)
-class StopWatch:
-    key: str
-
-
-@dataclass(frozen=True)
-class Discard:
-    """Close whatever channel the mechanism holds for this entry."""
-
-    key: str
-
-
-Action = Probe | StartWatch | StopWatch | Discard
-
-
-@dataclass
-class Step:
-    actions: list[Action] = field(default_factory=list)
-    events: list[NodeEvent] = field(default_factory=list)
-
-    def extend(self, other: Step) -> None:
-        self.actions.extend(other.actions)
-        self.events.extend(other.events)
-
-
-class Rejection(StrEnum):
-    DUPLICATE = "duplicate node id"
-    CLUSTER = "other cluster"
-    PROTOCOL = "protocol version"
-    IDENTITY = "identity mismatch"
-    INVALID = "invalid answer"
 
 
 @dataclass
 class _Entry:
     key: str  # mDNS service name, or "static:<address>"
     source: NodeSource
-    address: str
+    address: str  # the address in use: the first advertised one, or the one that answered
     since_s: float
     record: NodeRecord | None = None
     node_id: NodeId | None = None
+    candidates: tuple[str, ...] = ()  # every advertised address (host:port), in order
+    duplicate_of: NodeId | None = None  # quietly or loudly rejected as a copy of this node id
     details: NodeDetails | None = None
     state: NodeState = NodeState.JOINING
     last_seen_s: float = 0.0
@@ -181,19 +101,31 @@ class NodeTable:
     def advertise(
         self, key: str, *, address: str, source: NodeSource, record: NodeRecord | None = None
     ) -> Step:
-        """A node is advertised (mDNS added/updated) or listed statically at `address`."""
+        """A node is advertised (mDNS added/updated) or listed statically at `address`.
+
+        A record may name several addresses (a multi-homed node); `address` is the first to try.
+        """
         now = self._clock()
         step = Step()
+        candidates = _candidates(address, record)
         entry = self._entries.get(key)
         is_new = entry is None
         if entry is None:
-            entry = _Entry(key=key, source=source, address=address, since_s=now, record=record)
+            entry = _Entry(
+                key=key,
+                source=source,
+                address=address,
+                since_s=now,
+                record=record,
+                candidates=candidates,
+            )
             entry.node_id = record.node_id if record else None
             self._entries[key] = entry
         else:
             old = entry.record
+            readdressed = set(candidates) != set(entry.candidates)
             moved = (
-                entry.address != address
+                readdressed
                 or not entry.advertised
                 or (
                     record is not None and old is not None and record.incarnation != old.incarnation
@@ -202,14 +134,19 @@ class NodeTable:
             )
             entry.record = record or entry.record
             entry.advertised = True
+            entry.candidates = candidates
             if not moved:
                 return step
             entry.epoch += 1
-            entry.address = address
+            if entry.address not in candidates:  # keep the address that answered if still listed
+                entry.address = address
             entry.node_id = record.node_id if record else entry.node_id
             entry.rejected = None
+            entry.duplicate_of = None
             entry.failures = 0
             self._stop_watch(entry, step)
+            if readdressed:
+                step.actions.append(Discard(key))  # close channels to addresses no longer listed
             if entry.state is not NodeState.JOINING:
                 self._move(entry, NodeState.JOINING, "re-advertised", step)
         if record is not None and self.cluster is not None and record.cluster != self.cluster:
@@ -248,7 +185,7 @@ class NodeTable:
             return step
         now = self._clock()
         if result.status is ProbeStatus.OK and result.details is not None:
-            self._probe_ok(entry, result.details, step)
+            self._probe_ok(entry, result.details, step, answered_at=result.address)
         elif result.status is ProbeStatus.INVALID:
             self._reject(entry, Rejection.INVALID, result.reason, step)
         elif result.status is ProbeStatus.NOT_SERVING:
@@ -302,9 +239,8 @@ class NodeTable:
         step = Step()
         t = self.timings
         for entry in list(self._entries.values()):
-            if entry.rejected is Rejection.DUPLICATE and self._holder(entry) is None:
-                entry.rejected = None
-                self._probe(entry, step)
+            if entry.rejected is Rejection.DUPLICATE:
+                self._readmit_duplicate(entry, now, step)
             if entry.rejected is not None:
                 continue
             age = now - entry.since_s
@@ -349,7 +285,9 @@ class NodeTable:
 
     # ------------------------------------------------------------------ rules
 
-    def _probe_ok(self, entry: _Entry, details: NodeDetails, step: Step) -> None:
+    def _probe_ok(
+        self, entry: _Entry, details: NodeDetails, step: Step, *, answered_at: str = ""
+    ) -> None:
         now = self._clock()
         if entry.record is not None and details.node_id != entry.record.node_id:
             self._reject(entry, Rejection.IDENTITY, f"answers as {details.node_id}", step)
@@ -362,9 +300,18 @@ class NodeTable:
             return
         first_identity = entry.node_id is None
         entry.node_id = details.node_id
-        if first_identity and self._duplicate_check(entry, step):
-            entry.node_id = None
+        if (first_identity or entry.state is not NodeState.READY) and self._duplicate_check(
+            entry, step
+        ):
+            if first_identity:
+                entry.node_id = None  # stays invisible; `duplicate_of` keeps the id
             return
+        if answered_at and answered_at != entry.address and answered_at in entry.candidates:
+            logger.info(
+                "node %s answers at %s, not %s", details.node_id, answered_at, entry.address
+            )
+            self._stop_watch(entry, step)  # follow the node on the address that answers
+            entry.address = answered_at
         before = self._view(entry) if entry.details is not None else None
         entry.details = details
         entry.last_seen_s = now
@@ -380,12 +327,22 @@ class NodeTable:
             step.actions.append(StartWatch(entry.key, entry.address, entry.epoch))
 
     def _duplicate_check(self, entry: _Entry, step: Step) -> bool:
-        """Reject `entry` if another live entry already holds its node id; True if rejected."""
-        holder = self._holder(entry)
+        """Reject `entry` if another live entry already holds its node id; True if rejected.
+
+        The entry is looked at again once the holder is gone (see `_readmit_duplicate`), after
+        a backoff, so a node listed twice is never probed on every tick.
+        """
+        assert entry.node_id is not None
+        holder = self._holder(entry.node_id, besides=entry)
         if holder is None:
             return False
-        if holder.address == entry.address:
+        entry.duplicate_of = entry.node_id
+        self._retry_later(entry)
+        if holder.address == entry.address or entry.address in holder.candidates:
             # The same node reached two ways (static list and mDNS): keep the first, quietly.
+            self._stop_watch(entry, step)
+            if entry.announced and entry.state is not NodeState.GONE:
+                self._move(entry, NodeState.GONE, f"same node as {holder.key}", step)
             entry.rejected = Rejection.DUPLICATE
             return True
         self._reject(
@@ -393,11 +350,26 @@ class NodeTable:
         )
         return True
 
-    def _holder(self, entry: _Entry) -> _Entry | None:
+    def _readmit_duplicate(self, entry: _Entry, now: float, step: Step) -> None:
+        """A duplicate whose holder is gone is probed again (when its backoff allows)."""
+        held = entry.duplicate_of or entry.node_id
+        if held is not None and self._holder(held, besides=entry) is not None:
+            return
+        if entry.next_probe_s is not None and now < entry.next_probe_s:
+            return
+        entry.rejected = None
+        entry.duplicate_of = None
+        if entry.state is NodeState.JOINING:
+            entry.since_s = now  # a fresh join: its join timeout starts now
+            if self._visible(entry):
+                step.events.append(self._event(entry, EventKind.JOINING, "holder gone"))
+        self._probe(entry, step)
+
+    def _holder(self, node_id: NodeId, *, besides: _Entry) -> _Entry | None:
         for other in self._entries.values():
             if (
-                other is not entry
-                and other.node_id == entry.node_id
+                other is not besides
+                and other.node_id == node_id
                 and other.rejected is None
                 and other.state is not NodeState.GONE
             ):
@@ -416,7 +388,20 @@ class NodeTable:
         if entry.probing_epoch == entry.epoch:
             return
         entry.probing_epoch = entry.epoch
-        step.actions.append(Probe(entry.key, entry.address, entry.epoch))
+        others = tuple(c for c in entry.candidates if c != entry.address)
+        if entry.state is NodeState.SUSPECT and entry.details is not None:
+            # It answered at `address` before: a refusal there proves the process is gone, so
+            # confirm there alone (other addresses could only time out and delay the verdict).
+            others = ()
+        step.actions.append(
+            Probe(
+                entry.key,
+                entry.address,
+                entry.epoch,
+                candidates=(entry.address, *others) if others else (),
+                node_id=entry.record.node_id if entry.record is not None else None,
+            )
+        )
 
     def _retry_later(self, entry: _Entry) -> None:
         entry.failures += 1
@@ -503,6 +488,12 @@ class NodeTable:
                 accelerators=r.accelerators,
             )
         return NodeView(**common, name=entry.address)
+
+
+def _candidates(address: str, record: NodeRecord | None) -> tuple[str, ...]:
+    """Every address to try for a node: the record's, in its order, with `address` among them."""
+    endpoints = record.endpoints if record is not None else ()
+    return endpoints if address in endpoints else (address, *endpoints)
 
 
 def _load_key(view: NodeView) -> tuple[object, ...]:

@@ -8,6 +8,30 @@ Usable without Ray:
 
 The rules live in `mesh.node_table.NodeTable` (pure, clock-injected); this module carries out
 its actions: probes, health watches, channel clean-up, and fan-out of events to subscribers.
+
+How fast a node that stops working is noticed depends on how it stops (defaults of
+`RegistryTimings`; measured numbers in docs/BENCHMARKS.md):
+
+- Graceful leave (SIGTERM): the health Watch turns NOT_SERVING and the mDNS goodbye arrives:
+  suspect, then gone, in milliseconds.
+- Process death (crash, kill -9, OOM) on a host that stays up: the host's kernel resets the
+  connection, the health Watch stream breaks at once and one confirming probe is refused:
+  gone well under a second (tens of milliseconds on a LAN): the "about a second" promise.
+- Host vanishes (power loss, cable pulled, Wi-Fi gone, kernel panic): nothing resets the
+  connection and no goodbye comes, so the Watch stream just goes quiet. The periodic load
+  refresh (a Describe every `health_interval_s`) times out after `probe_timeout_s` and makes
+  the node suspect; suspect for `suspect_timeout_s` without an answer makes it gone. Worst
+  case 1 + 1 + 1.5 s + one 0.1 s tick = 3.6 s (`RegistryTimings.vanished_host_bound_s`);
+  measured 3.6 s when the cable is pulled right after a refresh. gRPC keepalive (10 s on our
+  channels) is slower still, and mDNS TTLs never help here.
+- A slow node (probe timeouts while it still answers now and then) is suspect, not gone:
+  retries keep probing it and the first answer makes it ready again.
+
+A multi-homed node advertises every address it has; joining (and gone) nodes are probed at
+each in turn (`address_timeout_s` each) and followed at the first that answers with the
+advertised node id. A subscriber callback or a prober that raises is logged and never stops
+the registry: each probe and watch always reports a result to the table, so no node is left
+unwatched or unprobed.
 """
 
 from __future__ import annotations
@@ -18,12 +42,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from mesh.discovery.browser import DiscoveryEvent, DiscoveryKind, MdnsBrowser
-from mesh.health import GrpcProber, Prober
+from mesh.health import GrpcProber, Prober, probe_in_order
 from mesh.node_table import (
     Discard,
     NodeEvent,
     NodeTable,
     Probe,
+    ProbeResult,
+    ProbeStatus,
     RegistryTimings,
     StartWatch,
     Step,
@@ -66,13 +92,20 @@ class NodeRegistry:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        """Start browsing and probing; on failure (e.g. ConfigError for a bad interface)
+        everything started so far is stopped again before the error propagates."""
         self._running = True
-        for address in self._static:
-            self.add_static(address)
-        self._spawn(self._tick_loop(), "tick")
-        if self._browser is not None:
-            await self._browser.start()
-            self._spawn(self._browse_loop(self._browser), "browse")
+        try:
+            if self._browser is not None:
+                await self._browser.start()
+            for address in self._static:
+                self.add_static(address)
+            self._spawn(self._tick_loop(), "tick")
+            if self._browser is not None:
+                self._spawn(self._browse_loop(self._browser), "browse")
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         self._running = False
@@ -163,6 +196,7 @@ class NodeRegistry:
                 self._cancel_watch(action.key)
                 task = asyncio.get_running_loop().create_task(self._run_watch(action))
                 self._watches[action.key] = task
+                task.add_done_callback(lambda t, key=action.key: self._watch_done(key, t))
             elif isinstance(action, StopWatch):
                 self._cancel_watch(action.key)
             elif isinstance(action, Discard):
@@ -178,12 +212,31 @@ class NodeRegistry:
                 queue.get_nowait()
             queue.put_nowait(event)
         for callback in list(self._callbacks):
-            callback(event)
+            try:
+                callback(event)
+            except Exception:  # subscriber code: its bug must not stop the tick/browse/watch
+                logger.exception("registry subscriber %r failed on %s", callback, event.kind)
 
     async def _run_probe(self, action: Probe) -> None:
-        result = await self._prober.probe(
-            action.key, action.address, timeout_s=self.timings.probe_timeout_s
-        )
+        try:
+            if len(action.candidates) > 1:
+                result = await probe_in_order(
+                    self._prober,
+                    action.key,
+                    action.candidates,
+                    node_id=action.node_id,
+                    timeout_s=min(self.timings.probe_timeout_s, self.timings.address_timeout_s),
+                )
+            else:
+                result = await self._prober.probe(
+                    action.key,
+                    action.address,
+                    timeout_s=self.timings.probe_timeout_s,
+                    refresh=action.refresh,
+                )
+        except Exception as error:  # a prober bug: report a failed probe so the node is retried
+            logger.exception("probing %s failed", action.address)
+            result = ProbeResult(status=ProbeStatus.TIMEOUT, reason=f"probe failed: {error!r}")
         if self._running:
             self._apply(self._table.probe_done(action.key, action.epoch, result))
 
@@ -191,11 +244,26 @@ class NodeRegistry:
         def on_status(serving: bool) -> None:
             self._apply(self._table.watch_status(action.key, action.epoch, serving=serving))
 
-        reason = await self._prober.watch(action.key, action.address, on_status)
-        if self._watches.get(action.key) is asyncio.current_task():
-            del self._watches[action.key]
-        if self._running:
-            self._apply(self._table.watch_broken(action.key, action.epoch, reason))
+        reason: str | None = "watch ended"
+        try:
+            reason = await self._prober.watch(action.key, action.address, on_status)
+        except asyncio.CancelledError:
+            reason = None  # stopped on purpose (StopWatch, or the registry stopping)
+            raise
+        except Exception as error:  # a prober bug: the table must still hear the watch ended
+            logger.exception("health watch of %s failed", action.address)
+            reason = f"watch failed: {error!r}"
+        finally:
+            if self._watches.get(action.key) is asyncio.current_task():
+                del self._watches[action.key]
+            if reason is not None and self._running:
+                self._apply(self._table.watch_broken(action.key, action.epoch, reason))
+
+    def _watch_done(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._watches.get(key) is task:
+            del self._watches[key]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("health watch task of %s failed", key, exc_info=task.exception())
 
     def _cancel_watch(self, key: str) -> None:
         task = self._watches.pop(key, None)
@@ -205,11 +273,19 @@ class NodeRegistry:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.timings.tick_interval_s)
-            self._apply(self._table.tick())
+            try:
+                self._apply(self._table.tick())
+            except Exception:  # a bug in one tick must not stop timeouts and refreshes for good
+                logger.exception("registry tick failed")
 
     async def _browse_loop(self, browser: MdnsBrowser) -> None:
         async for event in browser.events():
-            self.handle_discovery(event)
+            try:
+                self.handle_discovery(event)
+            except Exception:  # one bad event must not stop discovery
+                logger.exception(
+                    "handling discovery event %s for %s failed", event.kind, event.name
+                )
 
     def _spawn(self, coroutine: object, what: str) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]

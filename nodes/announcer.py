@@ -12,7 +12,6 @@ the record from the daemon's own `Describe` and keeps the advertised load curren
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -28,9 +27,11 @@ from edgemesh.v1 import node_pb2
 from mesh.discovery.records import (
     MAX_NAME_CHARS,
     SERVICE_TYPE,
+    MalformedRecordError,
     NodeRecord,
     accelerator_kinds,
     coarse_load_percent,
+    is_valid_item,
 )
 from mesh.errors import ConfigError
 from mesh.ids import NodeId
@@ -41,6 +42,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("nodes.announcer")
 
 _UNSPECIFIED_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def _specific_ip(host: str) -> str | None:
+    """`host` when it is one IP address of this machine (then mDNS uses that interface only);
+    None for an unspecified address or a host name (then every interface)."""
+    host = host.strip("[]")
+    if host in _UNSPECIFIED_HOSTS:
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:  # a host name such as "localhost": not an interface address
+        return None
+    return host
 
 
 def new_incarnation() -> str:
@@ -76,6 +90,44 @@ def record_from_describe(
         load_percent=coarse_load_percent(load.in_flight, load.queued, capacity.max_concurrent),
         capacity=capacity.max_concurrent,
     )
+
+
+def check_advertisable_ids(*, models: Sequence[str] = (), agents: Sequence[str] = ()) -> None:
+    """Raise ConfigError naming the first model or agent id that mDNS browsers would reject.
+
+    Cheap and config-only: the daemon may call it before it loads anything.
+    """
+    for kind, items in (("model", models), ("agent", agents)):
+        for item in items:
+            if not is_valid_item(item):
+                raise ConfigError(
+                    f"{kind} id {item!r} cannot be advertised on mDNS: ids must start with a "
+                    "letter or digit, then use only letters, digits and . _ : / @ + - (at most "
+                    "100 characters)"
+                )
+
+
+def check_advertisable(record: NodeRecord) -> None:
+    """Raise ConfigError unless every browser will accept `record` (it is round-tripped
+    through the parser browsers use), naming the model or agent id that it would reject."""
+    check_advertisable_ids(models=record.models, agents=record.agents)
+    try:
+        NodeRecord.from_txt(record.to_txt(), addresses=(), port=record.grpc_port)
+    except MalformedRecordError as error:
+        raise ConfigError(
+            f"this node's mDNS record would be rejected by browsers: {error}"
+        ) from None
+
+
+def check_interface_ip(value: str) -> str:
+    """`value` if it is an IP address, else ConfigError (an interface name is a common slip)."""
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        raise ConfigError(
+            f"--interface takes an IP address of this machine, got {value!r}"
+        ) from None
+    return value
 
 
 def local_ipv4_addresses() -> list[str]:
@@ -134,6 +186,7 @@ class MulticastAnnouncer:
         self._flush: asyncio.Task[None] | None = None
         self._broadcasts: set[Awaitable[object]] = set()
         self._lock = asyncio.Lock()
+        self._unsendable: str | None = None  # the last reason an update was refused
 
     @property
     def record(self) -> NodeRecord | None:
@@ -147,7 +200,16 @@ class MulticastAnnouncer:
         return self._addresses
 
     async def start(self, record: NodeRecord) -> None:
-        """Probe for the name and register; returns when the first announcement goes out."""
+        """Probe for the name and register; returns when the first announcement goes out.
+
+        ConfigError when the interface is not an IP address of this machine, or when browsers
+        would reject the record (e.g. a model id they cannot parse).
+        """
+        if self.interface_ip:
+            check_interface_ip(self.interface_ip)
+        for address in self._addresses or ():
+            check_interface_ip(address)
+        check_advertisable(record)
         async with self._lock:
             if self._zeroconf is None:
                 self._zeroconf = self._given_zeroconf or self._open_zeroconf()
@@ -183,6 +245,10 @@ class MulticastAnnouncer:
             if self.interface_ip:
                 return AsyncZeroconf(interfaces=[self.interface_ip])
             return AsyncZeroconf(ip_version=IPVersion.V4Only)
+        except ValueError:  # zeroconf's own check; check_interface_ip should catch it first
+            raise ConfigError(
+                f"--interface takes an IP address of this machine, got {self.interface_ip!r}"
+            ) from None
         except OSError as error:  # no such interface, or multicast unavailable on it
             where = f"interface {self.interface_ip}" if self.interface_ip else "any interface"
             raise ConfigError(
@@ -191,9 +257,19 @@ class MulticastAnnouncer:
             ) from None
 
     async def update(self, record: NodeRecord) -> None:
-        """Publish `record` now, or at the end of the rate limit (only the latest is sent)."""
+        """Publish `record` now, or at the end of the rate limit (only the latest is sent).
+
+        A record browsers would reject is not sent (logged once); the last good one stays.
+        """
         if self._info is None or record == self._current:
             self._pending = None
+            return
+        try:
+            check_advertisable(record)
+        except ConfigError as error:
+            if self._unsendable != str(error):
+                self._unsendable = str(error)
+                logger.error("not updating the mDNS record: %s", error)
             return
         self._pending = record
         if self._flush is not None and not self._flush.done():
@@ -205,18 +281,22 @@ class MulticastAnnouncer:
             self._flush = asyncio.get_running_loop().create_task(self._flush_after(delay))
 
     async def stop(self) -> None:
-        """Withdraw the service with goodbye packets and release the sockets."""
+        """Withdraw the service with goodbye packets and release the sockets. Never raises
+        for a failed update or goodbye: the daemon's shutdown must go on."""
         if self._flush is not None:
             self._flush.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flush
+            # A flush that failed was logged by _flush_after; its error is not stop()'s.
+            await asyncio.gather(self._flush, return_exceptions=True)
             self._flush = None
         async with self._lock:
             if self._zeroconf is None:
                 return
             if self._info is not None:
-                goodbye = await self._zeroconf.async_unregister_service(self._info)
-                self._track(goodbye)
+                try:
+                    goodbye = await self._zeroconf.async_unregister_service(self._info)
+                    self._track(goodbye)
+                except OSError as error:  # the network is gone: no goodbye, still release
+                    logger.warning("could not send the mDNS goodbye: %s", error)
                 self._info = None
             await asyncio.gather(*self._broadcasts, return_exceptions=True)
             if self._given_zeroconf is None:
@@ -226,7 +306,10 @@ class MulticastAnnouncer:
 
     async def _flush_after(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
-        await self._send_pending()
+        try:
+            await self._send_pending()
+        except Exception:  # a background send: log it; the next update retries
+            logger.exception("sending the mDNS update failed")
 
     async def _send_pending(self) -> None:
         async with self._lock:
@@ -276,8 +359,7 @@ class DaemonAnnouncement:
         self._daemon = daemon
         self.refresh_interval_s = refresh_interval_s
         config = daemon.config
-        host = config.host.strip("[]")
-        interface = config.interface or (None if config.host in _UNSPECIFIED_HOSTS else host)
+        interface = config.interface or _specific_ip(config.host)
         self.announcer = MulticastAnnouncer(
             interface_ip=interface,
             addresses=[interface] if interface else None,
@@ -294,24 +376,49 @@ class DaemonAnnouncement:
         )
 
     async def start(self) -> None:
+        """Announce; ConfigError for a bad interface or a model/agent id browsers reject."""
+        self._check_configured_ids()
         await self.announcer.start(self.build_record())
         self._loop_task = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    def _check_configured_ids(self) -> None:
+        # Every model (also those still loading) and agent, not only what is ready now.
+        servicer = self._daemon.servicer
+        assert servicer is not None, "the daemon must be started before it is announced"
+        reply = servicer.describe()
+        record = self.build_record().model_copy(
+            update={
+                "models": tuple(m.model_id for m in reply.models),
+                "agents": tuple(a.name for a in reply.agents),
+            }
+        )
+        check_advertisable(record)
 
     async def refresh(self) -> None:
         await self.announcer.update(self.build_record())
 
     async def stop(self) -> None:
+        """Stop refreshing and say goodbye; never raises what the refresh loop ran into."""
         if self._loop_task is not None:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
         await self.announcer.stop()
 
     async def _refresh_loop(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.refresh_interval_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # keep advertising; the next refresh may work
+                if not failing:
+                    logger.exception("refreshing the mDNS record failed (will keep trying)")
+                failing = True
+            else:
+                if failing:
+                    logger.info("refreshing the mDNS record works again")
+                failing = False
 
 
 def daemon_announcer(daemon: NodeDaemon) -> DaemonAnnouncement:

@@ -63,6 +63,11 @@ class NetnsHost:
     ip: str
     lab: NetnsLab
     processes: list[subprocess.Popen[Any]] = field(default_factory=list)
+    veth: str = ""  # the bridge-side end of this host's cable, in the root namespace
+
+    def set_link(self, *, up: bool) -> None:
+        """Plug or pull this host's cable: no reset, no goodbye, packets just stop."""
+        _ip("link", "set", self.veth, "up" if up else "down")
 
     def command(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
@@ -141,7 +146,7 @@ class NetnsLab:
         outside, inside = f"{self.prefix}v{index}", f"{self.prefix}p{index}"
         ip = f"{self.subnet}.{index + 1}"
         _ip("netns", "add", namespace)
-        host = NetnsHost(name=namespace, ip=ip, lab=self)
+        host = NetnsHost(name=namespace, ip=ip, lab=self, veth=outside)
         self.hosts.append(host)
         _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
         self._veths.append(outside)

@@ -6,13 +6,24 @@ import argparse
 import asyncio
 import contextlib
 import json
-import sys
 from typing import Any
 
 from mesh.cli._common import run_async
 from mesh.nodes_view import NodeState, NodeView
 
 _STATE_ORDER = {NodeState.READY: 0, NodeState.JOINING: 1, NodeState.SUSPECT: 2, NodeState.GONE: 3}
+_DEFAULT_HEALTH_INTERVAL_S = 1.0  # mesh.node_table.RegistryTimings.health_interval_s
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds greater than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=None,
         help="seconds to listen (default 3; with --watch: until interrupted)",
     )
@@ -44,18 +55,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--health-interval",
-        type=float,
-        default=2.0,
+        type=positive_seconds,
+        default=_DEFAULT_HEALTH_INTERVAL_S,
         metavar="S",
-        help="seconds between load refreshes of ready nodes (default 2)",
+        help=f"seconds between load refreshes of ready nodes (default {_DEFAULT_HEALTH_INTERVAL_S:g})",
     )
     parser.set_defaults(func=_discover)
 
 
 def _discover(args: argparse.Namespace) -> int:
-    if args.timeout is not None and args.timeout <= 0:
-        print("error: --timeout must be positive", file=sys.stderr)
-        return 2
     result = run_async(lambda: _run(args))
     return result if isinstance(result, int) else 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from enum import StrEnum
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -19,6 +19,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from mesh._model import FrozenModel
 from mesh.discovery.records import SERVICE_TYPE, MalformedRecordError, NodeRecord
+from mesh.errors import ConfigError
 
 logger = logging.getLogger("mesh.discovery")
 
@@ -62,26 +63,43 @@ class MdnsBrowser:
         self._resolving: dict[str, asyncio.Task[None]] = {}
         self._known: set[str] = set()  # names that produced a valid record
         self._warned: set[str] = set()  # names already logged as malformed
+        self._stopping = False
 
     async def start(self) -> None:
-        if self._given_zeroconf is not None:
-            self._zeroconf = self._given_zeroconf
-        elif self.interface_ip:
-            self._zeroconf = AsyncZeroconf(interfaces=[self.interface_ip])
-        else:
-            self._zeroconf = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        """Open the mDNS socket and start browsing; ConfigError if the interface is unusable."""
+        self._stopping = False
+        given = self._given_zeroconf
+        self._zeroconf = given if given is not None else self._open_zeroconf()
         self._browser = AsyncServiceBrowser(
             self._zeroconf.zeroconf, [self.service_type], handlers=[self._on_change]
         )
 
+    def _open_zeroconf(self) -> AsyncZeroconf:
+        if not self.interface_ip:
+            return AsyncZeroconf(ip_version=IPVersion.V4Only)
+        try:
+            return AsyncZeroconf(interfaces=[self.interface_ip])
+        except ValueError:  # not an IP address at all (e.g. an interface name)
+            raise ConfigError(
+                f"--interface takes an IP address of this machine, got {self.interface_ip!r}"
+            ) from None
+        except OSError as error:  # no interface has this address, or it cannot do multicast
+            raise ConfigError(
+                f"cannot listen for mDNS on {self.interface_ip}: {error.strerror or error}; "
+                "--interface takes an IP address of this machine"
+            ) from None
+
     async def stop(self) -> None:
-        for task in self._resolving.values():
-            task.cancel()
-        await asyncio.gather(*self._resolving.values(), return_exceptions=True)
-        self._resolving.clear()
+        """Stop browsing first (no new resolves can start), then end the resolves in flight."""
+        self._stopping = True
         if self._browser is not None:
             await self._browser.async_cancel()
             self._browser = None
+        tasks = list(self._resolving.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._resolving.clear()
         if self._zeroconf is not None and self._given_zeroconf is None:
             await self._zeroconf.async_close()
         self._zeroconf = None
@@ -106,6 +124,8 @@ class MdnsBrowser:
         name: str,
         state_change: ServiceStateChange,
     ) -> None:
+        if self._stopping:
+            return
         previous = self._resolving.pop(name, None)
         if previous is not None:
             previous.cancel()  # the newest change wins
@@ -133,14 +153,25 @@ class MdnsBrowser:
         if not found or info.port is None:
             self._warn_once(name, "did not resolve (no SRV/TXT/address answer)")
             return
+        self.handle_resolved(name, info.properties, info.parsed_addresses(), info.port)
+
+    def handle_resolved(
+        self,
+        name: str,
+        properties: Mapping[bytes, bytes | None],
+        addresses: Sequence[str],
+        port: int,
+    ) -> None:
+        """Turn one resolved service into an event; anything unparsable is the peer's garbage."""
         try:
-            record = NodeRecord.from_txt(
-                info.properties, addresses=info.parsed_addresses(), port=info.port
-            )
+            record = NodeRecord.from_txt(properties, addresses=addresses, port=port)
             if not record.addresses:
                 raise MalformedRecordError("no usable address")
-        except MalformedRecordError as error:
-            self._warn_once(name, str(error))
+        except (MalformedRecordError, ValueError, TypeError) as error:
+            # Peer data: a parser gap (ValueError/TypeError) must not become a traceback on
+            # every re-announce, nor keep a node whose record turned bad.
+            why = str(error) if isinstance(error, MalformedRecordError) else repr(error)
+            self._warn_once(name, why)
             if name in self._known:  # a valid node turned bad: treat it as gone
                 self._known.discard(name)
                 self._queue.put_nowait(DiscoveryEvent(kind=DiscoveryKind.REMOVED, name=name))

@@ -40,6 +40,7 @@ LOAD_STEP_PERCENT = 10
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _ITEM_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,99}$")
+_SMALL_INT_PATTERN = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() takes "²"
 _REQUIRED_KEYS = ("v", "id", "n", "c", "p", "inc")
 
 
@@ -75,8 +76,15 @@ class NodeRecord(FrozenModel):
         """`host:port` of the node's gRPC server: the first advertised address, IPv4 first."""
         if not self.addresses:
             raise MalformedRecordError(f"node {self.node_id} advertises no address")
-        host = self.addresses[0]
-        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+        return self.endpoints[0]
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """`host:port` for every advertised address, in order (a multi-homed node has several)."""
+        return tuple(
+            f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+            for host in self.addresses
+        )
 
     def to_txt(self) -> dict[bytes, bytes]:
         """The TXT properties, within the DNS-SD budget (long lists are truncated and flagged)."""
@@ -197,6 +205,11 @@ def accelerator_kinds(gpu_vendors: Iterable[str], onnx_providers: Iterable[str])
     return tuple(sorted(kind for kind in kinds if _ITEM_PATTERN.match(kind))) or ("cpu",)
 
 
+def is_valid_item(item: str) -> bool:
+    """Whether a browser accepts `item` in a model, agent or accelerator list."""
+    return _ITEM_PATTERN.fullmatch(item) is not None
+
+
 def _fit_list(items: Sequence[str], budget: int) -> tuple[tuple[str, ...], bool]:
     """The longest prefix of `items` whose comma-joined form fits in `budget` bytes."""
     kept: list[str] = []
@@ -228,7 +241,7 @@ def _parse_int(txt: Mapping[str, str], key: str, *, default: int | None = None) 
     raw = txt.get(key, "")
     if not raw and default is not None:
         return default
-    if not raw.isdigit() or len(raw) > 9:
+    if not _SMALL_INT_PATTERN.fullmatch(raw):
         raise MalformedRecordError(f"TXT key {key!r} is not a small non-negative integer: {raw!r}")
     return int(raw)
 

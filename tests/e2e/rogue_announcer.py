@@ -40,6 +40,8 @@ def rogue_records(cluster: str, duplicate_id: str, dead_port: int) -> dict[str, 
         | {b"id": b"rogue0000004"}
         | {b"x%d" % i: b"z" * 240 for i in range(5)},
         "rogue-badport": base | {b"id": b"rogue0000005", b"p": b"1"},
+        # str.isdigit() accepts "²" but int() does not: must be malformed, not a traceback.
+        "rogue-superscript": base | {b"id": b"rogue0000008", b"cpu": "²".encode()},
         "rogue-deadaddr": base | {b"id": b"rogue0000006"},
         "rogue-cluster": base | {b"id": b"rogue0000007", b"c": b"someone-else"},
         "rogue-duplicate": _valid(duplicate_id, cluster, dead_port),

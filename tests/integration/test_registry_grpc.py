@@ -144,3 +144,59 @@ def test_load_is_refreshed_while_ready(tmp_path: pathlib.Path) -> None:
             await node.stop()
 
     run(scenario())
+
+
+def test_multi_homed_node_is_reached_at_the_address_that_answers(tmp_path: pathlib.Path) -> None:
+    """The record lists an address where nothing listens first (docker0, a VPN...): the
+    registry tries the next one, follows the node there and watches it there."""
+
+    async def scenario() -> None:
+        from mesh.discovery.browser import DiscoveryEvent, DiscoveryKind
+        from mesh.discovery.records import NodeRecord
+        from mesh.ids import NodeId
+
+        node = await start_node(tmp_path, "multi")
+        port = int(node.address.rsplit(":", 1)[1])
+        record = NodeRecord(
+            node_id=NodeId(node.node_id),
+            name="multi",
+            cluster="it",
+            grpc_port=port,
+            incarnation="ab",
+            addresses=("127.0.0.2", "127.0.0.1"),  # the node listens on 127.0.0.1 only
+        )
+        try:
+            async with NodeRegistry(cluster="it", timings=TIMINGS) as registry:
+                registry.handle_discovery(
+                    DiscoveryEvent(kind=DiscoveryKind.ADDED, name="multi._em", record=record)
+                )
+                view = await wait_for_state(registry, node.node_id, NodeState.READY, timeout_s=5)
+                assert view.address == node.address
+                # Refreshes and the watch work there: a crash is still noticed at once.
+                await asyncio.sleep(0.5)
+                assert registry.snapshot()[0].state is NodeState.READY
+                await node._server.stop(None)
+                await wait_for_state(registry, node.node_id, NodeState.GONE, timeout_s=3)
+        finally:
+            await node.stop()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("interface", "message"),
+    [
+        ("198.51.100.7", "error: cannot listen for mDNS on 198.51.100.7: "),
+        ("eth0", "error: --interface takes an IP address of this machine, got 'eth0'"),
+    ],
+)
+def test_discover_on_an_interface_that_is_not_ours_is_one_clear_error(
+    interface: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mesh.cli import main
+
+    code = main(["discover", "--timeout", "0.2", "--interface", interface])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert "Traceback" not in err

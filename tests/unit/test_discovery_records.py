@@ -118,6 +118,10 @@ def _broken(**edits: bytes | None) -> dict[bytes, bytes | None]:
         (_broken(id=b"has space"), "invalid TXT field node_id"),
         (_broken(p=b"99999"), "TXT port 99999 differs"),
         (_broken(p=b"-1"), "not a small non-negative integer"),
+        (_broken(cpu="²".encode()), "not a small non-negative integer"),  # isdigit() is True
+        (_broken(v="١".encode()), "not a small non-negative integer"),  # Arabic-Indic one
+        (_broken(cap=b"1234567890"), "not a small non-negative integer"),
+        (_broken(ld=b" 5"), "not a small non-negative integer"),
         (_broken(ld=b"250"), "invalid TXT field load_percent"),
         (_broken(ram=b"nan"), "not a finite number"),
         (_broken(ram=b"lots"), "not a number"),

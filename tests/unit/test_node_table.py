@@ -301,14 +301,34 @@ def test_duplicate_node_id_at_another_address_is_rejected_once(
     assert [v.address for v in table.snapshot()] == [ADDRESS]
 
 
-def test_duplicate_is_admitted_once_the_holder_is_gone(table: NodeTable) -> None:
+def test_duplicate_is_admitted_once_the_holder_is_gone(table: NodeTable, clock: FakeClock) -> None:
     make_ready(table)
     other = "moved-n1._edgemesh._tcp.local."
     advertise(table, record(host="198.18.0.9"), key=other)
+    clock.advance(5.0)
+    # The holder is alive: it is refreshed, the duplicate is left alone.
+    assert [p.key for p in probes(table.tick())] == [KEY]
     table.withdraw(KEY)
     (probe,) = probes(table.tick())
     assert probe.key == other
     assert kinds(table.probe_done(other, probe.epoch, ok())) == [EventKind.READY]
+
+
+def test_a_duplicate_admitted_late_gets_a_fresh_join_timeout(
+    table: NodeTable, clock: FakeClock
+) -> None:
+    make_ready(table)
+    other = "moved-n1._edgemesh._tcp.local."
+    advertise(table, record(host="198.18.0.9"), key=other)
+    clock.advance(20.0)  # longer than join_timeout_s: the holder lived a while
+    table.withdraw(KEY)
+    step = table.tick()
+    assert kinds(step) == [EventKind.JOINING]
+    (probe,) = probes(step)
+    table.probe_done(other, probe.epoch, TIMEOUT)
+    clock.advance(0.2)
+    assert kinds(table.tick()) == []  # still joining, not gone at once
+    assert table.state_of(other) is NodeState.JOINING
 
 
 def test_wrong_cluster_in_the_record_is_never_probed(table: NodeTable) -> None:
@@ -354,6 +374,105 @@ def test_static_and_mdns_views_of_one_node_merge_quietly(table: NodeTable) -> No
     step = advertise(table)
     assert step.events == [] and probes(step) == []
     assert len(table.snapshot()) == 1
+
+
+def test_node_seen_on_mdns_first_then_listed_statically_is_not_reprobed_every_tick(
+    table: NodeTable, clock: FakeClock
+) -> None:
+    make_ready(table)
+    static = f"static:{ADDRESS}"
+    (probe,) = probes(table.advertise(static, address=ADDRESS, source=NodeSource.STATIC))
+    assert table.probe_done(static, probe.epoch, ok()).events == []
+    assert table.rejection_of(static) is Rejection.DUPLICATE
+    static_probes = 0
+    for _ in range(100):  # 10 s of ticks at 100 ms
+        clock.advance(0.1)
+        for p in probes(table.tick()):
+            if p.key == static:
+                static_probes += 1
+            else:
+                table.probe_done(p.key, p.epoch, ok())  # the mDNS entry's load refreshes
+    assert static_probes == 0
+    assert [(v.address, v.source, v.state) for v in table.snapshot()] == [
+        (ADDRESS, NodeSource.MDNS, NodeState.READY)
+    ]
+
+
+def test_static_view_takes_over_when_the_mdns_one_says_goodbye(
+    table: NodeTable, clock: FakeClock
+) -> None:
+    make_ready(table)
+    static = f"static:{ADDRESS}"
+    (probe,) = probes(table.advertise(static, address=ADDRESS, source=NodeSource.STATIC))
+    table.probe_done(static, probe.epoch, ok())
+    table.withdraw(KEY)  # the node stopped advertising but still serves
+    clock.advance(0.3)
+    (again,) = [p for p in probes(table.tick()) if p.key == static]
+    assert kinds(table.probe_done(static, again.epoch, ok())) == [EventKind.READY]
+    assert table.view(static) is not None and table.view(static).source is NodeSource.STATIC
+
+
+def test_quiet_duplicate_backs_off_while_the_holder_flaps(
+    table: NodeTable, clock: FakeClock
+) -> None:
+    """Holder gone, duplicate re-probed, holder back first: the retries space out."""
+    make_ready(table)
+    static = f"static:{ADDRESS}"
+    (probe,) = probes(table.advertise(static, address=ADDRESS, source=NodeSource.STATIC))
+    table.probe_done(static, probe.epoch, ok())
+    times = []
+    for _ in range(200):
+        clock.advance(0.1)
+        table.withdraw(KEY)
+        for p in probes(table.tick()):
+            assert p.key == static
+            times.append(clock.now)
+            advertise(table, record(incarnation=f"{len(times):x}"))  # the holder is back
+            table.probe_done(static, p.epoch, ok())  # ... so the static view is a duplicate
+    gaps = [round(b - a, 1) for a, b in zip(times, times[1:], strict=False)]
+    assert gaps[:3] == [0.5, 1.0, 2.0] and len(times) < 15
+
+
+def test_multi_homed_node_is_probed_at_each_address_in_order_and_followed_where_it_answers(
+    table: NodeTable, clock: FakeClock
+) -> None:
+    rec = record().model_copy(update={"addresses": ("172.17.0.1", "198.18.0.2", "10.8.0.5")})
+    (probe,) = probes(advertise(table, rec))
+    assert probe.address == "172.17.0.1:50051"
+    assert probe.candidates == ("172.17.0.1:50051", "198.18.0.2:50051", "10.8.0.5:50051")
+    assert probe.node_id == "n1"
+    answered = ok().model_copy(update={"address": "198.18.0.2:50051"})
+    done = table.probe_done(KEY, probe.epoch, answered)
+    assert kinds(done) == [EventKind.READY]
+    (watch,) = [a for a in done.actions if isinstance(a, StartWatch)]
+    assert watch.address == "198.18.0.2:50051"
+    assert table.snapshot()[0].address == "198.18.0.2:50051"
+    # Refreshes go to the address that answered, and only there.
+    clock.advance(2.1)
+    (refresh,) = probes(table.tick())
+    assert (refresh.address, refresh.candidates) == ("198.18.0.2:50051", ())
+    table.probe_done(KEY, refresh.epoch, ok())
+    # The same addresses in another order are not a move (no re-probe, no new epoch).
+    shuffled = rec.model_copy(update={"addresses": ("10.8.0.5", "172.17.0.1", "198.18.0.2")})
+    assert advertise(table, shuffled).actions == []
+    # A crash is confirmed where it answered (a refusal there is proof; others could only
+    # time out); once gone, it is looked for there first, then at the others.
+    (confirm,) = probes(table.watch_broken(KEY, refresh.epoch, "UNAVAILABLE"))
+    assert (confirm.address, confirm.candidates) == ("198.18.0.2:50051", ())
+    assert kinds(table.probe_done(KEY, confirm.epoch, UNREACHABLE)) == [EventKind.GONE]
+    clock.advance(0.3)
+    (again,) = probes(table.tick())
+    assert again.candidates == ("198.18.0.2:50051", "10.8.0.5:50051", "172.17.0.1:50051")
+
+
+def test_node_that_moves_to_other_addresses_has_its_old_channels_discarded(
+    table: NodeTable,
+) -> None:
+    make_ready(table)
+    step = advertise(table, record(host="198.18.0.7"))
+    assert any(isinstance(a, Discard) for a in step.actions)
+    (probe,) = probes(step)
+    assert probe.address == "198.18.0.7:50051"
 
 
 def test_static_node_is_reprobed_forever_while_gone(table: NodeTable, clock: FakeClock) -> None:
