@@ -33,8 +33,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def machine_line() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"{datetime.date.today().isoformat()}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{datetime.date.today().isoformat()}"
+    )
 
 
 def write_section(title: str, body: str) -> None:

@@ -25,8 +25,10 @@ from bench._report import machine_line, median, write_section
 from mesh.client import NodeClient
 from nodes.model_files import resolve_gguf
 
-PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a map in a bottle. "
-          "Describe every day of the journey.")
+PROMPT = (
+    "Write a long, detailed story about a lighthouse keeper who finds a map in a bottle. "
+    "Describe every day of the journey."
+)
 SYSTEM = "You are a helpful assistant."
 SERVING = re.compile(r"serving .* on (\S+)$")
 LOADED = re.compile(r"ready .* in ([0-9.]+) s")
@@ -36,9 +38,26 @@ def start_node(state_dir: str, threads: int) -> tuple[subprocess.Popen[str], str
     """Start a node; return (process, address, seconds to the serving line, model load seconds)."""
     began = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "node", "start", "--host", "127.0.0.1", "--port", "0",
-         "--no-advertise", "--state-dir", state_dir, "--n-threads", str(threads)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            "node",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-advertise",
+            "--state-dir",
+            state_dir,
+            "--n-threads",
+            str(threads),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout is not None and process.stderr is not None
     line = process.stdout.readline().strip()
     elapsed = time.perf_counter() - began
@@ -74,7 +93,8 @@ async def grpc_run(client: NodeClient, tokens: int) -> tuple[int, float, float]:
     count = 0
     async for chunk in client.generate_stream(
         messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}],
-        max_tokens=tokens, temperature=0,
+        max_tokens=tokens,
+        temperature=0,
     ):
         if chunk.HasField("final"):
             count = chunk.final.usage.completion_tokens
@@ -87,8 +107,9 @@ def in_process_run(llama, prompt_tokens: list[int], tokens: int) -> tuple[int, f
     began = time.perf_counter()
     first = 0.0
     count = 0
-    for chunk in llama.create_completion(prompt_tokens, max_tokens=tokens, temperature=0,
-                                         stream=True, stop=["<|im_end|>"]):
+    for chunk in llama.create_completion(
+        prompt_tokens, max_tokens=tokens, temperature=0, stream=True, stop=["<|im_end|>"]
+    ):
         if chunk["choices"][0]["text"]:
             count += 1
             first = first or time.perf_counter() - began
@@ -136,16 +157,28 @@ def main(argv: list[str] | None = None) -> int:
         process, address, _elapsed, _load = start_node(state_dir, args.threads)
         try:
             # The same settings the node uses by default (nodes/config.py ModelConfig).
-            llama = llama_cpp.Llama(model_path=str(model.path), n_ctx=2048, n_threads=args.threads,
-                                    n_threads_batch=args.threads, n_batch=256, verbose=False,
-                                    flash_attn=True, type_k=llama_cpp.GGML_TYPE_Q8_0,
-                                    type_v=llama_cpp.GGML_TYPE_Q8_0)
+            llama = llama_cpp.Llama(
+                model_path=str(model.path),
+                n_ctx=2048,
+                n_threads=args.threads,
+                n_threads_batch=args.threads,
+                n_batch=256,
+                verbose=False,
+                flash_attn=True,
+                type_k=llama_cpp.GGML_TYPE_Q8_0,
+                type_v=llama_cpp.GGML_TYPE_Q8_0,
+            )
             formatter = Jinja2ChatFormatter(
                 template=llama.metadata["tokenizer.chat_template"],
                 eos_token=llama._model.token_get_text(llama.token_eos()),
-                bos_token=llama._model.token_get_text(llama.token_bos()))
-            prompt = formatter(messages=[{"role": "system", "content": SYSTEM},
-                                         {"role": "user", "content": PROMPT}]).prompt
+                bos_token=llama._model.token_get_text(llama.token_bos()),
+            )
+            prompt = formatter(
+                messages=[
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": PROMPT},
+                ]
+            ).prompt
             prompt_tokens = llama.tokenize(prompt.encode(), add_bos=True, special=True)
             samples = asyncio.run(alternate(address, llama, prompt_tokens, args))
             grpc_rates, local_rates, grpc_ttft, local_ttft, counts = samples

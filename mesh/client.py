@@ -1,5 +1,7 @@
 """Client library for a node's gRPC service. Raises `mesh.errors` exceptions, never grpc ones.
 
+Example (inside a coroutine)::
+
     async with NodeClient("127.0.0.1:50051") as node:
         reply = await node.generate("What is the capital of France?", temperature=0)
         async for chunk in node.generate_stream("Tell me a story"):
@@ -86,6 +88,31 @@ class NodeClient:
     async def close(self) -> None:
         if self._owns_channel:
             await self._channel.close()
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The underlying channel, for stubs of other services on the same node."""
+        return self._channel
+
+    async def classify(
+        self, text: str, *, model: str = "", timeout_s: float | None = None
+    ) -> node_pb2.ClassifyResponse:
+        """Classify `text` with a classifier model (default: the node's intent router)."""
+        try:
+            return await self._stub.Classify(
+                node_pb2.ClassifyRequest(model=model, text=text), timeout=timeout_s or 10.0
+            )
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from None
+
+    async def infer(
+        self, request: node_pb2.InferRequest, *, timeout_s: float | None = None
+    ) -> node_pb2.InferResponse:
+        """Run a tensor model (see nodes.backends.tensors for numpy conversion)."""
+        try:
+            return await self._stub.Infer(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from None
 
     async def describe(self, *, timeout_s: float | None = None) -> node_pb2.DescribeResponse:
         try:

@@ -30,7 +30,8 @@ class AdmissionController:
                 f"node is at capacity: {self.in_flight} running, {self.queued} queued "
                 f"(max_concurrent={self.max_concurrent}, max_queued={self.max_queued}); "
                 "retry later or on another node",
-                in_flight=self.in_flight, queued=self.queued,
+                in_flight=self.in_flight,
+                queued=self.queued,
             )
         self.queued += 1
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+import urllib.parse
 from typing import Annotated, Literal
 
 import yaml
@@ -12,6 +13,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from mesh._model import FrozenModel
 from mesh.errors import ConfigError
+from nodes.agents.spec import AgentSpec
+from nodes.router import ROUTER_ALIAS
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 DEFAULT_PORT = 50051
@@ -24,9 +27,11 @@ def _default_threads() -> int:
 class ModelConfig(FrozenModel):
     """One model the node serves."""
 
-    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
-    # "bundled:smollm2", a path to a .gguf file, or a known alias ("smollm2").
-    source: Annotated[str, Field(min_length=1)]
+    # Starts with a letter or digit: the form mDNS records carry (mesh/discovery/records.py).
+    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+    # "bundled:smollm2", a path to a .gguf file, or a known alias ("smollm2");
+    # for kind onnx "bundled:intent-router" or a .onnx path; unused for kind openai.
+    source: str = ""
     n_ctx: Annotated[int, Field(ge=128, le=131072)] = 2048
     n_threads: Annotated[int, Field(ge=1, le=256)] = Field(default_factory=_default_threads)
     n_batch: Annotated[int, Field(ge=8, le=8192)] = 256
@@ -37,6 +42,61 @@ class ModelConfig(FrozenModel):
     # Used when a chat has no system message. Small models answer far better with
     # a plain one than with their template's built-in default.
     system_prompt: str | None = "You are a helpful assistant."
+    # ---- model kinds (nodes/backends/onnx.py, nodes/backends/openai_upstream.py)
+    # gguf: llama.cpp; onnx: ONNX Runtime; openai: an OpenAI-compatible server the
+    # node fronts. Omitted: openai when base_url is set, onnx for a .onnx or bundled
+    # ONNX source, else gguf. For onnx, n_threads is ONNX Runtime's intra-op threads
+    # and instances the runs at once.
+    kind: Literal["gguf", "onnx", "openai"] | None = None
+    providers: tuple[str, ...] = ()  # onnx: execution providers, best first; (): by hardware
+    base_url: str | None = None  # openai: e.g. http://127.0.0.1:11434/v1
+    remote_model: str | None = None  # openai: the upstream's name for it; None: id
+    # openai: the NAME of the environment variable holding the API key (never the key).
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    request_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0  # openai: between chunks
+    # openai: how a continuation is asked for (see nodes/backends/openai_upstream.py).
+    continuation_mode: Literal["prefill", "continue_final_message"] = "prefill"
+    # openai: how a JSON schema is sent (json_object: llama-cpp-python's server).
+    response_format: Literal["json_schema", "json_object"] = "json_schema"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_kind(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("kind") is None:
+            source = str(data.get("source") or "")
+            kind = "openai" if data.get("base_url") else \
+                "onnx" if _is_onnx_source(source) else "gguf"
+            data = {**data, "kind": kind}
+        return data
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> ModelConfig:
+        if self.kind == "openai":
+            if not self.base_url:
+                raise ValueError("base_url: an openai model needs the server's URL")
+            if self.source:
+                raise ValueError("source: an openai model has base_url instead of source")
+            url = urllib.parse.urlsplit(self.base_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError(f"base_url: {self.base_url!r} is not an http(s) URL")
+            if url.username or url.password:
+                raise ValueError("base_url: must not contain credentials; put the API key in an "
+                                 "environment variable and name it in api_key_env")
+        elif not self.source:
+            raise ValueError(f"source: a {self.kind} model needs a source")
+        elif self.base_url or self.api_key_env or self.remote_model:
+            raise ValueError("base_url, remote_model and api_key_env are for openai models only")
+        return self
+
+
+def _is_onnx_source(source: str) -> bool:
+    return source.removeprefix("bundled:") == ROUTER_ALIAS or source.lower().endswith(".onnx")
+
+
+def default_router_config() -> ModelConfig:
+    """The bundled intent router: one thread, CPU (a string model gains nothing from a GPU)."""
+    return ModelConfig(id=ROUTER_ALIAS, source=f"bundled:{ROUTER_ALIAS}", kind="onnx",
+                       n_threads=1, providers=("CPUExecutionProvider",))
 
 
 class NodeConfig(FrozenModel):
@@ -55,15 +115,35 @@ class NodeConfig(FrozenModel):
     max_prompt_bytes: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] = 64 * 1024
     default_max_tokens: Annotated[int, Field(ge=1)] = 256
     default_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    # Streamed text is sent at most this often after the first token (0: every token).
+    stream_interval_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 25.0
     grace_s: Annotated[float, Field(ge=0.0, le=600.0)] = 10.0
     advertise: bool = True
     interface: str | None = None  # IP of the interface to advertise on; None: all
     labels: dict[str, str] = Field(default_factory=dict)
     state_dir: str | None = None  # where the node id is kept; None: ~/.local/state/...
+    # ---- agents (nodes/agents, nodes/tools)
+    # The agents offered; None: the demo agents (customer-service, technical-support, scheduling).
+    agents: tuple[AgentSpec, ...] | None = None
+    # Python modules whose top-level `@tool`s and `Agent(...)`s are added.
+    agent_modules: tuple[str, ...] = ()
+    # Datasets this node holds; None: the demo store's, plus those of agent_modules' tools.
+    datasets: tuple[str, ...] | None = None
+    data_dir: str | None = None  # the agents' SQLite store; None: <state_dir>/data
+    # ---- intent router (nodes/router): the classifier Classify uses by default and
+    # `--agent auto` relies on. Off by default: it costs ~43 MB RSS (onnxruntime +
+    # session; docs/BENCHMARKS.md); enable with `router: {id: intent-router,
+    # source: bundled:intent-router}` or default_router_config().
+    router: ModelConfig | None = None
 
     @model_validator(mode="after")
     def _check_models(self) -> NodeConfig:
         ids = [m.id for m in self.models]
+        if self.router is not None:
+            if self.router.kind != "onnx":
+                raise ValueError("router: must be an onnx model (e.g. bundled:intent-router)")
+            if self.router.id in ids:
+                raise ValueError(f"router: id {self.router.id!r} is also one of the models")
         if not ids:
             raise ValueError("models: at least one model is required")
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
@@ -85,11 +165,15 @@ class NodeConfig(FrozenModel):
         base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
         return pathlib.Path(base) / "edge-agent-mesh" / "nodes" / self.name
 
+    def resolved_data_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.data_dir) if self.data_dir else self.resolved_state_dir() / "data"
+
 
 def model_config_from_flag(value: str, *, n_threads: int | None = None) -> ModelConfig:
     """A ModelConfig from `--model ALIAS_OR_PATH`."""
     model_id = pathlib.Path(value).stem.lower() if value.endswith(".gguf") else value
-    model_id = "".join(c if c.isalnum() or c in "._:-" else "-" for c in model_id)[:64] or "model"
+    model_id = "".join(c if c.isalnum() or c in "._:-" else "-" for c in model_id)
+    model_id = model_id.lstrip("._:-")[:64] or "model"
     extra = {"n_threads": n_threads} if n_threads else {}
     return ModelConfig(id=model_id, source=value, **extra)
 

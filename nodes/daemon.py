@@ -15,8 +15,8 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable
-from typing import Protocol, TextIO
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TextIO
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,9 +25,10 @@ from grpc_reflection.v1alpha import reflection
 import mesh
 from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh.channels import add_server_port, create_server, format_address
-from mesh.errors import ConfigError, MeshError
+from mesh.errors import ConfigError
 from nodes.admission import AdmissionController
 from nodes.backends import Backend
+from nodes.backends.factory import build_backend
 from nodes.backends.llama import LlamaBackend
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, probe_hardware
@@ -75,12 +76,17 @@ def load_node_id(config: NodeConfig) -> str:
 def build_backends(config: NodeConfig) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     for model in config.models:
+        if model.kind in ("onnx", "openai"):  # ONNX Runtime / OpenAI-compatible upstream
+            backends[model.id] = build_backend(model)
+            continue
         resolve_gguf(model.source)  # fail now, before listening, on a bad file
         backends[model.id] = LlamaBackend(
             model.id, model.source, n_ctx=model.n_ctx, n_threads=model.n_threads,
             n_batch=model.n_batch, instances=model.instances, system_prompt=model.system_prompt,
-            kv_cache=model.kv_cache,
+            kv_cache=model.kv_cache, stream_interval_s=config.stream_interval_ms / 1000,
         )
+    if config.router is not None:  # the intent router (ONNX), served like any model
+        backends[config.router.id] = build_backend(config.router)
     return backends
 
 
@@ -107,6 +113,7 @@ class NodeDaemon:
         self._announcer: Announcer | None = None
         self._progress = progress
         self._stopping = asyncio.Event()
+        self._stopped = False
         self.serving = asyncio.Event()
 
     @property
@@ -128,6 +135,7 @@ class NodeDaemon:
             started_at_unix_s=time.time(),
         )
         self.servicer = NodeServicer(identity, self.config, self.backends, None, self.admission)
+        await self.servicer.agents.open()  # agents' data store: seeded on first start
         node_pb2_grpc.add_NodeServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -175,8 +183,9 @@ class NodeDaemon:
 
     async def stop(self) -> None:
         """NOT_SERVING, goodbye on mDNS, let in-flight requests finish within grace, stop."""
-        if self._server is None or self.health is None:
+        if self._server is None or self.health is None or self._stopped:
             return
+        self._stopped = True
         await self.health.enter_graceful_shutdown()
         if self._announcer is not None:
             try:
@@ -193,32 +202,42 @@ class NodeDaemon:
 
 
 async def run_daemon(daemon: NodeDaemon, *, ready_line: TextIO = sys.stdout) -> int:
-    """Run until SIGINT/SIGTERM; print one line with the address once serving. Returns an exit code."""
+    """Run until SIGINT/SIGTERM; print one line with the address once serving. Returns an exit code.
+
+    A signal during model load stops the start (the node never turns SERVING); whatever
+    happens, the server is stopped and the models released before returning.
+    """
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, daemon.request_stop)
+    stop_requested = asyncio.create_task(daemon.wait_stopped())
     try:
-        try:
-            await daemon.start()
-        except MeshError:  # a model or the announcer failed: stop listening, then report
-            await daemon.stop()
-            raise
+        if not await _unless_stopped(daemon.start(), stop_requested):
+            print(f"node {daemon.config.name}: stopped before it was serving", file=sys.stderr)
+            return 0
         models = ", ".join(daemon.backends)
         print(f"node {daemon.config.name} ({daemon.node_id}) serving {models} on {daemon.address}",
               file=ready_line, flush=True)
-        try:
-            await daemon.announce()
-        except MeshError:
-            await daemon.stop()
-            raise
-        await daemon.wait_stopped()
+        if await _unless_stopped(daemon.announce(), stop_requested):
+            await stop_requested
         print(f"node {daemon.config.name} stopping: draining in-flight requests "
               f"(grace {daemon.config.grace_s:g} s)", file=sys.stderr, flush=True)
-        for sig in signals:  # a second signal ends the process at once
-            loop.remove_signal_handler(sig)
-        await daemon.stop()
         return 0
     finally:
-        for sig in signals:
+        for sig in signals:  # from here a second signal ends the process at once
             loop.remove_signal_handler(sig)
+        stop_requested.cancel()
+        await daemon.stop()
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop_requested: asyncio.Task[None]) -> bool:
+    """Run `work` unless a stop comes first (then cancel it). True if it finished."""
+    task = asyncio.create_task(work)
+    await asyncio.wait({task, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raise what the work raised
+        return True
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return False

@@ -63,9 +63,15 @@ def _nvidia_gpus() -> tuple[GpuInfo, ...]:
         return ()
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,memory.used",
-             "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=5, check=True,
+            [
+                "nvidia-smi",
+                "--query-gpu=name,memory.total,memory.used",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError) as error:
         logger.info("nvidia-smi present but failed: %s", error)
@@ -75,12 +81,19 @@ def _nvidia_gpus() -> tuple[GpuInfo, ...]:
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 3:
             name, total, used = parts
-            mib = 1024 * 1024
-            gpus.append(GpuInfo("nvidia", name, int(float(total)) * mib, int(float(used)) * mib))
+            gpus.append(GpuInfo("nvidia", name, _mib(total), _mib(used)))
     return tuple(gpus)
 
 
 _PROVIDERS_SCRIPT = "import onnxruntime as o; print(','.join(o.get_available_providers()))"
+
+
+def _mib(value: str) -> int:
+    """Bytes from nvidia-smi's MiB figure; 0 where it prints "[N/A]" (MIG, vGPU)."""
+    try:
+        return int(float(value)) * 1024 * 1024
+    except ValueError:
+        return 0
 
 
 def _onnx_providers() -> tuple[str, ...]:
@@ -92,8 +105,13 @@ def _onnx_providers() -> tuple[str, ...]:
     if importlib.util.find_spec("onnxruntime") is None:
         return ()
     try:
-        out = subprocess.run([sys.executable, "-c", _PROVIDERS_SCRIPT], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", _PROVIDERS_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as error:
         logger.info("could not list ONNX Runtime providers: %s", error)
         return ()

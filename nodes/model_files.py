@@ -53,11 +53,17 @@ def _bundled_path(alias: str) -> ResolvedModelFile:
             f"installed; install it with: {bundled.install_hint}"
         )
     path = pathlib.Path(next(iter(spec.submodule_search_locations))) / bundled.resource
-    return _check_file(path, family=bundled.family, quantization=bundled.quantization,
-                       source=f"package {bundled.package}/{bundled.resource}")
+    return _check_file(
+        path,
+        family=bundled.family,
+        quantization=bundled.quantization,
+        source=f"package {bundled.package}/{bundled.resource}",
+    )
 
 
-def _check_file(path: pathlib.Path, *, family: str, quantization: str, source: str) -> ResolvedModelFile:
+def _check_file(
+    path: pathlib.Path, *, family: str, quantization: str, source: str
+) -> ResolvedModelFile:
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
     if not path.is_file():
@@ -72,8 +78,13 @@ def _check_file(path: pathlib.Path, *, family: str, quantization: str, source: s
             f"{path} is not a GGUF model file (it starts with {magic!r}, expected b'GGUF'); "
             "give a .gguf file or a bundled alias such as 'smollm2'"
         )
-    return ResolvedModelFile(path=path, size_bytes=path.stat().st_size, family=family,
-                             quantization=quantization, source=source)
+    return ResolvedModelFile(
+        path=path,
+        size_bytes=path.stat().st_size,
+        family=family,
+        quantization=quantization,
+        source=source,
+    )
 
 
 def resolve_gguf(source: str) -> ResolvedModelFile:

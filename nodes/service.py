@@ -17,7 +17,9 @@ import grpc
 from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh._grpc_errors import status_code_for
 from mesh.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
+from nodes import inference
 from nodes.admission import AdmissionController
+from nodes.agents import AgentHost
 from nodes.backends import Backend, Completion, GenerationInput, Message, ModelStatus
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, system_load
@@ -117,12 +119,16 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         backends: Mapping[str, Backend],
         hardware: HardwareInfo | None,
         admission: AdmissionController,
+        agents: AgentHost | None = None,
     ) -> None:
         self.identity = identity
         self.config = config
         self.backends = backends
         self.hardware = hardware
         self.admission = admission
+        # Agents (nodes/agents): the ones offered, their tools and the data store.
+        self.agents = agents if agents is not None else AgentHost.from_config(
+            config, backends, identity.node_id)
 
     # ------------------------------------------------------------------ gRPC edge
 
@@ -135,11 +141,12 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         try:
             text: list[str] = []
             final = None
-            async for chunk in self.generate(request):
-                if chunk.HasField("final"):
-                    final = chunk.final
-                else:
-                    text.append(chunk.text)
+            async with contextlib.aclosing(self.generate(request)) as chunks:
+                async for chunk in chunks:
+                    if chunk.HasField("final"):
+                        final = chunk.final
+                    else:
+                        text.append(chunk.text)
             assert final is not None  # generate() always ends with a final chunk
             final.text = "".join(text)
             return final
@@ -151,10 +158,41 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[node_pb2.GenerateChunk]:
         try:
-            async for chunk in self.generate(request):
-                yield chunk
+            async with contextlib.aclosing(self.generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except MeshError as error:
             await context.abort(status_code_for(error), str(error))
+
+    async def RunAgent(self, request: node_pb2.AgentRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.AgentEvent]:
+        # Agents (nodes/agents): a whole agent task holds one admission slot.
+        try:
+            async with self.admission.slot():
+                async for event in self.agents.run(request):
+                    yield event
+        except MeshError as error:
+            await context.abort(status_code_for(error), str(error))
+
+    # Classifiers and tensor models (nodes/inference.py): no admission slot, the
+    # ONNX backend bounds its own runs (a sub-millisecond route must not queue
+    # behind a long generation).
+    async def Classify(self, request: node_pb2.ClassifyRequest,
+                       context: grpc.aio.ServicerContext) -> node_pb2.ClassifyResponse:
+        try:
+            router = self.config.router.id if self.config.router is not None else None
+            return await inference.classify(request, self.backends, router)
+        except MeshError as error:
+            await context.abort(status_code_for(error), str(error))
+            raise  # unreachable: abort raises
+
+    async def Infer(self, request: node_pb2.InferRequest,
+                    context: grpc.aio.ServicerContext) -> node_pb2.InferResponse:
+        try:
+            return await inference.infer(request, self.backends)
+        except MeshError as error:
+            await context.abort(status_code_for(error), str(error))
+            raise  # unreachable: abort raises
 
     # ------------------------------------------------------------------ behaviour
 
@@ -169,7 +207,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     def describe(self) -> node_pb2.DescribeResponse:
         return node_pb2.DescribeResponse(
             node=self._node_info(), hardware=self._hardware(), models=self._models(),
-            load=self.load(), capacity=self._capacity(),
+            load=self.load(), capacity=self._capacity(), agents=self.agents.agent_infos(),
         )
 
     def _node_info(self) -> node_pb2.NodeInfo:
@@ -200,12 +238,14 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         models = []
         for model_id, backend in self.backends.items():
             d = backend.descriptor
-            models.append(node_pb2.ModelInfo(
+            info = node_pb2.ModelInfo(
                 model_id=model_id, backend=d.backend, source=d.source,
                 state=_MODEL_STATES[backend.status], size_bytes=d.size_bytes,
                 context_length=d.context_length, is_default=model_id == self.config.default_model_id,
                 error=backend.error, family=d.family, quantization=d.quantization,
-            ))
+            )
+            inference.describe_tensor_model(backend, info)  # task, inputs, outputs, labels
+            models.append(info)
         return models
 
     def _capacity(self) -> node_pb2.Capacity:
@@ -222,15 +262,18 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             started = time.perf_counter()
             first_token_at = 0.0
             completion = Completion()
+            leftover_tokens = 0
             try:
                 async with contextlib.aclosing(backend.stream(generation)) as pieces:
                     async for piece in pieces:
                         if piece.text:
                             first_token_at = first_token_at or time.perf_counter()
-                            yield node_pb2.GenerateChunk(text=piece.text, index=index)
+                            yield node_pb2.GenerateChunk(text=piece.text, index=index,
+                                                         tokens=piece.tokens)
                             index += 1
                         if piece.completion is not None:
                             completion = piece.completion
+                            leftover_tokens = piece.tokens  # sampled, but no text came of them
             finally:
                 if request.task.task_id:
                     logger.debug("task %s attempt %d on %s: %s",
@@ -256,4 +299,4 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             node_id=self.identity.node_id,
             task=request.task,
         )
-        yield node_pb2.GenerateChunk(index=index, final=final)
+        yield node_pb2.GenerateChunk(index=index, final=final, tokens=leftover_tokens)

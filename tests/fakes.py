@@ -11,11 +11,23 @@ from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelSt
 class FakeBackend:
     """A Backend that 'generates' the words of `reply`, one per `delay_s`."""
 
-    def __init__(self, model_id: str = "fake", reply: str = "Paris is the capital of France.",
-                 *, delay_s: float = 0.0, context_length: int = 2048) -> None:
-        self.descriptor = ModelDescriptor(model_id=model_id, backend="fake", source="memory",
-                                          size_bytes=1, context_length=context_length,
-                                          family="Fake", quantization="none")
+    def __init__(
+        self,
+        model_id: str = "fake",
+        reply: str = "Paris is the capital of France.",
+        *,
+        delay_s: float = 0.0,
+        context_length: int = 2048,
+    ) -> None:
+        self.descriptor = ModelDescriptor(
+            model_id=model_id,
+            backend="fake",
+            source="memory",
+            size_bytes=1,
+            context_length=context_length,
+            family="Fake",
+            quantization="none",
+        )
         self.status = ModelStatus.UNLOADED
         self.error = ""
         self.reply = reply
@@ -38,10 +50,14 @@ class FakeBackend:
                     await asyncio.sleep(self.delay_s)
                 self.tokens_produced += 1
                 produced += 1
-                yield Piece(word if i == 0 else " " + word)
+                yield Piece(word if i == 0 else " " + word, tokens=1)
             finish = "stop" if produced == len(words) else "length"
-            yield Piece("", Completion(finish_reason=finish, prompt_tokens=3,
-                                       completion_tokens=produced, decode_s=0.01))
+            yield Piece(
+                "",
+                Completion(
+                    finish_reason=finish, prompt_tokens=3, completion_tokens=produced, decode_s=0.01
+                ),
+            )
         finally:
             self.active -= 1
 

@@ -22,19 +22,38 @@ _SERVING = re.compile(r"serving .* on (\S+)$")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="start a local node with the bundled model and ask it")
+    parser = subparsers.add_parser(
+        "demo", help="start a local node with the bundled model and ask it"
+    )
     parser.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the node")
+    parser.add_argument(
+        "--start-timeout", type=float, default=120.0, help="seconds to wait for the node"
+    )
     parser.set_defaults(func=_demo)
 
 
-def start_local_node(state_dir: str, *, extra: list[str] | None = None,
-                     timeout_s: float = 120.0) -> tuple[subprocess.Popen[str], str]:
+def start_local_node(
+    state_dir: str, *, extra: list[str] | None = None, timeout_s: float = 120.0
+) -> tuple[subprocess.Popen[str], str]:
     """Start `mesh node start` on 127.0.0.1, any free port; return the process and its address."""
-    command = [sys.executable, "-m", "mesh.cli", "node", "start", "--host", "127.0.0.1",
-               "--port", "0", "--no-advertise", "--state-dir", state_dir, "--name", "demo-node",
-               *(extra or [])]
+    command = [
+        sys.executable,
+        "-m",
+        "mesh.cli",
+        "node",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--no-advertise",
+        "--state-dir",
+        state_dir,
+        "--name",
+        "demo-node",
+        *(extra or []),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout_s
     assert process.stdout is not None
@@ -54,8 +73,11 @@ def _demo(args: argparse.Namespace) -> int:
     from mesh.client import NodeClient
 
     with tempfile.TemporaryDirectory(prefix="mesh-demo-") as state_dir:
-        print("starting a local node with the bundled model (SmolLM2-135M-Instruct) ...",
-              file=sys.stderr, flush=True)
+        print(
+            "starting a local node with the bundled model (SmolLM2-135M-Instruct) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             process, address = start_local_node(state_dir, timeout_s=args.start_timeout)
         except RuntimeError as error:
@@ -71,11 +93,13 @@ def _demo(args: argparse.Namespace) -> int:
                     ):
                         if chunk.HasField("final"):
                             f = chunk.final
-                            print(f"\n[{f.usage.completion_tokens} tokens in "
-                                  f"{f.timing.total_ms / 1000:.2f} s, first token after "
-                                  f"{f.timing.time_to_first_token_ms:.0f} ms, "
-                                  f"{f.timing.tokens_per_second:.0f} tokens/s]",
-                                  file=sys.stderr)
+                            print(
+                                f"\n[{f.usage.completion_tokens} tokens in "
+                                f"{f.timing.total_ms / 1000:.2f} s, first token after "
+                                f"{f.timing.time_to_first_token_ms:.0f} ms, "
+                                f"{f.timing.tokens_per_second:.0f} tokens/s]",
+                                file=sys.stderr,
+                            )
                         else:
                             print(chunk.text, end="", flush=True)
                 return 0

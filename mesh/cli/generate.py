@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float, help="0 for deterministic output")
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
-    parser.add_argument("--json", action="store_true", help="print JSON (with --stream: one per line)")
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (with --stream: one per line)"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
     parser.set_defaults(func=_generate)
 
@@ -29,8 +31,12 @@ def _generate(args: argparse.Namespace) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     messages.append({"role": "user", "content": args.prompt})
-    options = dict(messages=messages, model=args.model, max_tokens=args.max_tokens,
-                   temperature=args.temperature)
+    options = dict(
+        messages=messages,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+    )
 
     async def unary() -> int:
         async with NodeClient(args.address, timeout_s=args.timeout) as client:
@@ -50,9 +56,12 @@ def _generate(args: argparse.Namespace) -> int:
                     print(json.dumps(message_to_dict(chunk)), flush=True)
                 elif chunk.HasField("final"):
                     f = chunk.final
-                    print(f"\n[{f.usage.completion_tokens} tokens, {f.finish_reason}, "
-                          f"first token {f.timing.time_to_first_token_ms:.0f} ms, "
-                          f"{f.timing.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+                    print(
+                        f"\n[{f.usage.completion_tokens} tokens, {f.finish_reason}, "
+                        f"first token {f.timing.time_to_first_token_ms:.0f} ms, "
+                        f"{f.timing.tokens_per_second:.1f} tokens/s]",
+                        file=sys.stderr,
+                    )
                 else:
                     print(chunk.text, end="", flush=True)
         return 0

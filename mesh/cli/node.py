@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--state-dir", help="where the node keeps its id")
     start.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                        help="a label for routing constraints (repeatable)")
+    start.add_argument("--router", action="store_true",
+                       help="also serve the bundled ONNX intent router (Classify; ~40 MB)")
     start.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
     start.add_argument("--interface", help="IP of the interface to advertise on")
     start.set_defaults(func=_start)
@@ -50,7 +52,7 @@ def _labels(pairs: list[str]) -> dict[str, str] | None:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from nodes.config import load_node_config, model_config_from_flag
+    from nodes.config import default_router_config, load_node_config, model_config_from_flag
     from nodes.daemon import NodeDaemon, run_daemon
 
     try:
@@ -62,6 +64,7 @@ def _start(args: argparse.Namespace) -> int:
             models=models, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
             state_dir=args.state_dir, labels=_labels(args.label),
             advertise=False if args.no_advertise else None, interface=args.interface,
+            router=default_router_config() if args.router else None,
         )
         if args.n_threads and not args.model:
             config = config.model_copy(update={"models": tuple(
@@ -99,16 +102,25 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def format_description(d: dict) -> str:  # type: ignore[type-arg]
-    node, hw, load, cap = d["node"], d["hardware"], d["load"], d["capacity"]
+    node, load, cap = d["node"], d["load"], d["capacity"]
+    hw = d.get("hardware")
     gib = 1024**3
     lines = [
         f"node      {node['name']} ({node['node_id']}), cluster {node['cluster']}, "
         f"version {node['version']}",
-        f"hardware  {hw['cpu_model']}, {hw['physical_cores']} cores ({hw['logical_cores']} threads), "
-        f"{hw['architecture']}, {int(hw['memory_total_bytes']) / gib:.1f} GiB RAM "
-        f"({int(hw['memory_available_bytes']) / gib:.1f} free), {hw['os']}",
-        f"gpus      {', '.join(g['name'] for g in hw['gpus']) or 'none'}",
-        f"onnx      {', '.join(hw['onnx_providers']) or 'not installed'}",
+    ]
+    if hw is None:  # the node is still starting
+        lines.append("hardware  (still probing)")
+    else:
+        lines += [
+            f"hardware  {hw['cpu_model']}, {hw['physical_cores']} cores "
+            f"({hw['logical_cores']} threads), {hw['architecture']}, "
+            f"{int(hw['memory_total_bytes']) / gib:.1f} GiB RAM "
+            f"({int(hw['memory_available_bytes']) / gib:.1f} free), {hw['os']}",
+            f"gpus      {', '.join(g['name'] for g in hw['gpus']) or 'none'}",
+            f"onnx      {', '.join(hw['onnx_providers']) or 'not installed'}",
+        ]
+    lines += [
         f"load      {load['in_flight']} running, {load['queued']} queued "
         f"(capacity {cap['max_concurrent']} + {cap['max_queued']} queued), "
         f"cpu {load['cpu_percent']:.0f}%, memory {load['memory_percent']:.0f}%, "

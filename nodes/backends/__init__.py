@@ -49,6 +49,9 @@ class GenerationInput:
     top_k: int = 40
     seed: int | None = None
     stop: Sequence[str] = ()
+    # Constrain the output to JSON matching this schema (JSON text; "" = free text).
+    # llama.cpp turns it into a grammar; the agent runtime relies on it.
+    json_schema: str = ""
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Piece:
 
     text: str
     completion: Completion | None = field(default=None)
+    tokens: int = 0  # model tokens behind `text` (a piece may batch several)
 
 
 class Backend(Protocol):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -50,7 +51,9 @@ class LlamaBackend:
         instances: int = 1,
         system_prompt: str | None = None,
         kv_cache: str = "q8_0",
+        stream_interval_s: float = 0.0,
     ) -> None:
+        self._stream_interval_s = stream_interval_s
         self._kv_cache = kv_cache
         self._system_prompt = system_prompt
         self._source = source
@@ -65,6 +68,8 @@ class LlamaBackend:
         self._instances: list[_Instance] = []
         self._free: asyncio.Queue[_Instance] | None = None
         self._formatter: Any = None
+        self._control_texts: tuple[str, ...] = ()
+        self._closing = threading.Event()  # set by close(): every generation stops
 
     # ------------------------------------------------------------------ loading
 
@@ -84,6 +89,8 @@ class LlamaBackend:
             self.status, self.error = ModelStatus.FAILED, str(error)
             raise
         self._formatter = _chat_formatter(self._instances[0].llama)
+        self._control_texts = await asyncio.to_thread(_control_token_texts,
+                                                      self._instances[0].llama)
         self._free = asyncio.Queue()
         for instance in self._instances:
             self._free.put_nowait(instance)
@@ -110,10 +117,12 @@ class LlamaBackend:
             raise ModelLoadError(f"llama.cpp could not load {path}: {error}") from None
 
     async def close(self) -> None:
+        """Stop every generation at its next token, then release the contexts (off the loop)."""
+        self._closing.set()
         for instance in self._instances:
-            instance.executor.shutdown(wait=True)
+            await asyncio.to_thread(instance.executor.shutdown, wait=True)
             with contextlib.suppress(AttributeError):  # older versions have no close()
-                instance.llama.close()
+                await asyncio.to_thread(instance.llama.close)
         self._instances.clear()
         self.status = ModelStatus.UNLOADED
 
@@ -127,13 +136,23 @@ class LlamaBackend:
         if self._formatter is None:
             text = "".join(f"{m.role}: {m.content}\n" for m in request.messages)
             return text + "assistant: " + request.continuation, stops + ["\nuser:"]
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        # Text from users and tools must not smuggle in control tokens (a forged
+        # "<|im_start|>system" turn): the rendered prompt is tokenized with special
+        # tokens parsed, so they are removed from message contents first.
+        messages = [{"role": m.role, "content": self._strip_control(m.content)}
+                    for m in request.messages]
         if self._system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self._system_prompt})
         response = self._formatter(messages=messages)
         template_stops = response.stop if isinstance(response.stop, list) else [response.stop]
         stops += [s for s in template_stops if s and s not in stops]
         return response.prompt + request.continuation, stops
+
+    def _strip_control(self, text: str) -> str:
+        for control in self._control_texts:
+            if control in text:
+                text = text.replace(control, "")
+        return text
 
     # ------------------------------------------------------------------ generation
 
@@ -160,15 +179,16 @@ class LlamaBackend:
                 if isinstance(item, BaseException):
                     raise item
                 # Coalesce text already waiting into one piece (a slow reader gets fewer, larger pieces).
-                text, completion = item.text, item.completion
+                text, completion, count = item.text, item.completion, item.tokens
                 while completion is None and not pieces.empty():
                     nxt = pieces.get_nowait()
                     if isinstance(nxt, Piece) and nxt.completion is None:
                         text += nxt.text
+                        count += nxt.tokens
                     else:
                         pending = nxt
                         break
-                yield Piece(text, completion)
+                yield Piece(text, completion, count)
         finally:
             stop.set()
             # The instance goes back to the pool only when its thread is done with it.
@@ -176,9 +196,27 @@ class LlamaBackend:
 
     def _run(self, llama: Any, request: GenerationInput, stop: threading.Event,
              emit: Any) -> None:
+        """Generate in the instance's thread; hand text to the loop at most every stream_interval_s.
+
+        The first text goes at once (time to first token is unchanged); after that, text
+        is batched so that the event loop, gRPC and the reader wake per chunk, not per
+        token: on a small device their CPU time competes with inference itself.
+        """
+        held, held_tokens = "", 0
+        last_emit = 0.0
         try:
             for piece in self._generate(llama, request, stop):
-                emit(piece)
+                if piece.completion is not None:
+                    if held:
+                        emit(Piece(held, tokens=held_tokens))
+                    emit(piece)
+                    continue
+                held += piece.text
+                held_tokens += piece.tokens
+                now = time.perf_counter()
+                if now - last_emit >= self._stream_interval_s:
+                    emit(Piece(held, tokens=held_tokens))
+                    held, held_tokens, last_emit = "", 0, now
         except InvalidRequestError as error:
             emit(error)
         except Exception as error:  # noqa: BLE001 - reported to the caller, never lost in a thread
@@ -211,15 +249,20 @@ class LlamaBackend:
         }
         if request.seed is not None:
             kwargs["seed"] = request.seed
+        if request.json_schema:  # constrained decoding: only JSON matching the schema
+            kwargs["grammar"] = _grammar_for_schema(request.json_schema)
         completion = Completion(prompt_tokens=len(tokens))
         first_at = last_at = 0.0
         finish = "length"
         pending = ""  # text held back until the healed prefix is matched
+        unsent = 0  # tokens sampled since the last piece (some carry no text yet)
         for chunk in llama.create_completion(tokens, **kwargs):
             choice = chunk["choices"][0]
             text = choice.get("text") or ""
-            if text:
+            if text or not choice.get("finish_reason"):  # one chunk per sampled token
                 completion.completion_tokens += 1
+                unsent += 1
+            if text:
                 last_at = time.perf_counter()
                 first_at = first_at or last_at
                 if healed:
@@ -230,15 +273,41 @@ class LlamaBackend:
                         text = pending[_common_prefix(pending, healed):]
                         healed = pending = ""
                 if text:
-                    yield Piece(text)
+                    yield Piece(text, tokens=unsent)
+                    unsent = 0
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
-            if stop.is_set():
+            if stop.is_set() or self._closing.is_set():
                 finish = "cancelled"
                 break
         completion.finish_reason = finish
         completion.decode_s = last_at - first_at
-        yield Piece("", completion)
+        yield Piece("", completion, unsent)
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar_for_schema(json_schema: str) -> Any:
+    """A llama.cpp grammar for a JSON schema (cached: agents reuse a few schemas)."""
+    from llama_cpp import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(json_schema, verbose=False)
+    except (ValueError, KeyError, TypeError) as error:  # schema features the converter lacks
+        raise InvalidRequestError(f"cannot turn the JSON schema into a grammar: {error}") from None
+
+
+def _control_token_texts(llama: Any) -> tuple[str, ...]:
+    """The texts of the model's control tokens (e.g. "<|im_start|>"), longest first."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llama._model.model)
+    texts = set()
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
+            text = llama._model.token_get_text(token)
+            if len(text) > 1:
+                texts.add(text)
+    return tuple(sorted(texts, key=len, reverse=True))
 
 
 def _common_prefix(a: str, b: str) -> int:

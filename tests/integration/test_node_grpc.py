@@ -24,11 +24,19 @@ SLOW_REPLY = " ".join(f"word{i}" for i in range(200))
 
 @contextlib.asynccontextmanager
 async def running_node(tmp_path, backend, **config):
-    settings = dict(host="127.0.0.1", port=0, advertise=False, state_dir=str(tmp_path),
-                    max_concurrent=1, max_queued=1, grace_s=1.0)
+    settings = dict(
+        host="127.0.0.1",
+        port=0,
+        advertise=False,
+        state_dir=str(tmp_path),
+        max_concurrent=1,
+        max_queued=1,
+        grace_s=1.0,
+    )
     settings.update(config)
-    daemon = NodeDaemon(NodeConfig(**settings), backends={"smollm2": backend},
-                        progress=io.StringIO())
+    daemon = NodeDaemon(
+        NodeConfig(**settings), backends={"smollm2": backend}, progress=io.StringIO()
+    )
     await daemon.start()
     try:
         yield daemon
@@ -42,8 +50,10 @@ def run(coro, timeout=30):
 
 def test_describe_health_and_reflection(tmp_path):
     async def scenario():
-        async with running_node(tmp_path, FakeBackend("smollm2"), labels={"site": "lab"}) as d, \
-                NodeClient(d.address) as client:
+        async with (
+            running_node(tmp_path, FakeBackend("smollm2"), labels={"site": "lab"}) as d,
+            NodeClient(d.address) as client,
+        ):
             assert await client.health() == "SERVING"
             assert await client.health("edgemesh.v1.NodeService") == "SERVING"
             info = await client.describe()
@@ -75,8 +85,10 @@ def test_node_id_survives_restart(tmp_path):
 
 def test_unary_and_stream(tmp_path):
     async def scenario():
-        async with running_node(tmp_path, FakeBackend("smollm2")) as d, \
-                NodeClient(d.address) as client:
+        async with (
+            running_node(tmp_path, FakeBackend("smollm2")) as d,
+            NodeClient(d.address) as client,
+        ):
             reply = await client.generate("capital of France?", max_tokens=50)
             assert reply.text == "Paris is the capital of France."
             assert reply.usage.completion_tokens == 6 and reply.node_id == d.node_id
@@ -90,8 +102,10 @@ def test_unary_and_stream(tmp_path):
 
 def test_bad_requests_get_status_and_node_keeps_serving(tmp_path):
     async def scenario():
-        async with running_node(tmp_path, FakeBackend("smollm2")) as d, \
-                NodeClient(d.address) as client:
+        async with (
+            running_node(tmp_path, FakeBackend("smollm2")) as d,
+            NodeClient(d.address) as client,
+        ):
             with pytest.raises(InvalidRequestError, match="empty"):
                 await client.generate("")
             with pytest.raises(InvalidRequestError, match="max_tokens"):
@@ -115,15 +129,19 @@ def test_bad_requests_get_status_and_node_keeps_serving(tmp_path):
 def test_over_capacity_is_resource_exhausted(tmp_path):
     async def scenario():
         backend = FakeBackend("smollm2", reply=SLOW_REPLY, delay_s=0.02)
-        async with running_node(tmp_path, backend, max_concurrent=1, max_queued=1) as d, \
-                NodeClient(d.address) as client:
+        async with (
+            running_node(tmp_path, backend, max_concurrent=1, max_queued=1) as d,
+            NodeClient(d.address) as client,
+        ):
             running = asyncio.create_task(client.generate("a", max_tokens=100))
             queued = asyncio.create_task(client.generate("b", max_tokens=100))
             while d.admission.in_flight + d.admission.queued < 2:
                 await asyncio.sleep(0.01)
             with pytest.raises(OverloadedError, match="at capacity"):
                 await client.generate("c", max_tokens=5)
-            assert all(r.usage.completion_tokens == 100 for r in await asyncio.gather(running, queued))
+            assert all(
+                r.usage.completion_tokens == 100 for r in await asyncio.gather(running, queued)
+            )
             info = await client.describe()
             assert info.load.rejected == 1 and info.load.completed == 2
 
@@ -135,7 +153,7 @@ def test_cancel_and_deadline_stop_generation_and_free_slot(tmp_path):
         backend = FakeBackend("smollm2", reply=SLOW_REPLY, delay_s=0.02)
         async with running_node(tmp_path, backend) as d, NodeClient(d.address) as client:
             seen = 0
-            async for chunk in client.generate_stream("go", max_tokens=200):
+            async for _chunk in client.generate_stream("go", max_tokens=200):
                 seen += 1
                 if seen == 5:
                     break  # leaving the loop cancels the call
@@ -159,9 +177,12 @@ def test_graceful_stop_finishes_in_flight_request(tmp_path):
     async def scenario():
         backend = FakeBackend("smollm2", reply=" ".join(["w"] * 20), delay_s=0.02)
         daemon = NodeDaemon(
-            NodeConfig(host="127.0.0.1", port=0, advertise=False, state_dir=str(tmp_path),
-                       grace_s=5.0),
-            backends={"smollm2": backend}, progress=io.StringIO())
+            NodeConfig(
+                host="127.0.0.1", port=0, advertise=False, state_dir=str(tmp_path), grace_s=5.0
+            ),
+            backends={"smollm2": backend},
+            progress=io.StringIO(),
+        )
         await daemon.start()
         async with NodeClient(daemon.address) as client:
             pending = asyncio.create_task(client.generate("x", max_tokens=20))

@@ -127,8 +127,12 @@ def test_admission_runs_queues_then_refuses():
         release.set()
         await asyncio.gather(first, second)
         assert entered == ["a", "b"]
-        assert (admission.in_flight, admission.queued, admission.completed,
-                admission.rejected) == (0, 0, 2, 1)
+        assert (admission.in_flight, admission.queued, admission.completed, admission.rejected) == (
+            0,
+            0,
+            2,
+            1,
+        )
 
     run(scenario())
 
@@ -183,8 +187,11 @@ def _request(prompt="hello", **sampling):
         (_request(temperature=-0.1), InvalidRequestError, "temperature"),
         (_request(top_p=0.0), InvalidRequestError, "top_p"),
         (node_pb2.GenerateRequest(model="gpt-9", prompt="hi"), NotFoundError, "serves: smollm2"),
-        (node_pb2.GenerateRequest(messages=[node_pb2.ChatMessage(role="wizard", content="hi")]),
-         InvalidRequestError, "messages[0].role"),
+        (
+            node_pb2.GenerateRequest(messages=[node_pb2.ChatMessage(role="wizard", content="hi")]),
+            InvalidRequestError,
+            "messages[0].role",
+        ),
     ],
 )
 def test_bad_requests_say_what_to_change(request_, error, fragment):
@@ -201,6 +208,5 @@ def test_defaults_apply_and_prompt_becomes_user_message():
 
 
 def test_explicit_zero_temperature_is_kept():
-    _backend, generation = to_generation_input(_request(temperature=0.0), NodeConfig(),
-                                               _backends())
+    _backend, generation = to_generation_input(_request(temperature=0.0), NodeConfig(), _backends())
     assert generation.temperature == 0.0

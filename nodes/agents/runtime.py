@@ -1,0 +1,258 @@
+"""The agent loop on a node: the model decides, the node runs the tool, the result goes back.
+
+Each step the model writes one JSON object constrained by a grammar (see
+`decision.py`): a call to one of the tools offered at this step, or the final
+answer. The arguments are validated against the tool's schema; an invalid reply
+is shown back to the model with the error (a repair), and if it stays invalid
+the step is recorded as "invalid" and the task ends so that the caller can
+escalate. The last allowed step may only answer, so a task ends with an answer
+unless the model cannot produce valid JSON at all.
+
+Steps completed elsewhere (`AgentTask.completed_steps`, after a failover) go back
+into the conversation as they were: their tools are never run again. Within a
+task, a non-idempotent tool called again with the same arguments returns the
+first result instead of acting twice, and its idempotency key (task id and step
+index) lets the tool itself refuse a duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import InvalidRequestError, NotFoundError, NotReadyError
+from nodes.agents.decision import (
+    Decision,
+    DecisionError,
+    FinalDecision,
+    ToolCallDecision,
+    decision_schema,
+    parse_decision,
+    select_tools,
+)
+from nodes.agents.prompts import repair_messages, step_messages
+from nodes.agents.records import (
+    AgentEventData,
+    AgentOutcome,
+    AgentTask,
+    AnswerEvent,
+    FinishReason,
+    OutcomeEvent,
+    StepEvent,
+    StepRecord,
+)
+from nodes.agents.spec import AgentSpec
+from nodes.backends import Backend, Completion, GenerationInput, Message, ModelStatus
+from nodes.tools import Tool, ToolContext, ToolError, ToolRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Attempts:
+    """The outcome of asking the model for one decision, repairs included."""
+
+    decision: Decision | None
+    reply: str
+    error: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def check_replay(steps: Sequence[StepRecord], spec: AgentSpec) -> list[StepRecord]:
+    """Steps completed elsewhere, checked and marked as replayed; InvalidRequestError if inconsistent."""
+    checked = []
+    for position, step in enumerate(steps):
+        if step.index != position:
+            raise InvalidRequestError(
+                f"completed_steps[{position}] has index {step.index}; steps must be numbered "
+                "0, 1, 2, ... in order")
+        if step.kind == "tool_call" and step.tool not in spec.tools:
+            raise InvalidRequestError(
+                f"completed_steps[{position}] calls {step.tool!r}, which agent {spec.name} "
+                "does not have")
+        if step.kind == "final" and position != len(steps) - 1:
+            raise InvalidRequestError(f"completed_steps[{position}] is final but is not the last")
+        checked.append(step.model_copy(update={"replayed": True}))
+    return checked
+
+
+def offered_tools(spec: AgentSpec, relevant: Sequence[Tool],
+                  steps: Sequence[StepRecord]) -> list[Tool]:
+    """The tools the model may call at the next step (before the last one)."""
+    if spec.allow_repeat_calls:
+        return list(relevant)
+    done = {s.tool for s in steps if s.kind == "tool_call" and not s.error}
+    return [t for t in relevant if t.name not in done]
+
+
+class AgentRuntime:
+    """Runs agents with the node's models and tools."""
+
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        registry: ToolRegistry,
+        *,
+        default_model: str = "",
+        node_id: str = "",
+        store: Any = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.backends = backends
+        self.registry = registry
+        self.default_model = default_model or next(iter(backends), "")
+        self.node_id = node_id
+        self.store = store
+        self._clock = clock
+
+    def backend_for(self, spec: AgentSpec, override: str = "") -> Backend:
+        model_id = override or spec.model or self.default_model
+        backend = self.backends.get(model_id)
+        if backend is None:
+            raise NotFoundError(f"agent {spec.name} needs model {model_id!r}, which this node "
+                                f"does not serve; it serves: {', '.join(sorted(self.backends))}")
+        if backend.status is not ModelStatus.READY:
+            raise NotReadyError(f"model {model_id!r} is {backend.status.value}; retry when ready")
+        return backend
+
+    async def run(self, spec: AgentSpec, task: AgentTask) -> AsyncIterator[AgentEventData]:
+        """Run `task`; yields a StepEvent per new step, the answer text, then the outcome."""
+        began = self._clock()
+        backend = self.backend_for(spec, task.model)
+        model_id = backend.descriptor.model_id
+        tools = [self.registry.get(name) for name in spec.tools]
+        relevant = select_tools(task.input, tools, spec.offered_tools)
+        max_steps = task.max_steps or spec.max_steps
+        steps = check_replay(task.completed_steps, spec)
+        prompt_tokens = completion_tokens = 0
+
+        def outcome(answer: str, reason: FinishReason) -> OutcomeEvent:
+            return OutcomeEvent(outcome=AgentOutcome(
+                agent=spec.name, answer=answer, finish_reason=reason, steps=tuple(steps),
+                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                total_ms=(self._clock() - began) * 1000, model=model_id, node_id=self.node_id))
+
+        if steps and steps[-1].kind == "final":  # finished elsewhere; only the result was lost
+            answer = json.loads(steps[-1].result_json or "{}").get("final", "")
+            yield AnswerEvent(text=answer)
+            yield outcome(answer, "answer")
+            return
+        for index in range(len(steps), max_steps):
+            step_began = self._clock()
+            offered = [] if index == max_steps - 1 else offered_tools(spec, relevant, steps)
+            first_call = not any(s.kind == "tool_call" for s in steps)
+            allow_final = not (spec.tool_choice == "required" and offered and first_call)
+            messages = step_messages(spec, relevant, task, steps)
+            attempt = await self._decide(backend, spec, messages, offered, allow_final)
+            prompt_tokens += attempt.prompt_tokens
+            completion_tokens += attempt.completion_tokens
+            common = dict(index=index, tokens=attempt.completion_tokens, model=model_id,
+                          node_id=self.node_id)
+            decision = attempt.decision
+            if decision is None:
+                steps.append(StepRecord(
+                    kind="invalid", result_json=json.dumps({"reply": attempt.reply}),
+                    error=attempt.error, duration_ms=(self._clock() - step_began) * 1000,
+                    **common))
+                yield StepEvent(step=steps[-1])
+                yield outcome("", "invalid_tool_calls")
+                return
+            if isinstance(decision, FinalDecision):
+                steps.append(StepRecord(
+                    kind="final", result_json=decision.to_json(),
+                    duration_ms=(self._clock() - step_began) * 1000, **common))
+                yield StepEvent(step=steps[-1])
+                yield AnswerEvent(text=decision.text())
+                yield outcome(decision.text(), "answer")
+                return
+            result_json, error, idempotent = await self._execute(decision, task, index, steps)
+            steps.append(StepRecord(
+                kind="tool_call", tool=decision.tool, arguments_json=json.dumps(decision.arguments),
+                result_json=result_json, idempotent=idempotent, error=error,
+                duration_ms=(self._clock() - step_began) * 1000, **common))
+            yield StepEvent(step=steps[-1])
+        yield outcome("", "max_steps")
+
+    # ------------------------------------------------------------------ the model
+
+    async def _decide(self, backend: Backend, spec: AgentSpec, messages: list[Message],
+                      offered: Sequence[Tool], allow_final: bool) -> _Attempts:
+        schema = decision_schema(offered, allow_final=allow_final,
+                                 output_schema=spec.output_schema,
+                                 max_answer_chars=spec.max_answer_chars)
+        request = GenerationInput(
+            messages=tuple(messages), max_tokens=spec.max_tokens_per_step,
+            temperature=spec.temperature, json_schema=json.dumps(schema),
+        )
+        prompt_tokens = completion_tokens = 0
+        reply = error = ""
+        for attempt in range(1 + spec.repair_attempts):
+            reply, completion = await _generate(backend, request)
+            prompt_tokens += completion.prompt_tokens
+            completion_tokens += completion.completion_tokens
+            try:
+                decision = parse_decision(reply, offered, allow_final=allow_final,
+                                          output_schema=spec.output_schema)
+            except DecisionError as invalid:
+                error = str(invalid)
+                logger.info("agent %s: invalid reply (attempt %d): %s", spec.name, attempt + 1,
+                            error)
+                request = GenerationInput(
+                    messages=(*request.messages, *repair_messages(reply, error)),
+                    max_tokens=request.max_tokens, temperature=request.temperature,
+                    json_schema=request.json_schema,
+                )
+                continue
+            return _Attempts(decision, reply, "", prompt_tokens, completion_tokens)
+        return _Attempts(None, reply, error, prompt_tokens, completion_tokens)
+
+    # ------------------------------------------------------------------ the tools
+
+    async def _execute(self, call: ToolCallDecision, task: AgentTask, index: int,
+                       steps: Sequence[StepRecord]) -> tuple[str, str, bool]:
+        """(result JSON, error, idempotent) of running one tool call."""
+        tool = self.registry.get(call.tool)
+        if not tool.idempotent:
+            for earlier in steps:
+                if (earlier.kind == "tool_call" and earlier.tool == call.tool and not earlier.error
+                        and earlier.arguments() == call.arguments):
+                    logger.info("task %s: %s already ran with these arguments in step %d; "
+                                "not running it again", task.task_id, call.tool, earlier.index)
+                    return earlier.result_json, "", False
+        context = ToolContext(task_id=task.task_id, step_index=index, node_id=self.node_id,
+                              store=self.store, idempotency_key=f"{task.task_id}:{index}")
+        try:
+            value = await tool.call(call.arguments, context)
+        except ToolError as error:
+            return json.dumps({"error": str(error)}), str(error), tool.idempotent
+        except TimeoutError:
+            message = f"{tool.name} did not finish within {tool.timeout_s:g} s"
+            return json.dumps({"error": message}), message, tool.idempotent
+        except Exception as error:  # noqa: BLE001 - a broken tool is reported, never crashes the node
+            logger.exception("tool %s failed", tool.name)
+            message = f"{tool.name} failed: {type(error).__name__}: {error}"
+            return json.dumps({"error": message}), message, tool.idempotent
+        return _to_json(value), "", tool.idempotent
+
+
+def _to_json(value: Any) -> str:
+    if hasattr(value, "model_dump"):  # a pydantic model
+        value = value.model_dump(mode="json")
+    return json.dumps(value, default=str)
+
+
+async def _generate(backend: Backend, request: GenerationInput) -> tuple[str, Completion]:
+    pieces: list[str] = []
+    completion = Completion()
+    async with contextlib.aclosing(backend.stream(request)) as stream:  # type: ignore[type-var]
+        async for piece in stream:
+            pieces.append(piece.text)
+            if piece.completion is not None:
+                completion = piece.completion
+    return "".join(pieces), completion
