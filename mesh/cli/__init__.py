@@ -9,7 +9,16 @@ import sys
 from collections.abc import Sequence
 
 # Modules under mesh.cli that add subcommands, in the order `mesh --help` lists them.
-_COMMAND_MODULES = ("node", "generate", "demo", "topology", "discover")
+_COMMAND_MODULES = (
+    "node",
+    "generate",
+    "demo",
+    "topology",
+    "discover",
+    "coordinator",
+    "submit",
+    "nodes",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,81 @@
+"""A real node daemon with an instant fake model, to measure the router rather than the model.
+
+    python -m bench.fake_node --name fake-1 [--port 0] [--max-concurrent 64] [--max-queued 1000]
+
+Prints `node NAME (ID) serving fake on 127.0.0.1:PORT` once serving, like `mesh node start`.
+Every answer is the words of `--reply`, one per token, generated instantly (or `--delay-ms`
+apart), so what is measured is gRPC, routing and Ray, not inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import tempfile
+from collections.abc import AsyncIterator
+
+from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
+from nodes.config import ModelConfig, NodeConfig
+from nodes.daemon import NodeDaemon, run_daemon
+
+DEFAULT_REPLY = "Paris is the capital of France."
+
+
+class InstantBackend:
+    """A Backend whose answer is `reply`, one word per token, continuing from `continuation`."""
+
+    def __init__(self, model_id: str, reply: str = DEFAULT_REPLY, delay_s: float = 0.0) -> None:
+        self.descriptor = ModelDescriptor(model_id=model_id, backend="fake", source="memory",
+                                          context_length=2048, family="Instant")
+        self.status = ModelStatus.UNLOADED
+        self.error = ""
+        self.reply = reply
+        self.delay_s = delay_s
+
+    async def load(self) -> None:
+        self.status = ModelStatus.READY
+
+    async def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(self.reply.split(" "))]
+        done = ""
+        while pieces and request.continuation.startswith(done + pieces[0]) \
+                and len(done) < len(request.continuation):
+            done += pieces.pop(0)
+        produced = 0
+        for piece in pieces[: request.max_tokens]:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            produced += 1
+            yield Piece(piece)
+        finish = "stop" if produced == len(pieces) else "length"
+        yield Piece("", Completion(finish_reason=finish, prompt_tokens=8,
+                                   completion_tokens=produced, decode_s=0.0))
+
+    async def close(self) -> None:
+        self.status = ModelStatus.UNLOADED
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="fake")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--model", default="smollm2", help="the model alias it claims to serve")
+    parser.add_argument("--max-concurrent", type=int, default=64)
+    parser.add_argument("--max-queued", type=int, default=1000)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="between tokens")
+    parser.add_argument("--reply", default=DEFAULT_REPLY)
+    args = parser.parse_args()
+    state_dir = tempfile.mkdtemp(prefix="fake-node-")
+    config = NodeConfig(name=args.name, host=args.host, port=args.port, advertise=False,
+                        state_dir=state_dir, max_concurrent=args.max_concurrent,
+                        max_queued=args.max_queued, grace_s=0.5,
+                        models=(ModelConfig(id=args.model, source="memory", n_threads=1),))
+    backend = InstantBackend(args.model, args.reply, args.delay_ms / 1000)
+    daemon = NodeDaemon(config, backends={args.model: backend}, progress=io.StringIO())
+    return asyncio.run(run_daemon(daemon))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

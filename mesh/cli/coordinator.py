@@ -1,0 +1,84 @@
+"""`mesh coordinator start`: the coordinator (Ray Serve app) in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from mesh.cli._common import EXIT_ERROR
+from mesh.errors import MeshError
+
+DEFAULT_ENDPOINT = "127.0.0.1:9000"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("coordinator", help="run the coordinator (Ray Serve)")
+    actions = parser.add_subparsers(dest="coordinator_command", metavar="ACTION")
+    start = actions.add_parser(
+        "start", help="start or join Ray, deploy the coordinator, serve until SIGINT/SIGTERM")
+    start.add_argument("--topology", metavar="FILE", help="topology YAML (default: one device)")
+    start.add_argument("--node", action="append", default=[], metavar="ADDRESS",
+                       help="a node's host:port, added to the topology's and mDNS's (repeatable)")
+    start.add_argument("--host", help="address the ingresses listen on (default 127.0.0.1)")
+    start.add_argument("--grpc-port", type=int, help="Ray Serve gRPC proxy port (default 9000)")
+    start.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP port (default 8000)")
+    start.add_argument("--fast-port", type=int,
+                       help="direct MeshService port of the dispatcher (default: any free)")
+    start.add_argument("--no-fast-path", action="store_true",
+                       help="serve MeshService only through Ray Serve's proxy")
+    start.add_argument("--replicas", type=int, help="dispatcher replicas (default: topology's)")
+    start.add_argument("--no-mdns", action="store_true", help="static nodes only")
+    start.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
+    start.add_argument("--num-cpus", type=float, help="CPUs of a locally started Ray")
+    start.set_defaults(func=_start)
+    parser.set_defaults(func=lambda _args: parser.print_help() or 2)
+
+
+def _config(args: argparse.Namespace) -> object:
+    from mesh.coordinator.settings import CoordinatorConfig
+    from mesh.topology import default_topology, load_topology
+
+    if args.topology:
+        topology = load_topology(args.topology)
+    else:
+        topology = default_topology()
+        if args.node:  # nodes named on the command line replace the default local one
+            topology = topology.model_copy(update={"nodes": ()})
+    return CoordinatorConfig.from_topology(
+        topology, nodes=tuple(args.node), host=args.host, grpc_port=args.grpc_port,
+        http_port=args.http_port, fast_port=args.fast_port, replicas=args.replicas,
+        ray_address=args.ray_address, num_cpus=args.num_cpus,
+        mdns=False if args.no_mdns else None, fast_path=False if args.no_fast_path else None)
+
+
+def _start(args: argparse.Namespace) -> int:
+    from mesh.coordinator.runner import start_coordinator, stop_coordinator
+
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        config = _config(args)
+        running = start_coordinator(config)  # type: ignore[arg-type]
+        for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installed its own: ours again
+            signal.signal(sig, on_signal)
+    except MeshError as error:
+        print(f"error: {error}", file=sys.stderr)
+        stop_coordinator()
+        return EXIT_ERROR
+    try:
+        fast = ", ".join(running.fast_paths) or "off"
+        print(f"coordinator ready: grpc {running.grpc_address} (Ray Serve) fast path {fast} "
+              f"http {running.openai_base_url} (OpenAI API)", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("coordinator stopping: shutting down Serve and Ray", file=sys.stderr, flush=True)
+    finally:
+        stop_coordinator()
+    return 0

@@ -1,0 +1,41 @@
+"""The coordinator: a task submitted once is answered once, by the best node for it.
+
+Mechanism without Ray (importable anywhere):
+
+    from mesh.coordinator import Dispatcher, DispatcherSettings, build_task
+    dispatcher = Dispatcher(DispatcherSettings(policy="least_loaded"))
+    dispatcher.update_nodes(registry.snapshot())
+    result = await dispatcher.submit(build_task("Hello", model="smollm2"))
+
+The Ray Serve application is `mesh.coordinator.app` (imports Ray); start and stop it with
+`mesh.coordinator.runner.start_coordinator` / `stop_coordinator`, or `mesh coordinator start`.
+Callers use `mesh.coordinator_client.MeshClient` (gRPC) or any OpenAI client (HTTP).
+"""
+
+from mesh.coordinator.dispatch import Dispatcher, NodeLink, NodeRow, connect_grpc
+from mesh.coordinator.settings import CoordinatorConfig, DispatcherSettings
+from mesh.coordinator.tasks import (
+    AttemptOutcome,
+    AttemptRecord,
+    TaskRecord,
+    TaskResult,
+    TaskSpec,
+    TaskState,
+    build_task,
+)
+
+__all__ = [
+    "AttemptOutcome",
+    "AttemptRecord",
+    "CoordinatorConfig",
+    "Dispatcher",
+    "DispatcherSettings",
+    "NodeLink",
+    "NodeRow",
+    "TaskRecord",
+    "TaskResult",
+    "TaskSpec",
+    "TaskState",
+    "build_task",
+    "connect_grpc",
+]

@@ -1,0 +1,191 @@
+"""The coordinator as a Ray Serve application: one node-table owner, N dispatcher replicas.
+
+    NodeTableOwner (1 replica)       runs the NodeRegistry (mDNS + static nodes, health watches);
+                                     answers long-polls for snapshots; knows the fast paths.
+    MeshIngress (N replicas)         a Dispatcher each; MeshService for Serve's gRPC proxy, the
+                                     OpenAI API for Serve's HTTP proxy, and MeshService straight
+                                     on grpc.aio (the fast path, no Ray hop).
+
+The dispatchers hold a snapshot of the node table, refreshed by long-poll (an answer as soon as
+the table changes, at the latest every `_POLL_WAIT_S`): no Ray call happens per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
+from ray.serve.handle import DeploymentHandle
+
+from edgemesh.v1 import mesh_pb2
+from mesh._grpc_errors import status_code_for
+from mesh.channels import format_address
+from mesh.coordinator.dispatch import Dispatcher
+from mesh.coordinator.openai_api import build_openai_app
+from mesh.coordinator.service import MeshHandlers, start_fast_path
+from mesh.coordinator.settings import CoordinatorConfig
+from mesh.errors import MeshError
+from mesh.nodes_view import NodeView
+
+logger = logging.getLogger("mesh.coordinator")
+
+APP_NAME = "mesh"
+MESH_SERVICER = "edgemesh.v1.mesh_pb2_grpc.add_MeshServiceServicer_to_server"
+_POLL_WAIT_S = 1.0  # longest a long-poll waits without a change
+_POLL_RETRY_S = 0.2  # pause after a failed poll (the owner restarting)
+
+
+class NodeTableOwner:
+    """The one owner of the node table: a NodeRegistry, and a version bumped on every event."""
+
+    async def __init__(self, config: CoordinatorConfig) -> None:
+        from mesh.node_table import RegistryTimings
+        from mesh.registry import NodeRegistry
+
+        browser = None
+        if config.mdns:
+            from mesh.discovery.browser import MdnsBrowser
+
+            browser = MdnsBrowser()
+        self.registry = NodeRegistry(
+            cluster=config.cluster, static_addresses=config.static_nodes, browser=browser,
+            timings=RegistryTimings(**config.registry_timings))
+        self.version = 0
+        self._changed = asyncio.Event()
+        self._fast_paths: dict[str, str] = {}
+        self.registry.subscribe(self._on_event)
+        await self.registry.start()
+
+    def _on_event(self, _event: object) -> None:
+        self.version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def snapshot(self, since_version: int, wait_s: float) -> tuple[int, list[NodeView]]:
+        """The table once its version differs from `since_version`, or after `wait_s`."""
+        if self.version == since_version:
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass  # no change: answer with the same version, the caller polls again
+        return self.version, self.registry.snapshot()
+
+    def add_node(self, address: str) -> None:
+        self.registry.add_static(address)
+
+    def register_fast_path(self, replica: str, address: str) -> None:
+        self._fast_paths[replica] = address
+
+    def fast_paths(self) -> list[str]:
+        return sorted(self._fast_paths.values())
+
+    async def __del__(self) -> None:
+        await self.registry.stop()
+
+
+def _abort(context: RayServegRPCContext, error: MeshError) -> None:
+    context.set_code(status_code_for(error))
+    context.set_details(str(error))
+
+
+class MeshIngress:
+    """One dispatcher replica: MeshService (Serve gRPC proxy and fast path) and the OpenAI API."""
+
+    async def __init__(self, owner: DeploymentHandle, config: CoordinatorConfig) -> None:
+        self._owner = owner
+        self._config = config
+        self.dispatcher = Dispatcher(config.dispatcher)
+        self.handlers = MeshHandlers(self.dispatcher, stream_window_s=config.stream_window_s)
+        self._version = -1
+        await self._poll_once(wait_s=0.0)
+        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+        self._fast_server: grpc.aio.Server | None = None
+        if config.fast_path:
+            port = config.fast_port if config.replicas == 1 else 0
+            direct = MeshHandlers(self.dispatcher, stream_window_s=0.0)
+            self._fast_server, bound = await start_fast_path(
+                direct, format_address(config.host, port))
+            replica = str(serve.get_replica_context().replica_id)
+            await owner.register_fast_path.remote(replica, format_address(config.host, bound))
+
+    async def _poll_once(self, wait_s: float) -> None:
+        version, views = await self._owner.snapshot.remote(self._version, wait_s)
+        if version != self._version:
+            self._version = version
+            self.dispatcher.update_nodes(views)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self._poll_once(_POLL_WAIT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # Ray raises many kinds while the owner restarts
+                logger.warning("node table poll failed (%s); keeping the last snapshot", error)
+                await asyncio.sleep(_POLL_RETRY_S)
+
+    # -------------------------------------------------------------- gRPC (Serve's proxy)
+
+    async def Submit(self, request: mesh_pb2.SubmitRequest,
+                     grpc_context: RayServegRPCContext) -> mesh_pb2.SubmitResponse:
+        try:
+            return await self.handlers.submit(request)
+        except MeshError as error:
+            _abort(grpc_context, error)
+            return mesh_pb2.SubmitResponse()
+
+    async def SubmitStream(self, request: mesh_pb2.SubmitRequest,
+                           grpc_context: RayServegRPCContext
+                           ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
+        try:
+            async for chunk in self.handlers.submit_stream(request):
+                yield chunk
+        except MeshError as error:
+            # A streaming method must raise for the proxy to end the call with the code set.
+            _abort(grpc_context, error)
+            raise
+
+    async def ListNodes(self, request: mesh_pb2.ListNodesRequest,
+                        grpc_context: RayServegRPCContext) -> mesh_pb2.ListNodesResponse:
+        return self.handlers.list_nodes()
+
+    async def DescribeTask(self, request: mesh_pb2.DescribeTaskRequest,
+                           grpc_context: RayServegRPCContext) -> mesh_pb2.TaskRecord:
+        try:
+            return self.handlers.describe_task(request)
+        except MeshError as error:
+            _abort(grpc_context, error)
+            return mesh_pb2.TaskRecord()
+
+    # -------------------------------------------------------------- HTTP (Serve's proxy)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_openai_app(self.dispatcher, stream_window_s=self._config.stream_window_s,
+                                info=self._info)
+
+    async def _info(self) -> dict[str, Any]:
+        return {"fast_paths": await self._owner.fast_paths.remote(),
+                "replicas": self._config.replicas, "cluster": self._config.cluster}
+
+    async def __del__(self) -> None:
+        self._poller.cancel()
+        if self._fast_server is not None:
+            await self._fast_server.stop(1.0)
+        await self.dispatcher.close()
+
+
+def build_app(config: CoordinatorConfig) -> serve.Application:
+    """The Serve application: bind the owner into the ingress replicas."""
+    owner = serve.deployment(NodeTableOwner, name="NodeTableOwner").options(
+        num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
+    ingress_class = serve.ingress()(MeshIngress)
+    ingress = serve.deployment(ingress_class, name="MeshIngress").options(
+        num_replicas=config.replicas, max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0})
+    return ingress.bind(owner.bind(config), config)

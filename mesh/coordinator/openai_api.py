@@ -1,0 +1,197 @@
+"""An OpenAI-compatible HTTP API over a Dispatcher: `/v1/models` and `/v1/chat/completions`.
+
+Usable by the official `openai` client unmodified (`base_url=http://HOST:PORT/v1`). Streams are
+server-sent events in OpenAI's chunk format ending with `data: [DONE]`; errors use OpenAI's
+`{"error": {"message", "type", "param", "code"}}` shape. Mesh extensions, all optional:
+headers `Idempotency-Key`, `X-Mesh-Deadline-S`, `X-Mesh-Agent`; a `mesh` object in unary
+answers (task id, node, attempts, failed_over). Independent of Ray: Serve wraps it as ingress.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mesh.coordinator.dispatch import Dispatcher
+from mesh.coordinator.service import coalesce
+from mesh.coordinator.tasks import TaskResult, TaskSpec, build_task
+from mesh.errors import InvalidRequestError, MeshError
+
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "DEADLINE_EXCEEDED": (504, "timeout_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
+    "UNAVAILABLE": (503, "service_unavailable_error"),
+    "CANCELLED": (499, "cancelled_error"),
+}
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's request the mesh uses; other fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[_Message]
+    stream: bool = False
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+
+
+def error_body(error: MeshError) -> tuple[int, dict[str, Any]]:
+    status, kind = _HTTP_STATUS.get(error.grpc_code_name, (500, "server_error"))
+    return status, {"error": {"message": str(error), "type": kind, "param": None,
+                              "code": error.grpc_code_name.lower()}}
+
+
+def error_response(error: MeshError) -> JSONResponse:
+    status, body = error_body(error)
+    return JSONResponse(body, status_code=status)
+
+
+def task_from_chat(body: ChatCompletionRequest, headers: Any) -> TaskSpec:
+    if body.n != 1:
+        raise InvalidRequestError(f"n must be 1 (the mesh answers once per task), got {body.n}")
+    if not body.messages:
+        raise InvalidRequestError("messages must not be empty")
+    deadline = headers.get("x-mesh-deadline-s")
+    try:
+        deadline_s = float(deadline) if deadline else None
+    except ValueError:
+        raise InvalidRequestError(f"X-Mesh-Deadline-S must be seconds, got {deadline!r}") from None
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
+    return build_task(
+        messages=[{"role": m.role, "content": m.text()} for m in body.messages],
+        model=body.model, agent=headers.get("x-mesh-agent") or None,
+        idempotency_key=headers.get("idempotency-key", ""), deadline_s=deadline_s,
+        max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+        top_p=body.top_p, seed=body.seed, stop=stop)
+
+
+def _usage(result: TaskResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.total_tokens}
+
+
+def _mesh_info(result: TaskResult) -> dict[str, Any]:
+    return {"task_id": result.task_id, "node_id": result.node_id, "node_name": result.node_name,
+            "failed_over": result.failed_over, "total_ms": round(result.total_ms, 3),
+            "attempts": [{"node_id": a.node_id, "node_name": a.node_name,
+                          "outcome": a.outcome.value, "duration_ms": round(a.duration_ms, 3),
+                          "completion_tokens": a.completion_tokens, "detail": a.detail}
+                         for a in result.attempts]}
+
+
+def completion_body(result: TaskResult, model: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{result.task_id}", "object": "chat.completion",
+        "created": int(time.time()), "model": result.model or model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": result.finish_reason or "stop", "logprobs": None}],
+        "usage": _usage(result), "mesh": _mesh_info(result),
+    }
+
+
+async def sse_events(items: AsyncIterator[str | TaskResult], task: TaskSpec, model: str,
+                     include_usage: bool) -> AsyncIterator[str]:
+    base = {"id": f"chatcmpl-{task.task_id}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": model}
+
+    def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                      "logprobs": None}], **extra}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    yield event({"role": "assistant", "content": ""})
+    try:
+        async for item in items:
+            if isinstance(item, str):
+                yield event({"content": item})
+            else:
+                yield event({}, item.finish_reason or "stop", mesh=_mesh_info(item))
+                if include_usage:
+                    yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(item)})}\n\n"
+    except MeshError as error:
+        _status, body = error_body(error)
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def _prepend(first: str | TaskResult, rest: AsyncIterator[str | TaskResult]
+                   ) -> AsyncIterator[str | TaskResult]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def build_openai_app(dispatcher: Dispatcher, *, stream_window_s: float = 0.0,
+                     info: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> FastAPI:
+    """The FastAPI app; `info` answers `GET /v1/mesh/info` (e.g. the fast-path addresses)."""
+    app = FastAPI(title="Edge Agent Mesh", docs_url=None, redoc_url=None)
+
+    @app.get("/v1/mesh/info")
+    async def mesh_info() -> dict[str, Any]:
+        return await info() if info is not None else {}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list",
+                "data": [{"id": model, "object": "model", "created": 0,
+                          "owned_by": "edge-agent-mesh"} for model in dispatcher.models()]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+        try:
+            raw = await request.json()
+            body = ChatCompletionRequest.model_validate(raw)
+            task = task_from_chat(body, request.headers)
+        except (ValueError, ValidationError) as error:  # JSONDecodeError is a ValueError
+            message = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+            return error_response(InvalidRequestError(f"invalid request body: {message}"))
+        except MeshError as error:
+            return error_response(error)
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            items = coalesce(dispatcher.stream(task), stream_window_s)
+            try:  # an error before the first token is an HTTP error, not an event
+                first = await anext(items)
+            except MeshError as error:
+                return error_response(error)
+            return StreamingResponse(
+                sse_events(_prepend(first, items), task, body.model, include_usage),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            result = await dispatcher.submit(task)
+        except MeshError as error:
+            return error_response(error)
+        return JSONResponse(completion_body(result, body.model))
+
+    return app

@@ -1,0 +1,101 @@
+"""The dispatcher's tunables, and how a topology maps onto them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import Field
+
+from mesh._model import FrozenModel
+
+if TYPE_CHECKING:
+    from mesh.topology import Topology
+
+
+class DispatcherSettings(FrozenModel):
+    """Routing and failover knobs of one dispatcher (one per Ray Serve replica)."""
+
+    policy: str = "least_loaded"  # a name in mesh.routing.POLICIES
+    ewma_alpha: Annotated[float, Field(gt=0, le=1)] = 0.3
+    seed: int | None = None
+    failover: bool = True  # False: one attempt per task
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    # Unary: the most one attempt may take. Streams: the most a node may stay silent (before the
+    # first chunk or between chunks), so a long answer that keeps coming is never cut off.
+    attempt_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    deadline_s: Annotated[float, Field(gt=0)] = 120.0  # total time of a task, unless it says
+    cooldown_s: Annotated[float, Field(ge=0)] = 5.0
+    failures_before_cooldown: Annotated[int, Field(ge=1)] = 2
+    resume_streams: bool = True  # continue a broken stream on another node from the text sent
+    queue_timeout_s: Annotated[float, Field(ge=0)] = 1.0  # wait for a slot when all nodes are full
+    node_wait_s: Annotated[float, Field(ge=0)] = 5.0  # wait for a ready node when none is
+    # How many dispatchers share each node's advertised capacity (the replica count): each one
+    # sends a node at most its share, so together they never exceed what the node accepts.
+    capacity_share: Annotated[int, Field(ge=1)] = 1
+    ledger_size: Annotated[int, Field(ge=1)] = 10_000  # finished tasks kept for DescribeTask
+
+    @classmethod
+    def from_topology(cls, topology: Topology, **overrides: object) -> DispatcherSettings:
+        routing, failover = topology.routing, topology.failover
+        values: dict[str, object] = dict(
+            policy=routing.policy, ewma_alpha=routing.ewma_alpha, seed=routing.seed,
+            failover=failover.enabled, max_attempts=failover.max_attempts,
+            attempt_timeout_s=failover.attempt_timeout_s, deadline_s=failover.deadline_s,
+            cooldown_s=failover.cooldown_s,
+            failures_before_cooldown=failover.failures_before_cooldown,
+            resume_streams=failover.resume_streams,
+            capacity_share=topology.coordinator.replicas,
+        )
+        values.update(overrides)
+        return cls.model_validate(values)
+
+
+class CoordinatorConfig(FrozenModel):
+    """Everything `mesh coordinator start` deploys: from a topology plus command-line flags."""
+
+    cluster: str = "default"
+    static_nodes: tuple[str, ...] = ()  # host:port of nodes reached without mDNS
+    mdns: bool = True
+    # NodeRegistry timings (mesh.node_table.RegistryTimings fields), from the topology's discovery.
+    registry_timings: dict[str, float] = Field(default_factory=dict)
+    dispatcher: DispatcherSettings = DispatcherSettings()
+    replicas: Annotated[int, Field(ge=1, le=64)] = 1
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 1000
+    host: str = "127.0.0.1"
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = 9000  # Ray Serve's gRPC proxy
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8000  # Ray Serve's HTTP proxy
+    # Each dispatcher replica also serves MeshService straight on grpc.aio (no Ray hop).
+    # 0: any free port; a fixed port is used only with one replica.
+    fast_path: bool = True
+    fast_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    stream_window_s: Annotated[float, Field(ge=0)] = 0.03  # chunk batching through Serve
+    ray_address: str | None = None  # None: start a local Ray
+    num_cpus: float | None = None  # for a local Ray; None: all cores
+
+    @classmethod
+    def from_topology(cls, topology: Topology | None, *, nodes: tuple[str, ...] = (),
+                      **overrides: object) -> CoordinatorConfig:
+        """The topology's settings (defaults without one), then non-None `overrides`."""
+        from mesh.topology import default_topology
+
+        if topology is None:
+            topology = default_topology()
+        coordinator, discovery = topology.coordinator, topology.discovery
+        static = tuple(address for address in topology.static_addresses().values())
+        values: dict[str, object] = dict(
+            cluster=topology.cluster.name,
+            static_nodes=tuple(dict.fromkeys(static + tuple(nodes))),
+            mdns=discovery.mdns,
+            registry_timings={
+                "health_interval_s": discovery.health_interval_s,
+                "probe_timeout_s": discovery.health_timeout_s,
+                "suspect_timeout_s": discovery.gone_after_s,
+            },
+            dispatcher=DispatcherSettings.from_topology(topology),
+            replicas=coordinator.replicas, max_ongoing_requests=coordinator.max_ongoing_requests,
+            host=coordinator.host, grpc_port=coordinator.grpc_port,
+            http_port=coordinator.http_port, ray_address=coordinator.ray_address,
+            num_cpus=coordinator.num_cpus,
+        )
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls.model_validate(values)

@@ -1,0 +1,252 @@
+"""What the coordinator knows about a task: its spec, its attempts, its result, and the ledger.
+
+Plain frozen dataclasses rather than pydantic models: the dispatcher builds these on every
+request, and the hot path has a budget of about a millisecond.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from edgemesh.v1 import node_pb2
+from mesh.errors import MeshError, NotFoundError
+from mesh.ids import NodeId, TaskId, new_task_id
+
+
+class AttemptOutcome(StrEnum):
+    OK = "ok"
+    UNAVAILABLE = "unavailable"  # connection lost, node down, not serving
+    TIMEOUT = "timeout"  # exceeded the per-attempt timeout
+    OVERLOADED = "overloaded"  # the node answered RESOURCE_EXHAUSTED
+    ERROR = "error"  # the node answered another error
+    CANCELLED = "cancelled"  # the caller went away
+    RUNNING = "running"  # still in progress (DescribeTask of a running task)
+
+
+class TaskState(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One task as the dispatcher receives it.
+
+    `request` carries model, prompt or messages and sampling; the dispatcher copies it for
+    each attempt and fills `task`, `continuation` and the remaining `max_tokens`. Agents are
+    not routed yet: `agent` is recorded and echoed, routing uses `model`.
+    """
+
+    task_id: TaskId
+    request: node_pb2.GenerateRequest
+    idempotency_key: str = ""
+    model: str | None = None
+    agent: str | None = None
+    deadline_s: float | None = None  # total time allowed; None: the dispatcher's default
+    labels: Mapping[str, str] = field(default_factory=dict)
+    caller_task_id: bool = False  # the caller chose the id (a repeat means the same task)
+
+    @property
+    def dedup_key(self) -> str:
+        """Two submissions with the same key are one task, answered once."""
+        if self.idempotency_key:
+            return f"key:{self.idempotency_key}"
+        return f"id:{self.task_id}" if self.caller_task_id else ""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    node_id: NodeId
+    node_name: str
+    outcome: AttemptOutcome
+    duration_ms: float
+    detail: str = ""
+    completion_tokens: int = 0  # tokens this attempt contributed to the answer
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    task_id: TaskId
+    text: str
+    finish_reason: str
+    node_id: NodeId
+    node_name: str
+    model: str
+    agent: str
+    prompt_tokens: int
+    completion_tokens: int
+    attempts: tuple[AttemptRecord, ...]
+    failed_over: bool
+    total_ms: float
+    time_to_first_token_ms: float
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """What `DescribeTask` answers."""
+
+    task_id: TaskId
+    state: TaskState
+    attempts: tuple[AttemptRecord, ...] = ()
+    result: TaskResult | None = None
+    error: str = ""
+
+
+class LedgerEntry:
+    __slots__ = ("attempts", "current", "error", "future", "key", "result", "state", "task_id")
+
+    def __init__(self, task_id: TaskId, key: str) -> None:
+        self.task_id = task_id
+        self.key = key
+        self.state = TaskState.RUNNING
+        self.attempts: tuple[AttemptRecord, ...] = ()
+        self.result: TaskResult | None = None
+        self.error: MeshError | None = None
+        # The attempt in progress: (node id, node name, started at (clock), tokens so far).
+        self.current: tuple[NodeId, str, float, int] | None = None
+        self.future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
+        # Nobody may be waiting on it: mark a failure as seen so asyncio does not log it.
+        self.future.add_done_callback(_consume)
+
+
+def _consume(future: asyncio.Future[TaskResult]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class TaskLedger:
+    """Task id -> record, bounded: the oldest finished tasks are forgotten first.
+
+    Also the idempotency index: a repeated key finds the running or finished task.
+    Used from one event loop.
+    """
+
+    def __init__(self, max_finished: int = 10_000, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_finished = max_finished
+        self._clock = clock
+        self._entries: OrderedDict[TaskId, LedgerEntry] = OrderedDict()
+        self._by_key: dict[str, TaskId] = {}
+        self._finished = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def find(self, key: str) -> LedgerEntry | None:
+        if not key:
+            return None
+        task_id = self._by_key.get(key)
+        return self._entries.get(task_id) if task_id is not None else None
+
+    def begin(self, task: TaskSpec) -> LedgerEntry:
+        entry = LedgerEntry(task.task_id, task.dedup_key)
+        self._entries[task.task_id] = entry
+        if entry.key:
+            self._by_key[entry.key] = task.task_id
+        return entry
+
+    def note_attempts(self, entry: LedgerEntry, attempts: tuple[AttemptRecord, ...]) -> None:
+        entry.attempts = attempts
+
+    def succeed(self, entry: LedgerEntry, result: TaskResult) -> None:
+        entry.state, entry.result, entry.attempts = TaskState.DONE, result, result.attempts
+        if not entry.future.done():
+            entry.future.set_result(result)
+        self._finish(entry)
+
+    def fail(self, entry: LedgerEntry, error: MeshError, attempts: tuple[AttemptRecord, ...]) -> None:
+        entry.state, entry.error, entry.attempts = TaskState.FAILED, error, attempts
+        if not entry.future.done():
+            entry.future.set_exception(error)
+        self._finish(entry)
+
+    def abandon(self, entry: LedgerEntry, attempts: tuple[AttemptRecord, ...]) -> None:
+        """The caller cancelled: the task failed, and a repeat of its key may run it again."""
+        entry.state, entry.attempts = TaskState.FAILED, attempts
+        entry.error = MeshError("cancelled by the caller")
+        if not entry.future.done():
+            entry.future.cancel()
+        if entry.key and self._by_key.get(entry.key) == entry.task_id:
+            del self._by_key[entry.key]
+        self._finish(entry)
+
+    def _finish(self, entry: LedgerEntry) -> None:
+        self._entries.move_to_end(entry.task_id)
+        self._finished += 1
+        while self._finished > self.max_finished:
+            oldest = next((e for e in self._entries.values() if e.state is not TaskState.RUNNING),
+                          None)
+            if oldest is None:
+                break
+            del self._entries[oldest.task_id]
+            if oldest.key and self._by_key.get(oldest.key) == oldest.task_id:
+                del self._by_key[oldest.key]
+            self._finished -= 1
+
+    def record(self, task_id: str) -> TaskRecord:
+        entry = self._entries.get(TaskId(task_id))
+        if entry is None:
+            raise NotFoundError(
+                f"task {task_id!r} is not known here: it never ran, was forgotten (the ledger keeps "
+                f"the last {self.max_finished} tasks), or ran on another dispatcher replica")
+        attempts = entry.attempts
+        if entry.state is TaskState.RUNNING and entry.current is not None:
+            node_id, name, began, tokens = entry.current
+            attempts += (AttemptRecord(node_id=node_id, node_name=name,
+                                       outcome=AttemptOutcome.RUNNING,
+                                       duration_ms=(self._clock() - began) * 1000.0,
+                                       completion_tokens=tokens),)
+        return TaskRecord(task_id=entry.task_id, state=entry.state, attempts=attempts,
+                          result=entry.result, error=str(entry.error or ""))
+
+    def close(self) -> None:
+        for entry in self._entries.values():
+            if not entry.future.done():
+                entry.future.cancel()
+        self._entries.clear()
+        self._by_key.clear()
+
+
+def build_task(
+    prompt: str = "",
+    *,
+    messages: Sequence[Mapping[str, str]] = (),
+    model: str | None = None,
+    agent: str | None = None,
+    task_id: str = "",
+    idempotency_key: str = "",
+    deadline_s: float | None = None,
+    labels: Mapping[str, str] | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+) -> TaskSpec:
+    """A TaskSpec from plain values (tests, benchmarks, the OpenAI ingress)."""
+    sampling = node_pb2.Sampling(stop=list(stop))
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    request = node_pb2.GenerateRequest(
+        model=model or "", prompt=prompt, sampling=sampling,
+        messages=[node_pb2.ChatMessage(role=m["role"], content=m.get("content", ""))
+                  for m in messages])
+    return TaskSpec(task_id=TaskId(task_id) if task_id else new_task_id(), request=request,
+                    idempotency_key=idempotency_key, model=model or None, agent=agent or None,
+                    deadline_s=deadline_s, labels=dict(labels or {}), caller_task_id=bool(task_id))

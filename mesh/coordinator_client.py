@@ -1,0 +1,134 @@
+"""Client library for the coordinator's MeshService. Raises `mesh.errors` exceptions, never grpc ones.
+
+    async with MeshClient("127.0.0.1:9000") as mesh:
+        reply = await mesh.submit("What is the capital of France?", model="smollm2")
+        print(reply.text, reply.node_name, [a.outcome for a in reply.attempts])
+        async for chunk in mesh.submit_stream("Tell me a story", model="smollm2"):
+            print(chunk.text, end="")           # the last chunk carries `result`
+
+Works against Ray Serve's gRPC proxy and against a dispatcher's direct fast path alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import grpc
+
+from edgemesh.v1 import mesh_pb2, mesh_pb2_grpc, node_pb2
+from mesh._grpc_errors import from_grpc_error
+from mesh.channels import PLAINTEXT, ChannelSecurity, create_channel
+from mesh.errors import MeshError, TaskFailedError
+
+DEFAULT_TIMEOUT_S = 130.0  # a little over the default task deadline (120 s)
+_MARGIN_S = 5.0  # the RPC outlives the task's own deadline, so the coordinator's error arrives
+
+
+def mesh_error(error: grpc.RpcError) -> MeshError:
+    """The project's exception for a coordinator error; "every attempt failed" keeps its type."""
+    translated = from_grpc_error(error)
+    if translated.grpc_code_name == "UNAVAILABLE" and "; attempts: " in translated.message:
+        return TaskFailedError(translated.message, grpc_code="UNAVAILABLE")
+    return translated
+
+
+def build_submit_request(
+    prompt: str = "",
+    *,
+    model: str = "",
+    agent: str = "",
+    messages: Sequence[Mapping[str, str]] = (),
+    task_id: str = "",
+    idempotency_key: str = "",
+    deadline_s: float = 0.0,
+    labels: Mapping[str, str] | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+) -> mesh_pb2.SubmitRequest:
+    sampling = node_pb2.Sampling(stop=list(stop))
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature),
+                        ("top_p", top_p), ("seed", seed)):
+        if value is not None:
+            setattr(sampling, name, value)
+    return mesh_pb2.SubmitRequest(
+        task_id=task_id, idempotency_key=idempotency_key, agent=agent, model=model,
+        prompt=prompt, sampling=sampling, deadline_s=deadline_s, labels=dict(labels or {}),
+        messages=[node_pb2.ChatMessage(role=m["role"], content=m.get("content", ""))
+                  for m in messages])
+
+
+class MeshClient:
+    """An asyncio client for the coordinator. Use as an async context manager, or `close()`."""
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 security: ChannelSecurity = PLAINTEXT,
+                 channel: grpc.aio.Channel | None = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = channel or create_channel(address, security)
+        self._owns_channel = channel is None
+        self._stub = mesh_pb2_grpc.MeshServiceStub(self._channel)
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close()
+
+    def _timeout(self, request: mesh_pb2.SubmitRequest, timeout_s: float | None) -> float:
+        if timeout_s is not None:
+            return timeout_s
+        return request.deadline_s + _MARGIN_S if request.deadline_s else self.timeout_s
+
+    async def submit_request(self, request: mesh_pb2.SubmitRequest, *,
+                             timeout_s: float | None = None) -> mesh_pb2.SubmitResponse:
+        try:
+            return await self._stub.Submit(request, timeout=self._timeout(request, timeout_s))
+        except grpc.RpcError as error:
+            raise mesh_error(error) from None
+
+    async def stream_request(self, request: mesh_pb2.SubmitRequest, *,
+                             timeout_s: float | None = None
+                             ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
+        call = self._stub.SubmitStream(request, timeout=self._timeout(request, timeout_s))
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.RpcError as error:
+            raise mesh_error(error) from None
+        finally:
+            call.cancel()  # leaving early cancels the task on the mesh
+
+    async def submit(self, prompt: str = "", *, timeout_s: float | None = None,
+                     **options: object) -> mesh_pb2.SubmitResponse:
+        """One answer; options are those of `build_submit_request`."""
+        return await self.submit_request(build_submit_request(prompt, **options),  # type: ignore[arg-type]
+                                         timeout_s=timeout_s)
+
+    async def submit_stream(self, prompt: str = "", *, timeout_s: float | None = None,
+                            **options: object) -> AsyncIterator[mesh_pb2.SubmitChunk]:
+        """Chunks of text; the last one has `result` (node, attempts, usage, failed_over)."""
+        request = build_submit_request(prompt, **options)  # type: ignore[arg-type]
+        async for chunk in self.stream_request(request, timeout_s=timeout_s):
+            yield chunk
+
+    async def list_nodes(self, *, timeout_s: float = 10.0) -> list[mesh_pb2.NodeEntry]:
+        try:
+            reply = await self._stub.ListNodes(mesh_pb2.ListNodesRequest(), timeout=timeout_s)
+        except grpc.RpcError as error:
+            raise mesh_error(error) from None
+        return list(reply.nodes)
+
+    async def describe_task(self, task_id: str, *, timeout_s: float = 10.0) -> mesh_pb2.TaskRecord:
+        try:
+            return await self._stub.DescribeTask(mesh_pb2.DescribeTaskRequest(task_id=task_id),
+                                                 timeout=timeout_s)
+        except grpc.RpcError as error:
+            raise mesh_error(error) from None

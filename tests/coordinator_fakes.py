@@ -1,0 +1,189 @@
+"""Fakes for the coordinator's tests: node links that implement `NodeLink`, and a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from edgemesh.v1 import node_pb2
+from mesh.errors import MeshError
+from mesh.ids import NodeId
+from mesh.nodes_view import NodeSource, NodeState, NodeView
+
+ANSWER = "Paris is the capital of France and a city of art."
+
+
+class ManualClock:
+    """Monotonic seconds that move only when a test (or a fake node) says so."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def view(node_id: str, *, state: NodeState = NodeState.READY, models: tuple[str, ...] = ("m",),
+         max_concurrent: int = 4, max_queued: int = 4, **extra: object) -> NodeView:
+    return NodeView(node_id=NodeId(node_id), name=f"name-{node_id}", address=f"{node_id}:1",
+                    state=state, source=NodeSource.STATIC, models=models,
+                    max_concurrent=max_concurrent, max_queued=max_queued, **extra)
+
+
+@dataclass
+class Reply:
+    """Answer (the rest of) `text`, one word per chunk."""
+
+    text: str = ANSWER
+    delay_s: float = 0.0
+
+
+@dataclass
+class Fail:
+    """Stream `after_pieces` words of the answer, then raise `error`."""
+
+    error: Exception
+    after_pieces: int = 0
+    advance_clock_s: float = 0.0
+
+
+@dataclass
+class Hang:
+    """Never answer (until cancelled)."""
+
+
+@dataclass
+class Calls:
+    """Everything every fake saw, in order: ("start"|"end", node, task_id) events."""
+
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    running: dict[str, int] = field(default_factory=dict)  # task id -> attempts running now
+    most_at_once: int = 0
+
+
+def words_after(text: str, continuation: str) -> list[str]:
+    """The pieces a deterministic model emits after `continuation` (a prefix of `text`)."""
+    pieces = [word if i == 0 else " " + word for i, word in enumerate(text.split(" "))]
+    done = ""
+    while pieces and continuation.startswith(done + pieces[0]) and len(done) < len(continuation):
+        done += pieces.pop(0)
+    assert done == continuation, f"continuation {continuation!r} is not a prefix at a word edge"
+    return pieces
+
+
+class FakeLink:
+    """A node that follows a script of behaviours, one per call, then `default`."""
+
+    def __init__(self, node_id: str, calls: Calls, script: list[object] | None = None, *,
+                 clock: ManualClock | None = None, default: object | None = None) -> None:
+        self.node_id = node_id
+        self.calls = calls
+        self.script = list(script or [])
+        self.clock = clock
+        self.default = default or Reply()
+        self.requests: list[node_pb2.GenerateRequest] = []
+        self.closed = False
+
+    def _next(self) -> object:
+        return self.script.pop(0) if self.script else self.default
+
+    def _start(self, request: node_pb2.GenerateRequest) -> str:
+        self.requests.append(request)
+        task_id = request.task.task_id
+        self.calls.events.append(("start", self.node_id, task_id))
+        self.calls.running[task_id] = self.calls.running.get(task_id, 0) + 1
+        self.calls.most_at_once = max(self.calls.most_at_once, self.calls.running[task_id])
+        return task_id
+
+    def _end(self, task_id: str) -> None:
+        self.calls.running[task_id] -= 1
+        self.calls.events.append(("end", self.node_id, task_id))
+
+    async def _pieces(self, request: node_pb2.GenerateRequest) -> AsyncIterator[str]:
+        behaviour = self._next()
+        if isinstance(behaviour, Hang):
+            await asyncio.sleep(3600)
+        text = behaviour.text if isinstance(behaviour, Reply) else ANSWER
+        pieces = words_after(text, request.continuation)
+        if request.sampling.HasField("max_tokens"):
+            pieces = pieces[: request.sampling.max_tokens]
+        if isinstance(behaviour, Fail):
+            for piece in pieces[: behaviour.after_pieces]:
+                yield piece
+            if self.clock is not None:
+                self.clock.advance(behaviour.advance_clock_s)
+            raise behaviour.error
+        for piece in pieces:
+            if isinstance(behaviour, Reply) and behaviour.delay_s:
+                await asyncio.sleep(behaviour.delay_s)
+            yield piece
+
+    def _final(self, request: node_pb2.GenerateRequest, tokens: int) -> node_pb2.GenerateResponse:
+        return node_pb2.GenerateResponse(
+            finish_reason="stop", model=request.model or "m", node_id=self.node_id,
+            usage=node_pb2.Usage(prompt_tokens=5, completion_tokens=tokens,
+                                 total_tokens=5 + tokens),
+            timing=node_pb2.Timing(time_to_first_token_ms=1.0, total_ms=2.0))
+
+    async def generate_request(self, request: node_pb2.GenerateRequest, *,
+                               timeout_s: float | None = None) -> node_pb2.GenerateResponse:
+        task_id = self._start(request)
+        try:
+            pieces = [piece async for piece in self._pieces(request)]
+            reply = self._final(request, len(pieces))
+            reply.text = "".join(pieces)
+            return reply
+        finally:
+            self._end(task_id)
+
+    async def stream_request(self, request: node_pb2.GenerateRequest, *,
+                             timeout_s: float | None = None
+                             ) -> AsyncIterator[node_pb2.GenerateChunk]:
+        task_id = self._start(request)
+        try:
+            index = 0
+            async for piece in self._pieces(request):
+                yield node_pb2.GenerateChunk(text=piece, index=index)
+                index += 1
+            yield node_pb2.GenerateChunk(index=index, final=self._final(request, index))
+        finally:
+            self._end(task_id)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeMesh:
+    """Fake links by node id, handed to the Dispatcher as its `connect`."""
+
+    def __init__(self, clock: ManualClock | None = None) -> None:
+        self.calls = Calls()
+        self.clock = clock
+        self.links: dict[str, FakeLink] = {}
+        self.scripts: dict[str, list[object]] = {}
+        self.defaults: dict[str, object] = {}
+
+    def script(self, node_id: str, *behaviours: object, default: object | None = None) -> None:
+        self.scripts[node_id] = list(behaviours)
+        if default is not None:
+            self.defaults[node_id] = default
+
+    def connect(self, node: NodeView) -> FakeLink:
+        link = FakeLink(node.node_id, self.calls, self.scripts.get(node.node_id),
+                        clock=self.clock, default=self.defaults.get(node.node_id))
+        self.links[node.node_id] = link
+        return link
+
+    def served_by(self, node_id: str) -> int:
+        return sum(1 for kind, node, _task in self.calls.events
+                   if kind == "start" and node == node_id)
+
+
+def unavailable() -> MeshError:
+    from mesh.errors import UnavailableError
+
+    return UnavailableError("connection reset by peer")

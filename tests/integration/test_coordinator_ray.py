@@ -1,0 +1,206 @@
+"""The coordinator on real Ray Serve with two real nodes (bundled model, one thread each).
+
+Ray starts once for this module (about 10 s on 2 cores) and is shut down at its end. Through
+Ray Serve's gRPC proxy, through a dispatcher's direct fast path, and through the HTTP ingress
+with the official `openai` client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import openai
+import pytest
+
+from mesh.coordinator.runner import RunningCoordinator, start_coordinator, stop_coordinator
+from mesh.coordinator.settings import CoordinatorConfig, DispatcherSettings
+from mesh.coordinator_client import MeshClient
+from mesh.errors import InvalidRequestError, NotFoundError
+from tests.mesh_processes import running_nodes
+
+pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.timeout(300)]
+
+QUESTION = "What is the capital of France?"
+TOKENS = 12
+
+
+def run(coro, timeout=60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def wait_ready_nodes(address: str, count: int, timeout_s: float = 30.0) -> list:
+    async with MeshClient(address) as client:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                nodes = await client.list_nodes()
+                if sum(node.state == "ready" for node in nodes) >= count:
+                    return nodes
+                await asyncio.sleep(0.1)
+
+
+SLOW_REPLY = " ".join(f"word{i}" for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("coordinator")
+    with running_nodes(directory, ["node-a", "node-b"]) as nodes, \
+            running_nodes(directory, ["slow-1", "slow-2", "slow-3"], fake=True, delay_ms=40,
+                          model="slow", reply=SLOW_REPLY, max_concurrent=4) as slow:
+        config = CoordinatorConfig(
+            cluster="default", static_nodes=tuple(n.address for n in [*nodes, *slow]),
+            mdns=False,
+            grpc_port=0, http_port=0, num_cpus=2,
+            dispatcher=DispatcherSettings(policy="round_robin", attempt_timeout_s=30,
+                                          deadline_s=60))
+        try:
+            running = start_coordinator(config)
+            run(wait_ready_nodes(running.grpc_address, 5))
+            yield running, {n.name: n for n in [*nodes, *slow]}
+        finally:
+            stop_coordinator()
+
+
+def both_paths(running: RunningCoordinator) -> list[str]:
+    assert len(running.fast_paths) == 1
+    return [running.grpc_address, running.fast_paths[0]]
+
+
+def test_list_nodes_shows_both_ready(mesh):
+    running, nodes = mesh
+
+    async def scenario():
+        for address in both_paths(running):
+            async with MeshClient(address) as client:
+                listed = {n.name: n for n in await client.list_nodes()}
+            assert set(listed) == {"node-a", "node-b", "slow-1", "slow-2", "slow-3"}
+            assert all(n.state == "ready" and n.source == "static" for n in listed.values())
+            assert listed["node-a"].models == ["smollm2"] and listed["slow-1"].models == ["slow"]
+            assert listed["node-a"].capacity.max_concurrent == 1
+
+    run(scenario())
+
+
+def test_unary_and_streaming_through_serve_proxy_and_fast_path(mesh):
+    running, _nodes = mesh
+
+    async def scenario():
+        answers = []
+        for address in both_paths(running):
+            async with MeshClient(address) as client:
+                reply = await client.submit(QUESTION, model="smollm2", temperature=0,
+                                            max_tokens=TOKENS)
+                assert "Paris" in reply.text and reply.node_name in {"node-a", "node-b"}
+                assert len(reply.attempts) == 1 and not reply.failed_over
+                assert 0 < reply.usage.completion_tokens <= TOKENS
+                chunks = [c async for c in client.submit_stream(
+                    QUESTION, model="smollm2", temperature=0, max_tokens=TOKENS)]
+                streamed = "".join(c.text for c in chunks)
+                result = chunks[-1].result
+                assert chunks[-1].HasField("result") and result.task_id
+                assert streamed == reply.text  # temperature 0, same model on both nodes
+                assert result.usage.completion_tokens == reply.usage.completion_tokens
+                record = await client.describe_task(reply.task_id)
+                assert record.state == "done" and record.result.text == reply.text
+                answers.append(reply.text)
+        assert answers[0] == answers[1]
+
+    run(scenario())
+
+
+def test_idempotency_key_answers_once(mesh):
+    running, _nodes = mesh
+
+    async def scenario():
+        async with MeshClient(running.fast_paths[0]) as client:
+            first, second = await asyncio.gather(*(
+                client.submit(QUESTION, model="smollm2", max_tokens=TOKENS, temperature=0.9,
+                              idempotency_key="same-task") for _ in range(2)))
+        assert first.task_id == second.task_id and first.text == second.text
+
+    run(scenario())
+
+
+def test_errors_arrive_as_mesh_errors(mesh):
+    running, _nodes = mesh
+
+    async def scenario():
+        for address in both_paths(running):
+            async with MeshClient(address) as client:
+                with pytest.raises(NotFoundError, match="no node serves model 'gpt-9'"):
+                    await client.submit(QUESTION, model="gpt-9")
+                with pytest.raises(InvalidRequestError, match="empty"):
+                    await client.submit("", model="smollm2")
+                with pytest.raises(NotFoundError):
+                    await client.describe_task("task-never-ran")
+                with pytest.raises(NotFoundError, match="no node serves model 'gpt-9'"):
+                    async for _chunk in client.submit_stream(QUESTION, model="gpt-9"):
+                        pass
+
+    run(scenario())
+
+
+def test_openai_client_unary_and_streaming(mesh):
+    running, _nodes = mesh
+    client = openai.OpenAI(base_url=running.openai_base_url, api_key="unused", max_retries=0,
+                           timeout=60)
+    assert [m.id for m in client.models.list().data] == ["slow", "smollm2"]
+    messages = [{"role": "user", "content": QUESTION}]
+    reply = client.chat.completions.create(model="smollm2", messages=messages, temperature=0,
+                                           max_tokens=TOKENS)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert 0 < reply.usage.completion_tokens <= TOKENS
+    stream = client.chat.completions.create(model="smollm2", messages=messages, temperature=0,
+                                            max_tokens=TOKENS, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == reply.choices[0].message.content
+    assert finish in ("stop", "length") and usage.completion_tokens == reply.usage.completion_tokens
+    with pytest.raises(openai.NotFoundError, match="no node serves"):
+        client.chat.completions.create(model="gpt-9", messages=messages)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smollm2", messages=messages, n=2)
+    with urllib.request.urlopen(f"{running.openai_base_url}/mesh/info", timeout=10) as answer:
+        assert json.load(answer)["fast_paths"]
+
+
+@pytest.mark.parametrize("path", ["proxy", "fast"])
+def test_stream_continues_on_another_node_when_its_node_is_killed(mesh, path):
+    """A node (fake model, 40 ms per word) is `kill -9`ed mid-answer; the caller's stream goes
+    on from the next word, on another node: no word repeated, none missing."""
+    running, nodes = mesh
+    address = running.grpc_address if path == "proxy" else running.fast_paths[0]
+
+    async def scenario():
+        task_id = f"cut-{path}"
+        async with MeshClient(address) as client, MeshClient(running.fast_paths[0]) as watch:
+            pieces, result, killed = [], None, None
+            async for chunk in client.submit_stream("go", model="slow", max_tokens=20,
+                                                     task_id=task_id):
+                if chunk.HasField("result"):
+                    result = chunk.result
+                    continue
+                pieces.append(chunk.text)
+                if killed is None and len("".join(pieces).split()) >= 3:
+                    running_attempt = (await watch.describe_task(task_id)).attempts[-1]
+                    killed = running_attempt.node_name
+                    nodes[killed].kill_hard()
+        words = SLOW_REPLY.split()[:20]
+        assert "".join(pieces) == " ".join(words)
+        assert result.failed_over and result.node_name != killed
+        first, last = result.attempts[0], result.attempts[-1]
+        assert first.node_name == killed and first.outcome == 2  # UNAVAILABLE
+        assert first.completion_tokens >= 3 and last.outcome == 1
+        assert first.completion_tokens + last.completion_tokens == 20
+        assert result.usage.completion_tokens == 20
+
+    run(scenario())
