@@ -201,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
 | `mesh node start` to SERVING line, median of {args.starts} starts | {median(starts):.2f} s (of which model load {median(loads):.2f} s) | |
 | daemon RSS after serving ({rss / 1e6:.0f} MB) beyond the model file ({model.size_bytes / 1e6:.0f} MB) | {beyond_mb:.0f} MB | ≤ 80 MB |
 
+The RSS target is missed. Where it goes (smaps of a serving daemon, same day): the Python
+runtime with gRPC, pydantic, numpy, SQLite and the daemon's modules is ~65 MB before any model
+is loaded; llama.cpp adds ~25 MB of KV cache at n_ctx 2048 (q8_0; f16 would be ~50 MB), its
+compute buffers and its libraries. `n_ctx: 1024` in the node config saves ~12 MB; the rest would
+need a leaner runtime (no pydantic/numpy in the serving process), left for later.
+
 Per-run tokens/s, gRPC: {", ".join(f"{r:.1f}" for r in grpc_rates)}; in-process: {", ".join(f"{r:.1f}" for r in local_rates)}.
 """
     write_section("Node daemon", body)
