@@ -210,3 +210,12 @@ def test_defaults_apply_and_prompt_becomes_user_message():
 def test_explicit_zero_temperature_is_kept():
     _backend, generation = to_generation_input(_request(temperature=0.0), NodeConfig(), _backends())
     assert generation.temperature == 0.0
+
+
+def test_shipped_example_node_config_is_valid():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    config = load_node_config(str(root / "deploy" / "node.example.yaml"))
+    assert config.name == "kiosk-1" and config.router is not None
+    assert [m.id for m in config.models] == ["smollm2"]
