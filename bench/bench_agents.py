@@ -42,24 +42,65 @@ class Scenario:
 
 
 SCENARIOS = (
-    Scenario("customer-service", "What is the status of order 1042?", "order_status",
-             {"order_id": 1042}, "shipped"),
-    Scenario("customer-service", "Is order 1043 shipped yet?", "order_status",
-             {"order_id": 1043}, "process"),
-    Scenario("customer-service", "Look up the customer bob@example.com", "customer_lookup",
-             {"email": "bob@example.com"}, "Bob"),
-    Scenario("customer-service", "Who is ana@example.com?", "customer_lookup",
-             {"email": "ana@example.com"}, "Ana Lima"),
-    Scenario("customer-service", "Please open a ticket for bob@example.com: printer broken",
-             "create_ticket", {"customer_email": "bob@example.com"}, "ticket"),
-    Scenario("technical-support", "My laptop is very slow, can you check the system?",
-             "system_diagnostics", {}, "cpu"),
-    Scenario("technical-support", "How do I fix printer error E-04?", "search_knowledge_base",
-             {}, "jam"),
-    Scenario("scheduling", "What slots are free on friday?", "appointment_slots",
-             {"day": "friday"}, "10:30"),
-    Scenario("scheduling", "Book friday 14:00 for chen@example.com", "book_appointment",
-             {"day": "friday", "time": "14:00", "email": "chen@example.com"}, "14:00"),
+    Scenario(
+        "customer-service",
+        "What is the status of order 1042?",
+        "order_status",
+        {"order_id": 1042},
+        "shipped",
+    ),
+    Scenario(
+        "customer-service",
+        "Is order 1043 shipped yet?",
+        "order_status",
+        {"order_id": 1043},
+        "process",
+    ),
+    Scenario(
+        "customer-service",
+        "Look up the customer bob@example.com",
+        "customer_lookup",
+        {"email": "bob@example.com"},
+        "Bob",
+    ),
+    Scenario(
+        "customer-service",
+        "Who is ana@example.com?",
+        "customer_lookup",
+        {"email": "ana@example.com"},
+        "Ana Lima",
+    ),
+    Scenario(
+        "customer-service",
+        "Please open a ticket for bob@example.com: printer broken",
+        "create_ticket",
+        {"customer_email": "bob@example.com"},
+        "ticket",
+    ),
+    Scenario(
+        "technical-support",
+        "My laptop is very slow, can you check the system?",
+        "system_diagnostics",
+        {},
+        "cpu",
+    ),
+    Scenario(
+        "technical-support", "How do I fix printer error E-04?", "search_knowledge_base", {}, "jam"
+    ),
+    Scenario(
+        "scheduling",
+        "What slots are free on friday?",
+        "appointment_slots",
+        {"day": "friday"},
+        "10:30",
+    ),
+    Scenario(
+        "scheduling",
+        "Book friday 14:00 for chen@example.com",
+        "book_appointment",
+        {"day": "friday", "time": "14:00", "email": "chen@example.com"},
+        "14:00",
+    ),
 )
 
 
@@ -80,22 +121,36 @@ def naive(spec: Any) -> Any:
     return spec.model_copy(update={"offered_tools": 0, "tool_choice": "auto"})
 
 
-async def run_scenario(scenario: Scenario, agents: tuple[Any, ...], threads: int,
-                       tally: Tally) -> None:
+async def run_scenario(
+    scenario: Scenario, agents: tuple[Any, ...], threads: int, tally: Tally
+) -> None:
     with tempfile.TemporaryDirectory() as state_dir:
         config = NodeConfig(
-            host="127.0.0.1", port=0, advertise=False, state_dir=state_dir, grace_s=1.0,
+            host="127.0.0.1",
+            port=0,
+            advertise=False,
+            state_dir=state_dir,
+            grace_s=1.0,
             agents=agents,
-            models=(ModelConfig(id="smollm2", source="bundled:smollm2", n_ctx=2048,
-                                n_threads=threads),))
+            models=(
+                ModelConfig(id="smollm2", source="bundled:smollm2", n_ctx=2048, n_threads=threads),
+            ),
+        )
         daemon = NodeDaemon(config, progress=io.StringIO())
         await daemon.start()
         try:
             async with NodeClient(daemon.address) as client:
                 began = time.perf_counter()
-                events = [e async for e in run_agent(
-                    client, scenario.agent, scenario.request, timeout_s=120,
-                    task=node_pb2.TaskContext(task_id=f"bench-{time.time_ns()}"))]
+                events = [
+                    e
+                    async for e in run_agent(
+                        client,
+                        scenario.agent,
+                        scenario.request,
+                        timeout_s=120,
+                        task=node_pb2.TaskContext(task_id=f"bench-{time.time_ns()}"),
+                    )
+                ]
                 tally.task_ms.append((time.perf_counter() - began) * 1000)
         except MeshError as error:  # a task that fails (e.g. its deadline) counts as wrong
             tally.tasks += 1
@@ -108,7 +163,8 @@ async def run_scenario(scenario: Scenario, agents: tuple[Any, ...], threads: int
     calls = [s for s in result.steps if s.kind == "tool_call"]
     for step in result.steps:
         (tally.tool_step_ms if step.kind == "tool_call" else tally.final_step_ms).append(
-            step.duration_ms)
+            step.duration_ms
+        )
         tally.tokens_per_step.append(step.tokens)
     first = calls[0] if calls else None
     tool_ok = first is not None and first.call.tool == scenario.tool
@@ -125,10 +181,12 @@ async def run_scenario(scenario: Scenario, agents: tuple[Any, ...], threads: int
 
 def table_row(name: str, tally: Tally) -> str:
     n = tally.tasks
-    return (f"| {name} | {tally.tool_ok}/{n} | {tally.arguments_ok}/{n} | {tally.answer_ok}/{n} | "
-            f"{median(tally.tool_step_ms):.0f} ms (p90 {percentile(tally.tool_step_ms, 90):.0f}) | "
-            f"{median(tally.final_step_ms):.0f} ms (p90 {percentile(tally.final_step_ms, 90):.0f}) | "
-            f"{median(tally.task_ms):.0f} ms (p90 {percentile(tally.task_ms, 90):.0f}) |")
+    return (
+        f"| {name} | {tally.tool_ok}/{n} | {tally.arguments_ok}/{n} | {tally.answer_ok}/{n} | "
+        f"{median(tally.tool_step_ms):.0f} ms (p90 {percentile(tally.tool_step_ms, 90):.0f}) | "
+        f"{median(tally.final_step_ms):.0f} ms (p90 {percentile(tally.final_step_ms, 90):.0f}) | "
+        f"{median(tally.task_ms):.0f} ms (p90 {percentile(tally.task_ms, 90):.0f}) |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,15 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
-    configurations = {"shipped (1 relevant tool offered, tool first)": DEMO_AGENTS,
-                      "naive (all tools offered, may answer at once)": tuple(
-                          naive(a) for a in DEMO_AGENTS)}
+    configurations = {
+        "shipped (1 relevant tool offered, tool first)": DEMO_AGENTS,
+        "naive (all tools offered, may answer at once)": tuple(naive(a) for a in DEMO_AGENTS),
+    }
     tallies = {name: Tally() for name in configurations}
     for _ in range(args.runs):
         for name, agents in configurations.items():
             for scenario in SCENARIOS:
-                asyncio.run(asyncio.wait_for(
-                    run_scenario(scenario, agents, args.threads, tallies[name]), 300))
+                asyncio.run(
+                    asyncio.wait_for(
+                        run_scenario(scenario, agents, args.threads, tallies[name]), 300
+                    )
+                )
     shipped = next(iter(tallies.values()))
     failures = "\n".join(f"- {f}" for f in dict.fromkeys(shipped.failures)) or "- none"
     body = f"""Command: `python -m bench.bench_agents --runs {args.runs} --threads {args.threads}`

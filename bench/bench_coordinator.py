@@ -27,18 +27,22 @@ from collections.abc import Awaitable, Callable, Iterator
 from bench._report import machine_line, median, percentile, write_section
 from bench.fake_openai import REPLY as LONG_REPLY  # 20+ words: both sides generate 20 tokens
 
-MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "What is the capital of France?"}]
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
 Call = Callable[[], Awaitable[object]]
 
 
 # ---------------------------------------------------------------------- processes
 
 
-def _spawn(args: list[str], expect: str, timeout_s: float = 120.0
-           ) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+def _spawn(
+    args: list[str], expect: str, timeout_s: float = 120.0
+) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     assert process.stdout is not None
     give_up = time.monotonic() + timeout_s
     while time.monotonic() < give_up:
@@ -56,9 +60,29 @@ def _llama_server(model_path: str) -> tuple[subprocess.Popen[str], str]:
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--host", "127.0.0.1",
-         "--port", str(port), "--n_threads", "2", "--n_ctx", "2048", "--model_alias", "smollm2",
-         "--verbose", "False"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            "2",
+            "--n_ctx",
+            "2048",
+            "--model_alias",
+            "smollm2",
+            "--verbose",
+            "False",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     give_up = time.monotonic() + 120
     while time.monotonic() < give_up:
         try:
@@ -89,8 +113,9 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 # ---------------------------------------------------------------------- measuring
 
 
-async def latencies(targets: dict[str, Call], rounds: int, warmup: int = 20
-                    ) -> dict[str, list[float]]:
+async def latencies(
+    targets: dict[str, Call], rounds: int, warmup: int = 20
+) -> dict[str, list[float]]:
     """Sequential requests, alternating targets; milliseconds per request."""
     for _ in range(warmup):
         for call in targets.values():
@@ -119,8 +144,9 @@ async def throughput(call: Call, total: int, concurrency: int) -> float:
     return total / (time.perf_counter() - began)
 
 
-async def failover(call: Call, kill: Callable[[], None], tasks: int, concurrency: int
-                   ) -> dict[str, float]:
+async def failover(
+    call: Call, kill: Callable[[], None], tasks: int, concurrency: int
+) -> dict[str, float]:
     """`tasks` at `concurrency`; `kill` a backend after a third are done.
 
     Returns: tasks lost (failed); seconds from the kill to the last answer of a task in flight
@@ -171,28 +197,38 @@ def ours(running: object, node_address: str) -> dict[str, Callable[[str, int], C
     node = NodeClient(node_address)
     fast = MeshClient(running.fast_paths[0])  # type: ignore[attr-defined]
     proxy = MeshClient(running.grpc_address)  # type: ignore[attr-defined]
-    http = openai.AsyncOpenAI(base_url=running.openai_base_url, api_key="x",  # type: ignore[attr-defined]
-                              max_retries=0)
+    http = openai.AsyncOpenAI(
+        base_url=running.openai_base_url,
+        api_key="x",  # type: ignore[attr-defined]
+        max_retries=0,
+    )
 
     def direct(model: str, tokens: int) -> Call:
-        return lambda: node.generate(messages=MESSAGES, model=model, max_tokens=tokens,
-                                     temperature=0)
+        return lambda: node.generate(
+            messages=MESSAGES, model=model, max_tokens=tokens, temperature=0
+        )
 
     def mesh(client: MeshClient) -> Callable[[str, int], Call]:
-        return lambda model, tokens: lambda: client.submit(
-            messages=MESSAGES, model=model, max_tokens=tokens, temperature=0)
+        return lambda model, tokens: (
+            lambda: client.submit(messages=MESSAGES, model=model, max_tokens=tokens, temperature=0)
+        )
 
     def openai_http(model: str, tokens: int) -> Call:
-        return lambda: http.chat.completions.create(model=model, messages=MESSAGES,
-                                                    max_tokens=tokens, temperature=0)
+        return lambda: http.chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=tokens, temperature=0
+        )
 
-    return {"direct node (gRPC)": direct, "coordinator fast path (gRPC)": mesh(fast),
-            "coordinator via Ray Serve gRPC proxy": mesh(proxy),
-            "coordinator via Ray Serve HTTP (OpenAI API)": openai_http}
+    return {
+        "direct node (gRPC)": direct,
+        "coordinator fast path (gRPC)": mesh(fast),
+        "coordinator via Ray Serve gRPC proxy": mesh(proxy),
+        "coordinator via Ray Serve HTTP (OpenAI API)": openai_http,
+    }
 
 
-def litellm_side(model_name: str, bases: list[str], **router_options: object
-                 ) -> tuple[Callable[[int], Call], Callable[[int], Call]]:
+def litellm_side(
+    model_name: str, bases: list[str], **router_options: object
+) -> tuple[Callable[[int], Call], Callable[[int], Call]]:
     """(direct OpenAI-client call to the first base, LiteLLM Router call over all bases)."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
@@ -201,19 +237,31 @@ def litellm_side(model_name: str, bases: list[str], **router_options: object
 
     litellm.telemetry = False
     litellm.suppress_debug_info = True
-    router = Router(model_list=[
-        {"model_name": model_name, "litellm_params": {
-            "model": f"openai/{model_name}", "api_base": f"http://{base}/v1", "api_key": "x"}}
-        for base in bases], **router_options)  # type: ignore[arg-type]
+    router = Router(
+        model_list=[
+            {
+                "model_name": model_name,
+                "litellm_params": {
+                    "model": f"openai/{model_name}",
+                    "api_base": f"http://{base}/v1",
+                    "api_key": "x",
+                },
+            }
+            for base in bases
+        ],
+        **router_options,
+    )  # type: ignore[arg-type]
     direct = openai.AsyncOpenAI(base_url=f"http://{bases[0]}/v1", api_key="x", max_retries=0)
 
     def plain(tokens: int) -> Call:
-        return lambda: direct.chat.completions.create(model=model_name, messages=MESSAGES,
-                                                      max_tokens=tokens, temperature=0)
+        return lambda: direct.chat.completions.create(
+            model=model_name, messages=MESSAGES, max_tokens=tokens, temperature=0
+        )
 
     def routed(tokens: int) -> Call:
-        return lambda: router.acompletion(model=model_name, messages=MESSAGES,
-                                          max_tokens=tokens, temperature=0)
+        return lambda: router.acompletion(
+            model=model_name, messages=MESSAGES, max_tokens=tokens, temperature=0
+        )
 
     return plain, routed
 
@@ -225,8 +273,12 @@ def _stats(samples: list[float]) -> tuple[float, float]:
     return median(samples), percentile(samples, 99)
 
 
-async def measure(running: object, addresses: dict[str, str], args: argparse.Namespace,
-                  kills: dict[str, Callable[[], None]]) -> dict[str, object]:
+async def measure(
+    running: object,
+    addresses: dict[str, str],
+    args: argparse.Namespace,
+    kills: dict[str, Callable[[], None]],
+) -> dict[str, object]:
     paths = ours(running, addresses["instant"])
     results: dict[str, object] = {}
     instant = {name: make("instant", 1) for name, make in paths.items()}
@@ -240,29 +292,42 @@ async def measure(running: object, addresses: dict[str, str], args: argparse.Nam
         real["LiteLLM Router -> llama_cpp.server"] = routed(1)
     runs = [await latencies(instant, args.requests) for _ in range(args.runs)]
     per_run = {name: [_stats(run[name]) for run in runs] for name in instant}
-    results["instant"] = {name: (median([p50 for p50, _ in stats]), median([p99 for _, p99 in stats]))
-                          for name, stats in per_run.items()}
+    results["instant"] = {
+        name: (median([p50 for p50, _ in stats]), median([p99 for _, p99 in stats]))
+        for name, stats in per_run.items()
+    }
     results["instant_runs"] = per_run
-    results["throughput"] = {name: await throughput(call, args.throughput, 64)
-                             for name, call in instant.items()}
-    results["real"] = {k: _stats(v) for k, v in
-                       (await latencies(real, args.real, warmup=3)).items()}
+    results["throughput"] = {
+        name: await throughput(call, args.throughput, 64) for name, call in instant.items()
+    }
+    results["real"] = {
+        k: _stats(v) for k, v in (await latencies(real, args.real, warmup=3)).items()
+    }
     slow = ours(running, addresses["instant"])["coordinator fast path (gRPC)"]("slow", 20)
     results["failover_ours"] = await failover(slow, kills["slow"], args.failover_tasks, 16)
     if args.litellm:
-        _plain, routed = litellm_side("slow", addresses["slow_openai"].split(","),
-                                      num_retries=3, allowed_fails=1, cooldown_time=30,
-                                      timeout=10)
-        results["failover_litellm"] = await failover(routed(20), kills["slow_openai"],
-                                                     args.failover_tasks, 16)
+        _plain, routed = litellm_side(
+            "slow",
+            addresses["slow_openai"].split(","),
+            num_retries=3,
+            allowed_fails=1,
+            cooldown_time=30,
+            timeout=10,
+        )
+        results["failover_litellm"] = await failover(
+            routed(20), kills["slow_openai"], args.failover_tasks, 16
+        )
     return results
 
 
 def report(results: dict[str, object], args: argparse.Namespace) -> str:
     command = " ".join(["python -m bench.bench_coordinator", *args.argv])
-    lines = [f"Command: `{command}`", f"({machine_line()}; Ray {_ray_version()}, "
-             f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED')})",
-             ""]
+    lines = [
+        f"Command: `{command}`",
+        f"({machine_line()}; Ray {_ray_version()}, "
+        f"RAY_SERVE_THROUGHPUT_OPTIMIZED={os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED')})",
+        "",
+    ]
     instant: dict[str, tuple[float, float]] = results["instant"]  # type: ignore[assignment]
     rates: dict[str, float] = results["throughput"]  # type: ignore[assignment]
     base = instant["direct node (gRPC)"]
@@ -282,46 +347,72 @@ def report(results: dict[str, object], args: argparse.Namespace) -> str:
     ]
     for name, (p50, p99) in instant.items():
         reference = http_base if "HTTP" in name and http_base else base
-        added = "" if name.startswith("direct") else \
-            f"{p50 - reference[0]:+.2f} | {p99 - reference[1]:+.2f}"
+        added = (
+            ""
+            if name.startswith("direct")
+            else f"{p50 - reference[0]:+.2f} | {p99 - reference[1]:+.2f}"
+        )
         lines.append(f"| {name} | {p50:.2f} | {p99:.2f} | {added or ' | '} | {rates[name]:.0f} |")
     verdicts = []
     runs: dict[str, list[tuple[float, float]]] = results["instant_runs"]  # type: ignore[assignment]
     for name in ("coordinator fast path (gRPC)", "coordinator via Ray Serve gRPC proxy"):
         p50, p99 = instant[name][0] - base[0], instant[name][1] - base[1]
         met = p50 <= 2.0 and p99 <= 10.0
-        added = [(a50 - b50, a99 - b99) for (a50, a99), (b50, b99)
-                 in zip(runs[name], runs["direct node (gRPC)"], strict=True)]
-        spread = (f"runs: p50 {min(a for a, _ in added):+.2f}..{max(a for a, _ in added):+.2f}, "
-                  f"p99 {min(b for _, b in added):+.2f}..{max(b for _, b in added):+.2f}")
-        verdicts.append(f"{name}: added {p50:+.2f} ms p50 / {p99:+.2f} ms p99 ({spread}), "
-                        f"**{'meets' if met else 'misses'}** the target")
-    lines += ["", "Targets: added <= 2 ms p50, <= 10 ms p99. " + "; ".join(verdicts) + ". "
-              "Ray Serve's gRPC proxy costs several milliseconds by itself (a bare echo "
-              "deployment through it: ~7 ms p50 on the same machine the same day, "
-              "`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`), so the target is met only by the fast path: "
-              "each dispatcher replica serving MeshService on its own grpc.aio port. The HTTP "
-              "(OpenAI API) row is compared with the direct gRPC node (our nodes speak only "
-              "gRPC); LiteLLM's rows with the direct HTTP server.", ""]
+        added = [
+            (a50 - b50, a99 - b99)
+            for (a50, a99), (b50, b99) in zip(runs[name], runs["direct node (gRPC)"], strict=True)
+        ]
+        spread = (
+            f"runs: p50 {min(a for a, _ in added):+.2f}..{max(a for a, _ in added):+.2f}, "
+            f"p99 {min(b for _, b in added):+.2f}..{max(b for _, b in added):+.2f}"
+        )
+        verdicts.append(
+            f"{name}: added {p50:+.2f} ms p50 / {p99:+.2f} ms p99 ({spread}), "
+            f"**{'meets' if met else 'misses'}** the target"
+        )
+    lines += [
+        "",
+        "Targets: added <= 2 ms p50, <= 10 ms p99. " + "; ".join(verdicts) + ". "
+        "Ray Serve's gRPC proxy costs several milliseconds by itself (a bare echo "
+        "deployment through it: ~7 ms p50 on the same machine the same day, "
+        "`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`), so the target is met only by the fast path: "
+        "each dispatcher replica serving MeshService on its own grpc.aio port. The HTTP "
+        "(OpenAI API) row is compared with the direct gRPC node (our nodes speak only "
+        "gRPC); LiteLLM's rows with the direct HTTP server.",
+        "",
+    ]
     real: dict[str, tuple[float, float]] = results["real"]  # type: ignore[assignment]
-    lines += ["### Real model (bundled SmolLM2, max_tokens=1, 2 threads)", "",
-              f"{args.real} sequential requests per target, alternating; the same prompt each "
-              "time, so llama.cpp reuses its prompt cache on both sides.", "",
-              "| path | p50 ms | p99 ms |", "|---|---|---|"]
+    lines += [
+        "### Real model (bundled SmolLM2, max_tokens=1, 2 threads)",
+        "",
+        f"{args.real} sequential requests per target, alternating; the same prompt each "
+        "time, so llama.cpp reuses its prompt cache on both sides.",
+        "",
+        "| path | p50 ms | p99 ms |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {p50:.1f} | {p99:.1f} |" for name, (p50, p99) in real.items()]
-    lines += ["", "### Failover: `kill -9` of one of three backends under load", "",
-              f"{args.failover_tasks} tasks (20 tokens, 10 ms each: ~200 ms) at 16 in flight; "
-              "one backend killed after a third. Our side: three slow fake nodes behind the "
-              "coordinator's fast path; LiteLLM: three slow fake OpenAI servers behind its Router "
-              "(num_retries=3, allowed_fails=1, cooldown_time=30 s).", "",
-              "| router | tasks lost | in flight at kill | kill to last rerouted answer | "
-              "worst extra latency | typical latency |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### Failover: `kill -9` of one of three backends under load",
+        "",
+        f"{args.failover_tasks} tasks (20 tokens, 10 ms each: ~200 ms) at 16 in flight; "
+        "one backend killed after a third. Our side: three slow fake nodes behind the "
+        "coordinator's fast path; LiteLLM: three slow fake OpenAI servers behind its Router "
+        "(num_retries=3, allowed_fails=1, cooldown_time=30 s).",
+        "",
+        "| router | tasks lost | in flight at kill | kill to last rerouted answer | "
+        "worst extra latency | typical latency |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, key in (("coordinator", "failover_ours"), ("LiteLLM Router", "failover_litellm")):
         found: dict[str, float] | None = results.get(key)  # type: ignore[assignment]
         if found:
-            lines.append(f"| {name} | {found['lost']:.0f} | {found['in_flight_at_kill']:.0f} | "
-                         f"{found['last_rerouted_s'] * 1000:.0f} ms | "
-                         f"{found['worst_extra_ms']:.0f} ms | {found['typical_ms']:.0f} ms |")
+            lines.append(
+                f"| {name} | {found['lost']:.0f} | {found['in_flight_at_kill']:.0f} | "
+                f"{found['last_rerouted_s'] * 1000:.0f} ms | "
+                f"{found['worst_extra_ms']:.0f} ms | {found['typical_ms']:.0f} ms |"
+            )
     return "\n".join(lines)
 
 
@@ -339,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", type=int, default=40, help="real-model requests per target")
     parser.add_argument("--failover-tasks", type=int, default=300)
     parser.add_argument("--no-litellm", dest="litellm", action="store_false")
-    parser.add_argument("--no-write", action="store_true",
-                        help="print only; leave docs/BENCHMARKS.md alone")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone"
+    )
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.argv = [a for a in argv if a != "--no-write"]
@@ -350,38 +442,69 @@ def main(argv: list[str] | None = None) -> int:
 
     state = tempfile.mkdtemp(prefix="bench-coordinator-")
     with processes() as started:
+
         def node(*extra: str) -> str:
             process, address = _spawn(["-m", "bench.fake_node", *extra], " serving ")
             started.append(process)
             return address
 
         addresses = {"instant": node("--name", "instant", "--model", "instant")}
-        slow = [node("--name", f"slow-{i}", "--model", "slow", "--delay-ms", "10",
-                     "--reply", LONG_REPLY) for i in range(3)]
+        slow = [
+            node(
+                "--name", f"slow-{i}", "--model", "slow", "--delay-ms", "10", "--reply", LONG_REPLY
+            )
+            for i in range(3)
+        ]
         slow_processes = started[-3:]
         real_node, real_address = _spawn(
-            ["-m", "mesh.cli", "node", "start", "--host", "127.0.0.1", "--port", "0",
-             "--no-advertise", "--state-dir", state, "--name", "real", "--n-threads", "2"],
-            " serving ")
+            [
+                "-m",
+                "mesh.cli",
+                "node",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-advertise",
+                "--state-dir",
+                state,
+                "--name",
+                "real",
+                "--n-threads",
+                "2",
+            ],
+            " serving ",
+        )
         started.append(real_node)
         addresses["real"] = real_address
         kills = {"slow": lambda: slow_processes[0].kill()}
         if args.litellm:
             fake_openai, addresses["openai"] = _spawn(["-m", "bench.fake_openai"], "serving on")
             started.append(fake_openai)
-            slow_openai = [_spawn(["-m", "bench.fake_openai", "--delay-ms", "10",
-                                   "--tokens", "20"], "serving on") for _ in range(3)]
+            slow_openai = [
+                _spawn(
+                    ["-m", "bench.fake_openai", "--delay-ms", "10", "--tokens", "20"], "serving on"
+                )
+                for _ in range(3)
+            ]
             started.extend(p for p, _a in slow_openai)
             addresses["slow_openai"] = ",".join(a for _p, a in slow_openai)
             kills["slow_openai"] = lambda: slow_openai[0][0].kill()
             llama_server, addresses["llama_server"] = _llama_server(
-                str(resolve_gguf("bundled:smollm2").path))
+                str(resolve_gguf("bundled:smollm2").path)
+            )
             started.append(llama_server)
         config = CoordinatorConfig(
-            static_nodes=(addresses["instant"], addresses["real"], *slow), mdns=False,
-            grpc_port=0, http_port=0, num_cpus=2,
-            dispatcher=DispatcherSettings(policy="least_loaded", attempt_timeout_s=10,
-                                          deadline_s=30))
+            static_nodes=(addresses["instant"], addresses["real"], *slow),
+            mdns=False,
+            grpc_port=0,
+            http_port=0,
+            num_cpus=2,
+            dispatcher=DispatcherSettings(
+                policy="least_loaded", attempt_timeout_s=10, deadline_s=30
+            ),
+        )
         try:
             running = start_coordinator(config)
             time.sleep(2.0)  # every node probed and ready

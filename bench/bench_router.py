@@ -47,7 +47,8 @@ SLM_SYSTEM = (
     "You route requests sent to a help desk. Reply with the one team that should handle it:\n"
     "customer-service: orders, deliveries, returns, refunds, billing, accounts, complaints.\n"
     "technical-support: devices, software, errors, crashes, connectivity, passwords.\n"
-    "scheduling: appointments, bookings, meetings, calendars, time slots.")
+    "scheduling: appointments, bookings, meetings, calendars, time slots."
+)
 SLM_SCHEMA = json.dumps({"enum": list(LABELS)})
 
 
@@ -60,8 +61,10 @@ class Run:
     def row(self, gold: Sequence[str], hard: Sequence[int]) -> str:
         lat = self.latencies_ms
         hard_acc = accuracy([self.predicted[i] for i in hard], [gold[i] for i in hard])
-        return (f"| {self.name} | {accuracy(self.predicted, gold):.1%} | {hard_acc:.1%} | "
-                f"{percentile(lat, 50):.2f} ms | {percentile(lat, 99):.2f} ms |")
+        return (
+            f"| {self.name} | {accuracy(self.predicted, gold):.1%} | {hard_acc:.1%} | "
+            f"{percentile(lat, 50):.2f} ms | {percentile(lat, 99):.2f} ms |"
+        )
 
 
 async def onnx_in_process(examples: Sequence[Example]) -> Run:
@@ -85,8 +88,15 @@ async def onnx_over_grpc(examples: Sequence[Example]) -> Run:
     """Classify RPCs to a real node on 127.0.0.1 that serves only the router."""
     run = Run("ONNX router, Classify RPC to a local node")
     with tempfile.TemporaryDirectory() as state:
-        config = NodeConfig(host="127.0.0.1", port=0, advertise=False, state_dir=state,
-                            router=default_router_config(), grace_s=1.0, agents=())
+        config = NodeConfig(
+            host="127.0.0.1",
+            port=0,
+            advertise=False,
+            state_dir=state,
+            router=default_router_config(),
+            grace_s=1.0,
+            agents=(),
+        )
         backends = {ROUTER_ALIAS: OnnxBackend(ROUTER_ALIAS, f"bundled:{ROUTER_ALIAS}")}
         daemon = NodeDaemon(config, backends=backends, progress=io.StringIO())  # type: ignore[arg-type]
         await daemon.start()
@@ -97,8 +107,7 @@ async def onnx_over_grpc(examples: Sequence[Example]) -> Run:
                 await stub.Classify(node_pb2.ClassifyRequest(text=example.text), timeout=10)
             for example in examples:
                 began = time.perf_counter()
-                reply = await stub.Classify(node_pb2.ClassifyRequest(text=example.text),
-                                            timeout=10)
+                reply = await stub.Classify(node_pb2.ClassifyRequest(text=example.text), timeout=10)
                 run.latencies_ms.append((time.perf_counter() - began) * 1000)
                 run.predicted.append(reply.label)
         finally:
@@ -113,8 +122,10 @@ def few_shot(train: Sequence[Example], per_label: int = 2) -> list[Message]:
     for label in LABELS:
         chosen = [e for e in train if e.label == label and e.difficulty == "normal"][:per_label]
         for example in chosen:
-            turns += [Message("user", f"Request: {example.text}\nTeam:"),
-                      Message("assistant", json.dumps(label))]
+            turns += [
+                Message("user", f"Request: {example.text}\nTeam:"),
+                Message("assistant", json.dumps(label)),
+            ]
     return turns
 
 
@@ -126,9 +137,15 @@ async def slm(examples: Sequence[Example], train: Sequence[Example], threads: in
     try:
         for example in examples:
             request = GenerationInput(
-                messages=[Message("system", SLM_SYSTEM), *shots,
-                          Message("user", f"Request: {example.text}\nTeam:")],
-                max_tokens=12, temperature=0.0, json_schema=SLM_SCHEMA)
+                messages=[
+                    Message("system", SLM_SYSTEM),
+                    *shots,
+                    Message("user", f"Request: {example.text}\nTeam:"),
+                ],
+                max_tokens=12,
+                temperature=0.0,
+                json_schema=SLM_SCHEMA,
+            )
             began = time.perf_counter()
             text = ""
             async with contextlib.aclosing(backend.stream(request)) as pieces:
@@ -146,8 +163,11 @@ async def slm(examples: Sequence[Example], train: Sequence[Example], threads: in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_router", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_router",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--threads", type=int, default=2, help="SmolLM2 inference threads")
     parser.add_argument("--limit", type=int, default=0, help="only the first N held-out requests")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch the report")
@@ -156,38 +176,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     every = load_examples(DATA_PATH)
     examples = [e for e in every if e.split == "test"]
     if args.limit:
-        examples = examples[:args.limit]
+        examples = examples[: args.limit]
     gold = [e.label for e in examples]
     hard = [i for i, e in enumerate(examples) if e.difficulty == "hard"]
-    runs = [asyncio.run(asyncio.wait_for(onnx_in_process(examples), 300)),
-            asyncio.run(asyncio.wait_for(onnx_over_grpc(examples), 300)),
-            asyncio.run(asyncio.wait_for(
-                slm(examples, [e for e in every if e.split == "train"], args.threads), 3600))]
+    runs = [
+        asyncio.run(asyncio.wait_for(onnx_in_process(examples), 300)),
+        asyncio.run(asyncio.wait_for(onnx_over_grpc(examples), 300)),
+        asyncio.run(
+            asyncio.wait_for(
+                slm(examples, [e for e in every if e.split == "train"], args.threads), 3600
+            )
+        ),
+    ]
     onnx, slm_run = runs[0], runs[-1]
     speedup = percentile(slm_run.latencies_ms, 50) / max(percentile(onnx.latencies_ms, 50), 1e-9)
     unparsed = slm_run.predicted.count("unparsed")
     answers = ", ".join(f"{label} {slm_run.predicted.count(label)}" for label in LABELS)
     limit = f" --limit {args.limit}" if args.limit else ""
-    body = "\n".join([
-        f"Command: `python -m bench.bench_router --threads {args.threads}{limit}`",
-        f"({machine_line()}; {len(examples)} held-out requests, {len(hard)} of them hard, one at a "
-        f"time; ONNX Runtime 1 thread, CPU; 1-minute load average {os.getloadavg()[0]:.1f} at the "
-        "end: other work on the machine inflates the SLM's times most)",
-        "",
-        "| classifier | accuracy | on hard requests | latency p50 | latency p99 |",
-        "|---|---|---|---|---|",
-        *[run.row(gold, hard) for run in runs],
-        "",
-        f"The ONNX router is {speedup:,.0f}x faster than asking the SLM (p50, in process) and "
-        f"{'more' if accuracy(onnx.predicted, gold) > accuracy(slm_run.predicted, gold) else 'not more'}"
-        " accurate. The SLM sees a system prompt describing the three teams and two example "
-        "requests per team from the training split, and may only answer one of the three label "
-        "strings (JSON-schema grammar)"
-        f"{'' if not unparsed else f'; {unparsed} answers were unparsable'}. Latency is the whole "
-        "request (prompt processing included); the RPC row adds gRPC on 127.0.0.1. The SLM's "
-        f"answers: {answers} (true: "
-        + ", ".join(f"{label} {gold.count(label)}" for label in LABELS) + ").",
-    ])
+    body = "\n".join(
+        [
+            f"Command: `python -m bench.bench_router --threads {args.threads}{limit}`",
+            f"({machine_line()}; {len(examples)} held-out requests, {len(hard)} of them hard, one at a "
+            f"time; ONNX Runtime 1 thread, CPU; 1-minute load average {os.getloadavg()[0]:.1f} at the "
+            "end: other work on the machine inflates the SLM's times most)",
+            "",
+            "| classifier | accuracy | on hard requests | latency p50 | latency p99 |",
+            "|---|---|---|---|---|",
+            *[run.row(gold, hard) for run in runs],
+            "",
+            f"The ONNX router is {speedup:,.0f}x faster than asking the SLM (p50, in process) and "
+            f"{'more' if accuracy(onnx.predicted, gold) > accuracy(slm_run.predicted, gold) else 'not more'}"
+            " accurate. The SLM sees a system prompt describing the three teams and two example "
+            "requests per team from the training split, and may only answer one of the three label "
+            "strings (JSON-schema grammar)"
+            f"{'' if not unparsed else f'; {unparsed} answers were unparsable'}. Latency is the whole "
+            "request (prompt processing included); the RPC row adds gRPC on 127.0.0.1. The SLM's "
+            f"answers: {answers} (true: "
+            + ", ".join(f"{label} {gold.count(label)}" for label in LABELS)
+            + ").",
+        ]
+    )
     print(body)
     if not args.no_write:
         update_file_section(REPORT, [SECTION], SUBSECTION, body)

@@ -26,8 +26,13 @@ class InstantBackend:
     """A Backend whose answer is `reply`, one word per token, continuing from `continuation`."""
 
     def __init__(self, model_id: str, reply: str = DEFAULT_REPLY, delay_s: float = 0.0) -> None:
-        self.descriptor = ModelDescriptor(model_id=model_id, backend="fake", source="memory",
-                                          context_length=2048, family="Instant")
+        self.descriptor = ModelDescriptor(
+            model_id=model_id,
+            backend="fake",
+            source="memory",
+            context_length=2048,
+            family="Instant",
+        )
         self.status = ModelStatus.UNLOADED
         self.error = ""
         self.reply = reply
@@ -39,8 +44,11 @@ class InstantBackend:
     async def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
         pieces = [w if i == 0 else " " + w for i, w in enumerate(self.reply.split(" "))]
         done = ""
-        while pieces and request.continuation.startswith(done + pieces[0]) \
-                and len(done) < len(request.continuation):
+        while (
+            pieces
+            and request.continuation.startswith(done + pieces[0])
+            and len(done) < len(request.continuation)
+        ):
             done += pieces.pop(0)
         produced = 0
         for piece in pieces[: request.max_tokens]:
@@ -49,8 +57,12 @@ class InstantBackend:
             produced += 1
             yield Piece(piece)
         finish = "stop" if produced == len(pieces) else "length"
-        yield Piece("", Completion(finish_reason=finish, prompt_tokens=8,
-                                   completion_tokens=produced, decode_s=0.0))
+        yield Piece(
+            "",
+            Completion(
+                finish_reason=finish, prompt_tokens=8, completion_tokens=produced, decode_s=0.0
+            ),
+        )
 
     async def close(self) -> None:
         self.status = ModelStatus.UNLOADED
@@ -68,10 +80,17 @@ def main() -> int:
     parser.add_argument("--reply", default=DEFAULT_REPLY)
     args = parser.parse_args()
     state_dir = tempfile.mkdtemp(prefix="fake-node-")
-    config = NodeConfig(name=args.name, host=args.host, port=args.port, advertise=False,
-                        state_dir=state_dir, max_concurrent=args.max_concurrent,
-                        max_queued=args.max_queued, grace_s=0.5,
-                        models=(ModelConfig(id=args.model, source="memory", n_threads=1),))
+    config = NodeConfig(
+        name=args.name,
+        host=args.host,
+        port=args.port,
+        advertise=False,
+        state_dir=state_dir,
+        max_concurrent=args.max_concurrent,
+        max_queued=args.max_queued,
+        grace_s=0.5,
+        models=(ModelConfig(id=args.model, source="memory", n_threads=1),),
+    )
     backend = InstantBackend(args.model, args.reply, args.delay_ms / 1000)
     daemon = NodeDaemon(config, backends={args.model: backend}, progress=io.StringIO())
     return asyncio.run(run_daemon(daemon))

@@ -17,8 +17,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 
-REPLY = ("Paris is the capital of France and a city of art and light and food and music and "
-         "rivers and bridges and parks and long walks by the water.")
+REPLY = (
+    "Paris is the capital of France and a city of art and light and food and music and "
+    "rivers and bridges and parks and long walks by the water."
+)
 
 
 def build_app(delay_s: float, tokens: int) -> FastAPI:
@@ -32,18 +34,26 @@ def build_app(delay_s: float, tokens: int) -> FastAPI:
         if delay_s:
             await asyncio.sleep(delay_s * count)
         return {
-            "id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion",
-            "created": int(time.time()), "model": body.get("model", "fake"),
-            "choices": [{"index": 0, "finish_reason": "length" if count < len(words) else "stop",
-                         "message": {"role": "assistant", "content": " ".join(words[:count])}}],
-            "usage": {"prompt_tokens": 8, "completion_tokens": count,
-                      "total_tokens": 8 + count},
+            "id": f"chatcmpl-{time.monotonic_ns()}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "fake"),
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "length" if count < len(words) else "stop",
+                    "message": {"role": "assistant", "content": " ".join(words[:count])},
+                }
+            ],
+            "usage": {"prompt_tokens": 8, "completion_tokens": count, "total_tokens": 8 + count},
         }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": "fake", "object": "model", "created": 0,
-                                            "owned_by": "bench"}]}
+        return {
+            "object": "list",
+            "data": [{"id": "fake", "object": "model", "created": 0, "owned_by": "bench"}],
+        }
 
     return app
 
@@ -60,8 +70,12 @@ def main() -> int:
     listener.bind((args.host, args.port))
     listener.listen(2048)  # connections queue up until uvicorn accepts them
     port = listener.getsockname()[1]
-    config = uvicorn.Config(build_app(args.delay_ms / 1000, args.tokens), log_level="warning",
-                            access_log=False, lifespan="off")
+    config = uvicorn.Config(
+        build_app(args.delay_ms / 1000, args.tokens),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
     server = uvicorn.Server(config)
     print(f"fake-openai serving on {args.host}:{port}", flush=True)
     server.run(sockets=[listener])

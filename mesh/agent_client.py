@@ -38,8 +38,12 @@ def build_agent_request(
 ) -> node_pb2.AgentRequest:
     """An AgentRequest from plain Python values."""
     request = node_pb2.AgentRequest(
-        agent=agent, input=input, completed_steps=list(completed_steps),
-        history=[node_pb2.ChatMessage(**m) for m in history], model=model, max_steps=max_steps,
+        agent=agent,
+        input=input,
+        completed_steps=list(completed_steps),
+        history=[node_pb2.ChatMessage(**m) for m in history],
+        model=model,
+        max_steps=max_steps,
     )
     if task is not None:
         request.task.CopyFrom(task)
@@ -62,7 +66,11 @@ async def run_agent_request(
 
 
 async def run_agent(
-    node: NodeClient, agent: str, input: str, *, timeout_s: float | None = None,
+    node: NodeClient,
+    agent: str,
+    input: str,
+    *,
+    timeout_s: float | None = None,
     **options: object,
 ) -> AsyncIterator[node_pb2.AgentEvent]:
     """Run `agent` on `input`; options are those of `build_agent_request`."""
@@ -72,7 +80,11 @@ async def run_agent(
 
 
 async def run_agent_to_result(
-    node: NodeClient, agent: str, input: str, *, timeout_s: float | None = None,
+    node: NodeClient,
+    agent: str,
+    input: str,
+    *,
+    timeout_s: float | None = None,
     **options: object,
 ) -> node_pb2.AgentResult:
     """Run `agent` and return only its final AgentResult (which lists every step)."""

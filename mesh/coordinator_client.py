@@ -5,6 +5,8 @@
         print(reply.text, reply.node_name, [a.outcome for a in reply.attempts])
         async for chunk in mesh.submit_stream("Tell me a story", model="smollm2"):
             print(chunk.text, end="")           # the last chunk carries `result`
+        reply = await mesh.submit("What is the status of order 1042?", agent="customer-service")
+        print(reply.text, reply.tier, [(s.call.tool, s.result_json) for s in reply.steps])
 
 Works against Ray Serve's gRPC proxy and against a dispatcher's direct fast path alike.
 """
@@ -47,25 +49,46 @@ def build_submit_request(
     top_p: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    tier: str = "",
 ) -> mesh_pb2.SubmitRequest:
+    """A SubmitRequest from plain values. `agent` ("auto": the intent router picks) runs an agent
+    task; `tier` starts it on that model tier instead of the lowest."""
     sampling = node_pb2.Sampling(stop=list(stop))
-    for name, value in (("max_tokens", max_tokens), ("temperature", temperature),
-                        ("top_p", top_p), ("seed", seed)):
+    for name, value in (
+        ("max_tokens", max_tokens),
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("seed", seed),
+    ):
         if value is not None:
             setattr(sampling, name, value)
     return mesh_pb2.SubmitRequest(
-        task_id=task_id, idempotency_key=idempotency_key, agent=agent, model=model,
-        prompt=prompt, sampling=sampling, deadline_s=deadline_s, labels=dict(labels or {}),
-        messages=[node_pb2.ChatMessage(role=m["role"], content=m.get("content", ""))
-                  for m in messages])
+        task_id=task_id,
+        idempotency_key=idempotency_key,
+        agent=agent,
+        model=model,
+        prompt=prompt,
+        sampling=sampling,
+        deadline_s=deadline_s,
+        labels=dict(labels or {}),
+        tier=tier,
+        messages=[
+            node_pb2.ChatMessage(role=m["role"], content=m.get("content", "")) for m in messages
+        ],
+    )
 
 
 class MeshClient:
     """An asyncio client for the coordinator. Use as an async context manager, or `close()`."""
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 security: ChannelSecurity = PLAINTEXT,
-                 channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        security: ChannelSecurity = PLAINTEXT,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self._channel = channel or create_channel(address, security)
@@ -87,16 +110,17 @@ class MeshClient:
             return timeout_s
         return request.deadline_s + _MARGIN_S if request.deadline_s else self.timeout_s
 
-    async def submit_request(self, request: mesh_pb2.SubmitRequest, *,
-                             timeout_s: float | None = None) -> mesh_pb2.SubmitResponse:
+    async def submit_request(
+        self, request: mesh_pb2.SubmitRequest, *, timeout_s: float | None = None
+    ) -> mesh_pb2.SubmitResponse:
         try:
             return await self._stub.Submit(request, timeout=self._timeout(request, timeout_s))
         except grpc.RpcError as error:
             raise mesh_error(error) from None
 
-    async def stream_request(self, request: mesh_pb2.SubmitRequest, *,
-                             timeout_s: float | None = None
-                             ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
+    async def stream_request(
+        self, request: mesh_pb2.SubmitRequest, *, timeout_s: float | None = None
+    ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
         call = self._stub.SubmitStream(request, timeout=self._timeout(request, timeout_s))
         try:
             async for chunk in call:
@@ -106,14 +130,18 @@ class MeshClient:
         finally:
             call.cancel()  # leaving early cancels the task on the mesh
 
-    async def submit(self, prompt: str = "", *, timeout_s: float | None = None,
-                     **options: object) -> mesh_pb2.SubmitResponse:
+    async def submit(
+        self, prompt: str = "", *, timeout_s: float | None = None, **options: object
+    ) -> mesh_pb2.SubmitResponse:
         """One answer; options are those of `build_submit_request`."""
-        return await self.submit_request(build_submit_request(prompt, **options),  # type: ignore[arg-type]
-                                         timeout_s=timeout_s)
+        return await self.submit_request(
+            build_submit_request(prompt, **options),  # type: ignore[arg-type]
+            timeout_s=timeout_s,
+        )
 
-    async def submit_stream(self, prompt: str = "", *, timeout_s: float | None = None,
-                            **options: object) -> AsyncIterator[mesh_pb2.SubmitChunk]:
+    async def submit_stream(
+        self, prompt: str = "", *, timeout_s: float | None = None, **options: object
+    ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
         """Chunks of text; the last one has `result` (node, attempts, usage, failed_over)."""
         request = build_submit_request(prompt, **options)  # type: ignore[arg-type]
         async for chunk in self.stream_request(request, timeout_s=timeout_s):
@@ -128,7 +156,8 @@ class MeshClient:
 
     async def describe_task(self, task_id: str, *, timeout_s: float = 10.0) -> mesh_pb2.TaskRecord:
         try:
-            return await self._stub.DescribeTask(mesh_pb2.DescribeTaskRequest(task_id=task_id),
-                                                 timeout=timeout_s)
+            return await self._stub.DescribeTask(
+                mesh_pb2.DescribeTaskRequest(task_id=task_id), timeout=timeout_s
+            )
         except grpc.RpcError as error:
             raise mesh_error(error) from None

@@ -64,8 +64,9 @@ class ModelConfig(FrozenModel):
     def _infer_kind(cls, data: object) -> object:
         if isinstance(data, dict) and data.get("kind") is None:
             source = str(data.get("source") or "")
-            kind = "openai" if data.get("base_url") else \
-                "onnx" if _is_onnx_source(source) else "gguf"
+            kind = (
+                "openai" if data.get("base_url") else "onnx" if _is_onnx_source(source) else "gguf"
+            )
             data = {**data, "kind": kind}
         return data
 
@@ -80,8 +81,10 @@ class ModelConfig(FrozenModel):
             if url.scheme not in ("http", "https") or not url.hostname:
                 raise ValueError(f"base_url: {self.base_url!r} is not an http(s) URL")
             if url.username or url.password:
-                raise ValueError("base_url: must not contain credentials; put the API key in an "
-                                 "environment variable and name it in api_key_env")
+                raise ValueError(
+                    "base_url: must not contain credentials; put the API key in an "
+                    "environment variable and name it in api_key_env"
+                )
         elif not self.source:
             raise ValueError(f"source: a {self.kind} model needs a source")
         elif self.base_url or self.api_key_env or self.remote_model:
@@ -95,8 +98,13 @@ def _is_onnx_source(source: str) -> bool:
 
 def default_router_config() -> ModelConfig:
     """The bundled intent router: one thread, CPU (a string model gains nothing from a GPU)."""
-    return ModelConfig(id=ROUTER_ALIAS, source=f"bundled:{ROUTER_ALIAS}", kind="onnx",
-                       n_threads=1, providers=("CPUExecutionProvider",))
+    return ModelConfig(
+        id=ROUTER_ALIAS,
+        source=f"bundled:{ROUTER_ALIAS}",
+        kind="onnx",
+        n_threads=1,
+        providers=("CPUExecutionProvider",),
+    )
 
 
 class NodeConfig(FrozenModel):

@@ -68,8 +68,9 @@ def load_node_id(config: NodeConfig) -> str:
         directory.mkdir(parents=True, exist_ok=True)
         path.write_text(node_id + "\n", encoding="utf-8")
     except OSError as error:
-        logger.warning("cannot keep node id in %s (%s); it will change on restart",
-                       path, error.strerror)
+        logger.warning(
+            "cannot keep node id in %s (%s); it will change on restart", path, error.strerror
+        )
     return node_id
 
 
@@ -81,9 +82,15 @@ def build_backends(config: NodeConfig) -> dict[str, Backend]:
             continue
         resolve_gguf(model.source)  # fail now, before listening, on a bad file
         backends[model.id] = LlamaBackend(
-            model.id, model.source, n_ctx=model.n_ctx, n_threads=model.n_threads,
-            n_batch=model.n_batch, instances=model.instances, system_prompt=model.system_prompt,
-            kv_cache=model.kv_cache, stream_interval_s=config.stream_interval_ms / 1000,
+            model.id,
+            model.source,
+            n_ctx=model.n_ctx,
+            n_threads=model.n_threads,
+            n_batch=model.n_batch,
+            instances=model.instances,
+            system_prompt=model.system_prompt,
+            kv_cache=model.kv_cache,
+            stream_interval_s=config.stream_interval_ms / 1000,
         )
     if config.router is not None:  # the intent router (ONNX), served like any model
         backends[config.router.id] = build_backend(config.router)
@@ -130,8 +137,11 @@ class NodeDaemon:
         # The probe (ONNX Runtime providers in a child process) runs while models load.
         probe = asyncio.create_task(asyncio.to_thread(probe_hardware))
         identity = NodeIdentity(
-            node_id=self.node_id, name=self.config.name, cluster=self.config.cluster,
-            version=mesh.__version__, protocol_version=mesh.PROTOCOL_VERSION,
+            node_id=self.node_id,
+            name=self.config.name,
+            cluster=self.config.cluster,
+            version=mesh.__version__,
+            protocol_version=mesh.PROTOCOL_VERSION,
             started_at_unix_s=time.time(),
         )
         self.servicer = NodeServicer(identity, self.config, self.backends, None, self.admission)
@@ -139,12 +149,14 @@ class NodeDaemon:
         node_pb2_grpc.add_NodeServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (NODE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+            (NODE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
         for service in ("", NODE_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = add_server_port(self._server,
-                                        format_address(self.config.host, self.config.port))
+            self.port = add_server_port(
+                self._server, format_address(self.config.host, self.config.port)
+            )
         except RuntimeError as error:  # grpc raises RuntimeError when the port is taken
             raise ConfigError(
                 f"cannot listen on {format_address(self.config.host, self.config.port)}: {error}; "
@@ -171,9 +183,11 @@ class NodeDaemon:
             self._say(f"loading model {model_id} from {backend.descriptor.source} ...")
             await backend.load()
             size_mb = backend.descriptor.size_bytes / 1e6
-            self._say(f"model {model_id} ready ({size_mb:.1f} MB, "
-                      f"{backend.descriptor.family or 'unknown family'}) "
-                      f"in {time.perf_counter() - began:.2f} s")
+            self._say(
+                f"model {model_id} ready ({size_mb:.1f} MB, "
+                f"{backend.descriptor.family or 'unknown family'}) "
+                f"in {time.perf_counter() - began:.2f} s"
+            )
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -217,12 +231,19 @@ async def run_daemon(daemon: NodeDaemon, *, ready_line: TextIO = sys.stdout) -> 
             print(f"node {daemon.config.name}: stopped before it was serving", file=sys.stderr)
             return 0
         models = ", ".join(daemon.backends)
-        print(f"node {daemon.config.name} ({daemon.node_id}) serving {models} on {daemon.address}",
-              file=ready_line, flush=True)
+        print(
+            f"node {daemon.config.name} ({daemon.node_id}) serving {models} on {daemon.address}",
+            file=ready_line,
+            flush=True,
+        )
         if await _unless_stopped(daemon.announce(), stop_requested):
             await stop_requested
-        print(f"node {daemon.config.name} stopping: draining in-flight requests "
-              f"(grace {daemon.config.grace_s:g} s)", file=sys.stderr, flush=True)
+        print(
+            f"node {daemon.config.name} stopping: draining in-flight requests "
+            f"(grace {daemon.config.grace_s:g} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 0
     finally:
         for sig in signals:  # from here a second signal ends the process at once
@@ -231,7 +252,9 @@ async def run_daemon(daemon: NodeDaemon, *, ready_line: TextIO = sys.stdout) -> 
         await daemon.stop()
 
 
-async def _unless_stopped(work: Coroutine[Any, Any, None], stop_requested: asyncio.Task[None]) -> bool:
+async def _unless_stopped(
+    work: Coroutine[Any, Any, None], stop_requested: asyncio.Task[None]
+) -> bool:
     """Run `work` unless a stop comes first (then cancel it). True if it finished."""
     task = asyncio.create_task(work)
     await asyncio.wait({task, stop_requested}, return_when=asyncio.FIRST_COMPLETED)

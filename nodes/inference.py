@@ -32,8 +32,9 @@ class TensorModel(Protocol):
     outputs: tuple[TensorSpec, ...]
     labels: tuple[str, ...]
 
-    async def run(self, inputs: Mapping[str, np.ndarray],
-                  outputs: Sequence[str] = ()) -> dict[str, Any]: ...
+    async def run(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = ()
+    ) -> dict[str, Any]: ...
 
     async def classify(self, text: str) -> Classification: ...
 
@@ -45,25 +46,34 @@ def default_classifier_id(backends: Mapping[str, Backend], preferred: str | None
     for model_id, backend in backends.items():
         if isinstance(backend, TensorModel) and backend.task == "text-classification":
             return model_id
-    raise NotFoundError("this node serves no text classifier; configure one (e.g. the bundled "
-                        "intent router: source bundled:intent-router)")
+    raise NotFoundError(
+        "this node serves no text classifier; configure one (e.g. the bundled "
+        "intent router: source bundled:intent-router)"
+    )
 
 
 def _tensor_model(backends: Mapping[str, Backend], model_id: str) -> TensorModel:
     backend = backends.get(model_id)
     if backend is None:
-        raise NotFoundError(f"model {model_id!r} is not served by this node; it serves: "
-                            f"{', '.join(sorted(backends))}")
+        raise NotFoundError(
+            f"model {model_id!r} is not served by this node; it serves: "
+            f"{', '.join(sorted(backends))}"
+        )
     if not isinstance(backend, TensorModel):
-        raise InvalidRequestError(f"model {model_id!r} is a {backend.descriptor.backend} text "
-                                  "generator; Classify and Infer need a tensor model (ONNX)")
+        raise InvalidRequestError(
+            f"model {model_id!r} is a {backend.descriptor.backend} text "
+            "generator; Classify and Infer need a tensor model (ONNX)"
+        )
     if backend.status is not ModelStatus.READY:
         raise NotReadyError(f"model {model_id!r} is {backend.status.value}; retry when it is ready")
     return backend
 
 
-async def classify(request: node_pb2.ClassifyRequest, backends: Mapping[str, Backend],
-                   router_model: str | None = None) -> node_pb2.ClassifyResponse:
+async def classify(
+    request: node_pb2.ClassifyRequest,
+    backends: Mapping[str, Backend],
+    router_model: str | None = None,
+) -> node_pb2.ClassifyResponse:
     """Label, confidence and every label's score for `request.text`."""
     model_id = request.model or default_classifier_id(backends, router_model)
     model = _tensor_model(backends, model_id)
@@ -74,14 +84,17 @@ async def classify(request: node_pb2.ClassifyRequest, backends: Mapping[str, Bac
     began = time.perf_counter()
     result = await model.classify(request.text)
     return node_pb2.ClassifyResponse(
-        label=result.label, confidence=result.confidence,
+        label=result.label,
+        confidence=result.confidence,
         scores=[node_pb2.LabelScore(label=label, score=score) for label, score in result.scores],
-        model=model_id, latency_ms=(time.perf_counter() - began) * 1000,
+        model=model_id,
+        latency_ms=(time.perf_counter() - began) * 1000,
     )
 
 
-async def infer(request: node_pb2.InferRequest,
-                backends: Mapping[str, Backend]) -> node_pb2.InferResponse:
+async def infer(
+    request: node_pb2.InferRequest, backends: Mapping[str, Backend]
+) -> node_pb2.InferResponse:
     """Run a tensor model on named input tensors; all outputs, or those the request names."""
     if not request.model:
         raise InvalidRequestError("name the model to run in `model`")

@@ -47,7 +47,9 @@ class NodeIdentity:
 
 def _check_range(name: str, value: float, low: float, high: float, hint: str) -> None:
     if not low <= value <= high:
-        raise InvalidRequestError(f"{name} must be between {low:g} and {high:g}, got {value:g}; {hint}")
+        raise InvalidRequestError(
+            f"{name} must be between {low:g} and {high:g}, got {value:g}; {hint}"
+        )
 
 
 def to_generation_input(
@@ -84,7 +86,9 @@ def to_generation_input(
 
     sampling = request.sampling
     context = backend.descriptor.context_length
-    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else config.default_max_tokens
+    max_tokens = (
+        sampling.max_tokens if sampling.HasField("max_tokens") else config.default_max_tokens
+    )
     if max_tokens < 1:
         raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}")
     if context and max_tokens > context:
@@ -92,8 +96,9 @@ def to_generation_input(
             f"max_tokens {max_tokens} is larger than the model's context window of {context} tokens; "
             f"ask for at most {context}"
         )
-    temperature = (sampling.temperature if sampling.HasField("temperature")
-                   else config.default_temperature)
+    temperature = (
+        sampling.temperature if sampling.HasField("temperature") else config.default_temperature
+    )
     _check_range("temperature", temperature, 0.0, 2.0, "use 0 for deterministic output")
     top_p = sampling.top_p if sampling.HasField("top_p") else 0.95
     if not 0.0 < top_p <= 1.0:
@@ -104,9 +109,15 @@ def to_generation_input(
     if len(sampling.stop) > 8 or any(not s or len(s) > 64 for s in sampling.stop):
         raise InvalidRequestError("stop takes at most 8 non-empty strings of at most 64 characters")
     return backend, GenerationInput(
-        messages=messages, prompt=request.prompt, raw=request.raw,
-        continuation=request.continuation, max_tokens=max_tokens, temperature=temperature,
-        top_p=top_p, top_k=top_k, seed=sampling.seed if sampling.HasField("seed") else None,
+        messages=messages,
+        prompt=request.prompt,
+        raw=request.raw,
+        continuation=request.continuation,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=sampling.seed if sampling.HasField("seed") else None,
         stop=tuple(sampling.stop),
     )
 
@@ -127,17 +138,22 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self.hardware = hardware
         self.admission = admission
         # Agents (nodes/agents): the ones offered, their tools and the data store.
-        self.agents = agents if agents is not None else AgentHost.from_config(
-            config, backends, identity.node_id)
+        self.agents = (
+            agents
+            if agents is not None
+            else AgentHost.from_config(config, backends, identity.node_id)
+        )
 
     # ------------------------------------------------------------------ gRPC edge
 
-    async def Describe(self, request: node_pb2.DescribeRequest,
-                       context: grpc.aio.ServicerContext) -> node_pb2.DescribeResponse:
+    async def Describe(
+        self, request: node_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.DescribeResponse:
         return self.describe()
 
-    async def Generate(self, request: node_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> node_pb2.GenerateResponse:
+    async def Generate(
+        self, request: node_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.GenerateResponse:
         try:
             text: list[str] = []
             final = None
@@ -154,9 +170,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             await context.abort(status_code_for(error), str(error))
             raise  # unreachable: abort raises
 
-    async def GenerateStream(self, request: node_pb2.GenerateRequest,
-                             context: grpc.aio.ServicerContext
-                             ) -> AsyncIterator[node_pb2.GenerateChunk]:
+    async def GenerateStream(
+        self, request: node_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.GenerateChunk]:
         try:
             async with contextlib.aclosing(self.generate(request)) as chunks:
                 async for chunk in chunks:
@@ -164,8 +180,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         except MeshError as error:
             await context.abort(status_code_for(error), str(error))
 
-    async def RunAgent(self, request: node_pb2.AgentRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.AgentEvent]:
+    async def RunAgent(
+        self, request: node_pb2.AgentRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.AgentEvent]:
         # Agents (nodes/agents): a whole agent task holds one admission slot.
         try:
             async with self.admission.slot():
@@ -177,8 +194,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     # Classifiers and tensor models (nodes/inference.py): no admission slot, the
     # ONNX backend bounds its own runs (a sub-millisecond route must not queue
     # behind a long generation).
-    async def Classify(self, request: node_pb2.ClassifyRequest,
-                       context: grpc.aio.ServicerContext) -> node_pb2.ClassifyResponse:
+    async def Classify(
+        self, request: node_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.ClassifyResponse:
         try:
             router = self.config.router.id if self.config.router is not None else None
             return await inference.classify(request, self.backends, router)
@@ -186,8 +204,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             await context.abort(status_code_for(error), str(error))
             raise  # unreachable: abort raises
 
-    async def Infer(self, request: node_pb2.InferRequest,
-                    context: grpc.aio.ServicerContext) -> node_pb2.InferResponse:
+    async def Infer(
+        self, request: node_pb2.InferRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.InferResponse:
         try:
             return await inference.infer(request, self.backends)
         except MeshError as error:
@@ -199,22 +218,33 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     def load(self) -> node_pb2.Load:
         cpu, memory, _available = system_load()
         return node_pb2.Load(
-            in_flight=self.admission.in_flight, queued=self.admission.queued, cpu_percent=cpu,
-            memory_percent=memory, completed=self.admission.completed,
+            in_flight=self.admission.in_flight,
+            queued=self.admission.queued,
+            cpu_percent=cpu,
+            memory_percent=memory,
+            completed=self.admission.completed,
             rejected=self.admission.rejected,
         )
 
     def describe(self) -> node_pb2.DescribeResponse:
         return node_pb2.DescribeResponse(
-            node=self._node_info(), hardware=self._hardware(), models=self._models(),
-            load=self.load(), capacity=self._capacity(), agents=self.agents.agent_infos(),
+            node=self._node_info(),
+            hardware=self._hardware(),
+            models=self._models(),
+            load=self.load(),
+            capacity=self._capacity(),
+            agents=self.agents.agent_infos(),
         )
 
     def _node_info(self) -> node_pb2.NodeInfo:
         ident = self.identity
         return node_pb2.NodeInfo(
-            node_id=ident.node_id, name=ident.name, cluster=ident.cluster, version=ident.version,
-            protocol_version=ident.protocol_version, labels=dict(self.config.labels),
+            node_id=ident.node_id,
+            name=ident.name,
+            cluster=ident.cluster,
+            version=ident.version,
+            protocol_version=ident.protocol_version,
+            labels=dict(self.config.labels),
             started_at_unix_s=ident.started_at_unix_s,
         )
 
@@ -224,13 +254,23 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             return None
         _cpu, _memory, available = system_load()
         return node_pb2.Hardware(
-            cpu_model=hw.cpu_model, physical_cores=hw.physical_cores,
-            logical_cores=hw.logical_cores, cpu_max_mhz=hw.cpu_max_mhz,
-            architecture=hw.architecture, memory_total_bytes=hw.memory_total_bytes,
-            memory_available_bytes=available, os=hw.os,
-            gpus=[node_pb2.Gpu(vendor=g.vendor, name=g.name,
-                               memory_total_bytes=g.memory_total_bytes,
-                               memory_used_bytes=g.memory_used_bytes) for g in hw.gpus],
+            cpu_model=hw.cpu_model,
+            physical_cores=hw.physical_cores,
+            logical_cores=hw.logical_cores,
+            cpu_max_mhz=hw.cpu_max_mhz,
+            architecture=hw.architecture,
+            memory_total_bytes=hw.memory_total_bytes,
+            memory_available_bytes=available,
+            os=hw.os,
+            gpus=[
+                node_pb2.Gpu(
+                    vendor=g.vendor,
+                    name=g.name,
+                    memory_total_bytes=g.memory_total_bytes,
+                    memory_used_bytes=g.memory_used_bytes,
+                )
+                for g in hw.gpus
+            ],
             onnx_providers=list(hw.onnx_providers),
         )
 
@@ -239,21 +279,29 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         for model_id, backend in self.backends.items():
             d = backend.descriptor
             info = node_pb2.ModelInfo(
-                model_id=model_id, backend=d.backend, source=d.source,
-                state=_MODEL_STATES[backend.status], size_bytes=d.size_bytes,
-                context_length=d.context_length, is_default=model_id == self.config.default_model_id,
-                error=backend.error, family=d.family, quantization=d.quantization,
+                model_id=model_id,
+                backend=d.backend,
+                source=d.source,
+                state=_MODEL_STATES[backend.status],
+                size_bytes=d.size_bytes,
+                context_length=d.context_length,
+                is_default=model_id == self.config.default_model_id,
+                error=backend.error,
+                family=d.family,
+                quantization=d.quantization,
             )
             inference.describe_tensor_model(backend, info)  # task, inputs, outputs, labels
             models.append(info)
         return models
 
     def _capacity(self) -> node_pb2.Capacity:
-        return node_pb2.Capacity(max_concurrent=self.admission.max_concurrent,
-                                 max_queued=self.admission.max_queued)
+        return node_pb2.Capacity(
+            max_concurrent=self.admission.max_concurrent, max_queued=self.admission.max_queued
+        )
 
-    async def generate(self, request: node_pb2.GenerateRequest
-                       ) -> AsyncIterator[node_pb2.GenerateChunk]:
+    async def generate(
+        self, request: node_pb2.GenerateRequest
+    ) -> AsyncIterator[node_pb2.GenerateChunk]:
         """Chunks of new text, then one chunk whose `final` carries usage and timing."""
         backend, generation = to_generation_input(request, self.config, self.backends)
         arrived = time.perf_counter()
@@ -268,20 +316,28 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                     async for piece in pieces:
                         if piece.text:
                             first_token_at = first_token_at or time.perf_counter()
-                            yield node_pb2.GenerateChunk(text=piece.text, index=index,
-                                                         tokens=piece.tokens)
+                            yield node_pb2.GenerateChunk(
+                                text=piece.text, index=index, tokens=piece.tokens
+                            )
                             index += 1
                         if piece.completion is not None:
                             completion = piece.completion
                             leftover_tokens = piece.tokens  # sampled, but no text came of them
             finally:
                 if request.task.task_id:
-                    logger.debug("task %s attempt %d on %s: %s",
-                                 request.task.task_id, request.task.attempt,
-                                 backend.descriptor.model_id, completion.finish_reason)
+                    logger.debug(
+                        "task %s attempt %d on %s: %s",
+                        request.task.task_id,
+                        request.task.attempt,
+                        backend.descriptor.model_id,
+                        completion.finish_reason,
+                    )
         done = time.perf_counter()
-        decode_rate = (completion.completion_tokens - 1) / completion.decode_s \
-            if completion.decode_s > 0 and completion.completion_tokens > 1 else 0.0
+        decode_rate = (
+            (completion.completion_tokens - 1) / completion.decode_s
+            if completion.decode_s > 0 and completion.completion_tokens > 1
+            else 0.0
+        )
         final = node_pb2.GenerateResponse(
             finish_reason=completion.finish_reason,
             usage=node_pb2.Usage(

@@ -17,8 +17,9 @@ class ScriptedBackend:
     """
 
     def __init__(self, replies: Iterable[Any], model_id: str = "scripted") -> None:
-        self.descriptor = ModelDescriptor(model_id=model_id, backend="fake", source="memory",
-                                          context_length=2048)
+        self.descriptor = ModelDescriptor(
+            model_id=model_id, backend="fake", source="memory", context_length=2048
+        )
         self.status = ModelStatus.READY
         self.error = ""
         self.replies = [r if isinstance(r, str) else json.dumps(r) for r in replies]
@@ -35,8 +36,15 @@ class ScriptedBackend:
         half = len(reply) // 2
         yield Piece(reply[:half])
         yield Piece(reply[half:])
-        yield Piece("", Completion(finish_reason="stop", prompt_tokens=50,
-                                   completion_tokens=max(1, len(reply) // 4), decode_s=0.01))
+        yield Piece(
+            "",
+            Completion(
+                finish_reason="stop",
+                prompt_tokens=50,
+                completion_tokens=max(1, len(reply) // 4),
+                decode_s=0.01,
+            ),
+        )
 
     async def close(self) -> None:
         self.status = ModelStatus.UNLOADED

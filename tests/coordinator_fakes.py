@@ -27,11 +27,26 @@ class ManualClock:
         self.now += seconds
 
 
-def view(node_id: str, *, state: NodeState = NodeState.READY, models: tuple[str, ...] = ("m",),
-         max_concurrent: int = 4, max_queued: int = 4, **extra: object) -> NodeView:
-    return NodeView(node_id=NodeId(node_id), name=f"name-{node_id}", address=f"{node_id}:1",
-                    state=state, source=NodeSource.STATIC, models=models,
-                    max_concurrent=max_concurrent, max_queued=max_queued, **extra)
+def view(
+    node_id: str,
+    *,
+    state: NodeState = NodeState.READY,
+    models: tuple[str, ...] = ("m",),
+    max_concurrent: int = 4,
+    max_queued: int = 4,
+    **extra: object,
+) -> NodeView:
+    return NodeView(
+        node_id=NodeId(node_id),
+        name=f"name-{node_id}",
+        address=f"{node_id}:1",
+        state=state,
+        source=NodeSource.STATIC,
+        models=models,
+        max_concurrent=max_concurrent,
+        max_queued=max_queued,
+        **extra,
+    )
 
 
 @dataclass
@@ -78,8 +93,15 @@ def words_after(text: str, continuation: str) -> list[str]:
 class FakeLink:
     """A node that follows a script of behaviours, one per call, then `default`."""
 
-    def __init__(self, node_id: str, calls: Calls, script: list[object] | None = None, *,
-                 clock: ManualClock | None = None, default: object | None = None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        calls: Calls,
+        script: list[object] | None = None,
+        *,
+        clock: ManualClock | None = None,
+        default: object | None = None,
+    ) -> None:
         self.node_id = node_id
         self.calls = calls
         self.script = list(script or [])
@@ -124,13 +146,18 @@ class FakeLink:
 
     def _final(self, request: node_pb2.GenerateRequest, tokens: int) -> node_pb2.GenerateResponse:
         return node_pb2.GenerateResponse(
-            finish_reason="stop", model=request.model or "m", node_id=self.node_id,
-            usage=node_pb2.Usage(prompt_tokens=5, completion_tokens=tokens,
-                                 total_tokens=5 + tokens),
-            timing=node_pb2.Timing(time_to_first_token_ms=1.0, total_ms=2.0))
+            finish_reason="stop",
+            model=request.model or "m",
+            node_id=self.node_id,
+            usage=node_pb2.Usage(
+                prompt_tokens=5, completion_tokens=tokens, total_tokens=5 + tokens
+            ),
+            timing=node_pb2.Timing(time_to_first_token_ms=1.0, total_ms=2.0),
+        )
 
-    async def generate_request(self, request: node_pb2.GenerateRequest, *,
-                               timeout_s: float | None = None) -> node_pb2.GenerateResponse:
+    async def generate_request(
+        self, request: node_pb2.GenerateRequest, *, timeout_s: float | None = None
+    ) -> node_pb2.GenerateResponse:
         task_id = self._start(request)
         try:
             pieces = [piece async for piece in self._pieces(request)]
@@ -140,9 +167,9 @@ class FakeLink:
         finally:
             self._end(task_id)
 
-    async def stream_request(self, request: node_pb2.GenerateRequest, *,
-                             timeout_s: float | None = None
-                             ) -> AsyncIterator[node_pb2.GenerateChunk]:
+    async def stream_request(
+        self, request: node_pb2.GenerateRequest, *, timeout_s: float | None = None
+    ) -> AsyncIterator[node_pb2.GenerateChunk]:
         task_id = self._start(request)
         try:
             index = 0
@@ -173,14 +200,20 @@ class FakeMesh:
             self.defaults[node_id] = default
 
     def connect(self, node: NodeView) -> FakeLink:
-        link = FakeLink(node.node_id, self.calls, self.scripts.get(node.node_id),
-                        clock=self.clock, default=self.defaults.get(node.node_id))
+        link = FakeLink(
+            node.node_id,
+            self.calls,
+            self.scripts.get(node.node_id),
+            clock=self.clock,
+            default=self.defaults.get(node.node_id),
+        )
         self.links[node.node_id] = link
         return link
 
     def served_by(self, node_id: str) -> int:
-        return sum(1 for kind, node, _task in self.calls.events
-                   if kind == "start" and node == node_id)
+        return sum(
+            1 for kind, node, _task in self.calls.events if kind == "start" and node == node_id
+        )
 
 
 def unavailable() -> MeshError:

@@ -47,8 +47,9 @@ class MeshProcess:
         return self.process.wait(timeout=10)
 
 
-def _read_line(process: subprocess.Popen[str], timeout_s: float, log: pathlib.Path,
-               expect: str) -> str:
+def _read_line(
+    process: subprocess.Popen[str], timeout_s: float, log: pathlib.Path, expect: str
+) -> str:
     assert process.stdout is not None
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
@@ -65,35 +66,78 @@ def _read_line(process: subprocess.Popen[str], timeout_s: float, log: pathlib.Pa
         selector.close()
     process.kill()
     process.wait(timeout=10)
-    raise AssertionError(f"no {expect!r} line within {timeout_s} s; log:\n{log.read_text()[-3000:]}")
+    raise AssertionError(
+        f"no {expect!r} line within {timeout_s} s; log:\n{log.read_text()[-3000:]}"
+    )
 
 
-def spawn(name: str, args: Sequence[str], directory: pathlib.Path) -> tuple[subprocess.Popen[str],
-                                                                           pathlib.Path]:
+def spawn(
+    name: str, args: Sequence[str], directory: pathlib.Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], pathlib.Path]:
+    """`python ARGS` with stderr to DIRECTORY/NAME.log; `env` adds to the environment."""
     log = directory / f"{name}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                                   stderr=handle, text=True, env=env)
+        process = subprocess.Popen(
+            [sys.executable, *args], stdout=subprocess.PIPE, stderr=handle, text=True, env=env
+        )
     return process, log
 
 
-def node_args(name: str, state_dir: pathlib.Path, *, fake: bool = False, max_concurrent: int = 1,
-              max_queued: int = 8, delay_ms: float = 0.0, model: str = "smollm2",
-              reply: str = "") -> list[str]:
+def node_args(
+    name: str,
+    state_dir: pathlib.Path,
+    *,
+    fake: bool = False,
+    max_concurrent: int = 1,
+    max_queued: int = 8,
+    delay_ms: float = 0.0,
+    model: str = "smollm2",
+    reply: str = "",
+) -> list[str]:
     if fake:  # a real NodeDaemon with an instant (or `delay_ms` per word) fake model
-        return ["-m", "bench.fake_node", "--name", name, "--max-concurrent", str(max_concurrent),
-                "--max-queued", str(max_queued), "--delay-ms", str(delay_ms), "--model", model,
-                *(["--reply", reply] if reply else [])]
-    return ["-m", "mesh.cli", "node", "start", "--host", "127.0.0.1", "--port", "0",
-            "--no-advertise", "--state-dir", str(state_dir / name), "--name", name,
-            "--n-threads", "1", "--max-concurrent", str(max_concurrent),
-            "--max-queued", str(max_queued)]
+        return [
+            "-m",
+            "bench.fake_node",
+            "--name",
+            name,
+            "--max-concurrent",
+            str(max_concurrent),
+            "--max-queued",
+            str(max_queued),
+            "--delay-ms",
+            str(delay_ms),
+            "--model",
+            model,
+            *(["--reply", reply] if reply else []),
+        ]
+    return [
+        "-m",
+        "mesh.cli",
+        "node",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--no-advertise",
+        "--state-dir",
+        str(state_dir / name),
+        "--name",
+        name,
+        "--n-threads",
+        "1",
+        "--max-concurrent",
+        str(max_concurrent),
+        "--max-queued",
+        str(max_queued),
+    ]
 
 
 @contextlib.contextmanager
-def running_nodes(directory: pathlib.Path, names: Sequence[str], *, timeout_s: float = 120.0,
-                  **options: object) -> Iterator[list[MeshProcess]]:
+def running_nodes(
+    directory: pathlib.Path, names: Sequence[str], *, timeout_s: float = 120.0, **options: object
+) -> Iterator[list[MeshProcess]]:
     """Start nodes at once (real bundled model unless fake=True); stop them all afterwards."""
     started: list[tuple[str, subprocess.Popen[str], pathlib.Path]] = []
     nodes: list[MeshProcess] = []
@@ -117,11 +161,24 @@ def running_nodes(directory: pathlib.Path, names: Sequence[str], *, timeout_s: f
                 process.wait(timeout=10)
 
 
-def start_coordinator_cli(directory: pathlib.Path, nodes: Sequence[str], *extra: str,
-                          timeout_s: float = 180.0) -> MeshProcess:
+def start_coordinator_cli(
+    directory: pathlib.Path, nodes: Sequence[str], *extra: str, timeout_s: float = 180.0
+) -> MeshProcess:
     """`mesh coordinator start` with static nodes, no mDNS, free ports; waits for its ready line."""
-    args = ["-m", "mesh.cli", "coordinator", "start", "--no-mdns", "--grpc-port", "0",
-            "--http-port", "0", "--num-cpus", "2", *extra]
+    args = [
+        "-m",
+        "mesh.cli",
+        "coordinator",
+        "start",
+        "--no-mdns",
+        "--grpc-port",
+        "0",
+        "--http-port",
+        "0",
+        "--num-cpus",
+        "2",
+        *extra,
+    ]
     for address in nodes:
         args += ["--node", address]
     process, log = spawn("coordinator", args, directory)
@@ -132,5 +189,8 @@ def start_coordinator_cli(directory: pathlib.Path, nodes: Sequence[str], *extra:
 def ready_line_addresses(line: str) -> dict[str, str]:
     """{"grpc": ..., "fast": ..., "http": ...} from the coordinator's ready line."""
     words = line.split()
-    return {"grpc": words[words.index("grpc") + 1], "fast": words[words.index("path") + 1],
-            "http": words[words.index("http") + 1]}
+    return {
+        "grpc": words[words.index("grpc") + 1],
+        "fast": words[words.index("path") + 1],
+        "http": words[words.index("http") + 1],
+    }

@@ -26,7 +26,7 @@ ATTEMPT_OUTCOME_ERROR: AttemptOutcome
 ATTEMPT_OUTCOME_CANCELLED: AttemptOutcome
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("task_id", "idempotency_key", "agent", "model", "prompt", "messages", "sampling", "deadline_s", "labels")
+    __slots__ = ("task_id", "idempotency_key", "agent", "model", "prompt", "messages", "sampling", "deadline_s", "labels", "tier")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class SubmitRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     idempotency_key: str
     agent: str
@@ -52,7 +53,8 @@ class SubmitRequest(_message.Message):
     sampling: _node_pb2.Sampling
     deadline_s: float
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_node_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_node_pb2.Sampling, _Mapping]] = ..., deadline_s: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    tier: str
+    def __init__(self, task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_node_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_node_pb2.Sampling, _Mapping]] = ..., deadline_s: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class Attempt(_message.Message):
     __slots__ = ("node_id", "node_name", "outcome", "duration_ms", "detail", "completion_tokens")
@@ -107,14 +109,16 @@ class SubmitResponse(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., model: _Optional[str] = ..., agent: _Optional[str] = ..., usage: _Optional[_Union[_node_pb2.Usage, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., failed_over: _Optional[bool] = ..., total_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., steps: _Optional[_Iterable[_Union[_node_pb2.AgentStep, _Mapping]]] = ..., tier: _Optional[str] = ..., escalation_reason: _Optional[str] = ..., routed_by: _Optional[str] = ...) -> None: ...
 
 class SubmitChunk(_message.Message):
-    __slots__ = ("text", "index", "result")
+    __slots__ = ("text", "index", "result", "step")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     text: str
     index: int
     result: SubmitResponse
-    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., result: _Optional[_Union[SubmitResponse, _Mapping]] = ...) -> None: ...
+    step: _node_pb2.AgentStep
+    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., result: _Optional[_Union[SubmitResponse, _Mapping]] = ..., step: _Optional[_Union[_node_pb2.AgentStep, _Mapping]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

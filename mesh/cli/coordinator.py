@@ -17,23 +17,88 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("coordinator", help="run the coordinator (Ray Serve)")
     actions = parser.add_subparsers(dest="coordinator_command", metavar="ACTION")
     start = actions.add_parser(
-        "start", help="start or join Ray, deploy the coordinator, serve until SIGINT/SIGTERM")
+        "start", help="start or join Ray, deploy the coordinator, serve until SIGINT/SIGTERM"
+    )
     start.add_argument("--topology", metavar="FILE", help="topology YAML (default: one device)")
-    start.add_argument("--node", action="append", default=[], metavar="ADDRESS",
-                       help="a node's host:port, added to the topology's and mDNS's (repeatable)")
-    start.add_argument("--host", help="address the ingresses listen on (default 127.0.0.1)")
-    start.add_argument("--grpc-port", type=int, help="Ray Serve gRPC proxy port (default 9000)")
-    start.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP port (default 8000)")
-    start.add_argument("--fast-port", type=int,
-                       help="direct MeshService port of the dispatcher (default: any free)")
-    start.add_argument("--no-fast-path", action="store_true",
-                       help="serve MeshService only through Ray Serve's proxy")
+    start.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="a node's host:port, added to the topology's and mDNS's (repeatable)",
+    )
+    start.add_argument(
+        "--host",
+        help="address the HTTP proxy and the fast path listen on (default 127.0.0.1; "
+        "a local Ray then binds loopback too). Ray Serve's gRPC proxy (and each Serve "
+        "replica's internal gRPC port) listens on ALL interfaces whatever --host says (Serve "
+        "2.60 has no host setting for it): firewall --grpc-port, or use the fast path",
+    )
+    start.add_argument(
+        "--grpc-port",
+        type=_port,
+        help="Ray Serve gRPC proxy port, on all interfaces (default 9000)",
+    )
+    start.add_argument("--http-port", type=_port, help="OpenAI-compatible HTTP port (default 8000)")
+    start.add_argument(
+        "--fast-port",
+        type=_port,
+        help="direct MeshService port of the dispatcher (default: any free)",
+    )
+    start.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="serve MeshService only through Ray Serve's proxy",
+    )
     start.add_argument("--replicas", type=int, help="dispatcher replicas (default: topology's)")
     start.add_argument("--no-mdns", action="store_true", help="static nodes only")
     start.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
     start.add_argument("--num-cpus", type=float, help="CPUs of a locally started Ray")
     start.set_defaults(func=_start)
     parser.set_defaults(func=lambda _args: parser.print_help() or 2)
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535 (0: any free port), got {port}")
+    return port
+
+
+def _one_line(error: BaseException) -> str:
+    """An error as one line for `error: ...` (a pydantic error lists each field)."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}"
+            for e in error.errors()
+        )
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _start_errors() -> tuple[type[BaseException], ...]:
+    """What starting can raise that is the user's or the machine's problem, not a bug: bad
+    settings, Ray or Serve failing to start (ports taken, no cluster at --ray-address), or the
+    app not answering in time."""
+    from pydantic import ValidationError
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
+
+    return (
+        MeshError,
+        ValidationError,
+        RayError,
+        RayServeException,
+        OSError,
+        RuntimeError,
+        ValueError,
+        TimeoutError,
+    )
 
 
 def _config(args: argparse.Namespace) -> object:
@@ -47,14 +112,28 @@ def _config(args: argparse.Namespace) -> object:
         if args.node:  # nodes named on the command line replace the default local one
             topology = topology.model_copy(update={"nodes": ()})
     return CoordinatorConfig.from_topology(
-        topology, nodes=tuple(args.node), host=args.host, grpc_port=args.grpc_port,
-        http_port=args.http_port, fast_port=args.fast_port, replicas=args.replicas,
-        ray_address=args.ray_address, num_cpus=args.num_cpus,
-        mdns=False if args.no_mdns else None, fast_path=False if args.no_fast_path else None)
+        topology,
+        nodes=tuple(args.node),
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        fast_port=args.fast_port,
+        replicas=args.replicas,
+        ray_address=args.ray_address,
+        num_cpus=args.num_cpus,
+        mdns=False if args.no_mdns else None,
+        fast_path=False if args.no_fast_path else None,
+    )
 
 
 def _start(args: argparse.Namespace) -> int:
-    from mesh.coordinator.runner import start_coordinator, stop_coordinator
+    from pydantic import ValidationError
+
+    from mesh.coordinator.runner import (
+        prepare_ray_environment,
+        start_coordinator,
+        stop_coordinator,
+    )
 
     stop = threading.Event()
 
@@ -65,20 +144,30 @@ def _start(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     try:
         config = _config(args)
+    except (MeshError, ValidationError, OSError) as error:  # bad flags or topology file
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    prepare_ray_environment(config)  # type: ignore[arg-type]  # before Ray is imported
+    errors = _start_errors()
+    try:
         running = start_coordinator(config)  # type: ignore[arg-type]
         for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installed its own: ours again
             signal.signal(sig, on_signal)
-    except MeshError as error:
-        print(f"error: {error}", file=sys.stderr)
-        stop_coordinator()
-        return EXIT_ERROR
-    try:
         fast = ", ".join(running.fast_paths) or "off"
-        print(f"coordinator ready: grpc {running.grpc_address} (Ray Serve) fast path {fast} "
-              f"http {running.openai_base_url} (OpenAI API)", flush=True)
+        print(
+            f"coordinator ready: grpc {running.grpc_address} (Ray Serve, all interfaces) "
+            f"fast path {fast} http {running.openai_base_url} (OpenAI API)",
+            flush=True,
+        )
         while not stop.wait(0.5):
             pass
         print("coordinator stopping: shutting down Serve and Ray", file=sys.stderr, flush=True)
+    except errors as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
     finally:
-        stop_coordinator()
+        try:
+            stop_coordinator()
+        except errors as error:  # a half-started Ray: say so, do not hide the first error
+            print(f"error: while stopping: {_one_line(error)}", file=sys.stderr)
     return 0

@@ -25,10 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--max-concurrent", type=int, help="requests run at once")
     start.add_argument("--max-queued", type=int, help="requests waiting beyond that")
     start.add_argument("--state-dir", help="where the node keeps its id")
-    start.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
-                       help="a label for routing constraints (repeatable)")
-    start.add_argument("--router", action="store_true",
-                       help="also serve the bundled ONNX intent router (Classify; ~40 MB)")
+    start.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label for routing constraints (repeatable)",
+    )
+    start.add_argument(
+        "--router",
+        action="store_true",
+        help="also serve the bundled ONNX intent router (Classify; ~40 MB)",
+    )
     start.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
     start.add_argument("--interface", help="IP of the interface to advertise on")
     start.set_defaults(func=_start)
@@ -60,15 +68,28 @@ def _start(args: argparse.Namespace) -> int:
         if args.model:
             models = (model_config_from_flag(args.model, n_threads=args.n_threads),)
         config = load_node_config(
-            args.config, name=args.name, cluster=args.cluster, host=args.host, port=args.port,
-            models=models, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
-            state_dir=args.state_dir, labels=_labels(args.label),
-            advertise=False if args.no_advertise else None, interface=args.interface,
+            args.config,
+            name=args.name,
+            cluster=args.cluster,
+            host=args.host,
+            port=args.port,
+            models=models,
+            max_concurrent=args.max_concurrent,
+            max_queued=args.max_queued,
+            state_dir=args.state_dir,
+            labels=_labels(args.label),
+            advertise=False if args.no_advertise else None,
+            interface=args.interface,
             router=default_router_config() if args.router else None,
         )
         if args.n_threads and not args.model:
-            config = config.model_copy(update={"models": tuple(
-                m.model_copy(update={"n_threads": args.n_threads}) for m in config.models)})
+            config = config.model_copy(
+                update={
+                    "models": tuple(
+                        m.model_copy(update={"n_threads": args.n_threads}) for m in config.models
+                    )
+                }
+            )
         daemon = NodeDaemon(config, announcer_factory=_announcer_factory())
         return asyncio.run(run_daemon(daemon))
     except MeshError as error:
@@ -130,9 +151,9 @@ def format_description(d: dict) -> str:  # type: ignore[type-arg]
     for m in d["models"]:
         state = m["state"].removeprefix("MODEL_STATE_").lower()
         default = " (default)" if m["is_default"] else ""
-        lines.append(f"  {m['model_id']}{default}: {state}, {m['backend']}, {m['family']} "
-                     f"{m['quantization']}, {int(m['size_bytes']) / 1e6:.1f} MB, "
-                     f"context {m['context_length']}" + (f", error: {m['error']}" if m["error"] else ""))
+        lines.append(
+            f"  {m['model_id']}{default}: {state}, {m['backend']}, {m['family']} "
+            f"{m['quantization']}, {int(m['size_bytes']) / 1e6:.1f} MB, "
+            f"context {m['context_length']}" + (f", error: {m['error']}" if m["error"] else "")
+        )
     return "\n".join(lines)
-
-

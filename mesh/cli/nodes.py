@@ -10,8 +10,12 @@ from mesh.cli.coordinator import DEFAULT_ENDPOINT
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("nodes", help="list the nodes the coordinator knows")
-    parser.add_argument("--coordinator", default=DEFAULT_ENDPOINT, metavar="ADDRESS",
-                        help=f"coordinator gRPC address (default {DEFAULT_ENDPOINT})")
+    parser.add_argument(
+        "--coordinator",
+        default=DEFAULT_ENDPOINT,
+        metavar="ADDRESS",
+        help=f"coordinator gRPC address (default {DEFAULT_ENDPOINT})",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=_nodes)
 
@@ -25,15 +29,21 @@ def _nodes(args: argparse.Namespace) -> int:
         if args.json:
             print_json([message_to_dict(node) for node in nodes])
             return 0
-        print(f"{'NAME':<16} {'STATE':<8} {'ADDRESS':<22} {'MODELS':<18} {'LOAD':>7} "
-              f"{'MS/TOK':>7} SOURCE")
+        print(
+            f"{'NAME':<16} {'STATE':<8} {'ADDRESS':<22} {'MODELS':<18} {'LOAD':>7} "
+            f"{'MS/TOK':>7} SOURCE"
+        )
         for node in nodes:
-            load = f"{node.load.in_flight + node.load.queued}/" \
-                   f"{node.capacity.max_concurrent + node.capacity.max_queued}"
+            load = (
+                f"{node.load.in_flight + node.load.queued}/"
+                f"{node.capacity.max_concurrent + node.capacity.max_queued}"
+            )
             speed = f"{node.ewma_ms_per_token:.1f}" if node.ewma_ms_per_token else "-"
             state = node.state + ("*" if node.cooling_down else "")
-            print(f"{node.name:<16} {state:<8} {node.address:<22} "
-                  f"{','.join(node.models):<18} {load:>7} {speed:>7} {node.source}")
+            print(
+                f"{node.name:<16} {state:<8} {node.address:<22} "
+                f"{','.join(node.models):<18} {load:>7} {speed:>7} {node.source}"
+            )
         if any(node.cooling_down for node in nodes):
             print("* cooling down after repeated failures")
         return 0

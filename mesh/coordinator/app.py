@@ -53,8 +53,11 @@ class NodeTableOwner:
 
             browser = MdnsBrowser()
         self.registry = NodeRegistry(
-            cluster=config.cluster, static_addresses=config.static_nodes, browser=browser,
-            timings=RegistryTimings(**config.registry_timings))
+            cluster=config.cluster,
+            static_addresses=config.static_nodes,
+            browser=browser,
+            timings=RegistryTimings(**config.registry_timings),
+        )
         self.version = 0
         self._changed = asyncio.Event()
         self._fast_paths: dict[str, str] = {}
@@ -100,7 +103,7 @@ class MeshIngress:
     async def __init__(self, owner: DeploymentHandle, config: CoordinatorConfig) -> None:
         self._owner = owner
         self._config = config
-        self.dispatcher = Dispatcher(config.dispatcher)
+        self.dispatcher = Dispatcher(config.dispatcher_settings())
         self.handlers = MeshHandlers(self.dispatcher, stream_window_s=config.stream_window_s)
         self._version = -1
         await self._poll_once(wait_s=0.0)
@@ -110,7 +113,8 @@ class MeshIngress:
             port = config.fast_port if config.replicas == 1 else 0
             direct = MeshHandlers(self.dispatcher, stream_window_s=0.0)
             self._fast_server, bound = await start_fast_path(
-                direct, format_address(config.host, port))
+                direct, format_address(config.host, port)
+            )
             replica = str(serve.get_replica_context().replica_id)
             await owner.register_fast_path.remote(replica, format_address(config.host, bound))
 
@@ -121,28 +125,40 @@ class MeshIngress:
             self.dispatcher.update_nodes(views)
 
     async def _poll_forever(self) -> None:
+        failing = False  # logged once per outage, not every _POLL_RETRY_S
         while True:
             try:
                 await self._poll_once(_POLL_WAIT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # Ray raises many kinds while the owner restarts
-                logger.warning("node table poll failed (%s); keeping the last snapshot", error)
+                if not failing:
+                    logger.warning(
+                        "node table poll failed (%s); keeping the last snapshot "
+                        "until it answers again",
+                        error,
+                    )
+                failing = True
                 await asyncio.sleep(_POLL_RETRY_S)
+                continue
+            if failing:
+                logger.warning("node table poll answers again")
+                failing = False
 
     # -------------------------------------------------------------- gRPC (Serve's proxy)
 
-    async def Submit(self, request: mesh_pb2.SubmitRequest,
-                     grpc_context: RayServegRPCContext) -> mesh_pb2.SubmitResponse:
+    async def Submit(
+        self, request: mesh_pb2.SubmitRequest, grpc_context: RayServegRPCContext
+    ) -> mesh_pb2.SubmitResponse:
         try:
             return await self.handlers.submit(request)
         except MeshError as error:
             _abort(grpc_context, error)
             return mesh_pb2.SubmitResponse()
 
-    async def SubmitStream(self, request: mesh_pb2.SubmitRequest,
-                           grpc_context: RayServegRPCContext
-                           ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
+    async def SubmitStream(
+        self, request: mesh_pb2.SubmitRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
         try:
             async for chunk in self.handlers.submit_stream(request):
                 yield chunk
@@ -151,12 +167,14 @@ class MeshIngress:
             _abort(grpc_context, error)
             raise
 
-    async def ListNodes(self, request: mesh_pb2.ListNodesRequest,
-                        grpc_context: RayServegRPCContext) -> mesh_pb2.ListNodesResponse:
+    async def ListNodes(
+        self, request: mesh_pb2.ListNodesRequest, grpc_context: RayServegRPCContext
+    ) -> mesh_pb2.ListNodesResponse:
         return self.handlers.list_nodes()
 
-    async def DescribeTask(self, request: mesh_pb2.DescribeTaskRequest,
-                           grpc_context: RayServegRPCContext) -> mesh_pb2.TaskRecord:
+    async def DescribeTask(
+        self, request: mesh_pb2.DescribeTaskRequest, grpc_context: RayServegRPCContext
+    ) -> mesh_pb2.TaskRecord:
         try:
             return self.handlers.describe_task(request)
         except MeshError as error:
@@ -166,12 +184,16 @@ class MeshIngress:
     # -------------------------------------------------------------- HTTP (Serve's proxy)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_openai_app(self.dispatcher, stream_window_s=self._config.stream_window_s,
-                                info=self._info)
+        return build_openai_app(
+            self.dispatcher, stream_window_s=self._config.stream_window_s, info=self._info
+        )
 
     async def _info(self) -> dict[str, Any]:
-        return {"fast_paths": await self._owner.fast_paths.remote(),
-                "replicas": self._config.replicas, "cluster": self._config.cluster}
+        return {
+            "fast_paths": await self._owner.fast_paths.remote(),
+            "replicas": self._config.replicas,
+            "cluster": self._config.cluster,
+        }
 
     async def __del__(self) -> None:
         self._poller.cancel()
@@ -183,9 +205,12 @@ class MeshIngress:
 def build_app(config: CoordinatorConfig) -> serve.Application:
     """The Serve application: bind the owner into the ingress replicas."""
     owner = serve.deployment(NodeTableOwner, name="NodeTableOwner").options(
-        num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
+        num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0}
+    )
     ingress_class = serve.ingress()(MeshIngress)
     ingress = serve.deployment(ingress_class, name="MeshIngress").options(
-        num_replicas=config.replicas, max_ongoing_requests=config.max_ongoing_requests,
-        ray_actor_options={"num_cpus": 0})
+        num_replicas=config.replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    )
     return ingress.bind(owner.bind(config), config)

@@ -16,6 +16,7 @@ bounded task ledger behind DescribeTask and idempotency. One task's retry loop i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,8 +24,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from edgemesh.v1 import node_pb2
+from mesh.agent_client import run_agent_request
 from mesh.client import NodeClient
+from mesh.coordinator._agent_run import AgentItem, AgentRun
 from mesh.coordinator._run import TaskRun
+from mesh.coordinator.intent import ClassifierIndex
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.coordinator.tasks import (
     LedgerEntry,
@@ -33,6 +37,8 @@ from mesh.coordinator.tasks import (
     TaskResult,
     TaskSpec,
     TaskState,
+    check_deadline_s,
+    check_max_tokens,
 )
 from mesh.errors import MeshError, NotFoundError, OverloadedError, UnavailableError
 from mesh.ids import NodeId
@@ -41,6 +47,7 @@ from mesh.routing import (
     CooldownTracker,
     Ewma,
     PolicyState,
+    capacity_share,
     filter_candidates,
     policy_by_name,
     serves,
@@ -55,11 +62,13 @@ _RETRY_PAUSE_S = 0.05  # per attempt made, before trying nodes that already fail
 class NodeLink(Protocol):
     """What the dispatcher needs from a node; `mesh.client.NodeClient` is the real one."""
 
-    async def generate_request(self, request: node_pb2.GenerateRequest, *,
-                               timeout_s: float | None = None) -> node_pb2.GenerateResponse: ...
+    async def generate_request(
+        self, request: node_pb2.GenerateRequest, *, timeout_s: float | None = None
+    ) -> node_pb2.GenerateResponse: ...
 
-    def stream_request(self, request: node_pb2.GenerateRequest, *,
-                       timeout_s: float | None = None) -> AsyncIterator[node_pb2.GenerateChunk]: ...
+    def stream_request(
+        self, request: node_pb2.GenerateRequest, *, timeout_s: float | None = None
+    ) -> AsyncIterator[node_pb2.GenerateChunk]: ...
 
     async def close(self) -> None: ...
 
@@ -67,9 +76,18 @@ class NodeLink(Protocol):
 NodeConnector = Callable[[NodeView], NodeLink]
 
 
+class GrpcNodeLink(NodeClient):
+    """A NodeClient plus the agent RPC (`mesh.agent_client`): the real NodeLink and AgentLink."""
+
+    def run_agent(
+        self, request: node_pb2.AgentRequest, *, timeout_s: float | None = None
+    ) -> AsyncIterator[node_pb2.AgentEvent]:
+        return run_agent_request(self, request, timeout_s=timeout_s)
+
+
 def connect_grpc(view: NodeView) -> NodeLink:
-    """A NodeClient on one channel (from `mesh.channels.create_channel`) to the node."""
-    return NodeClient(view.address)
+    """A GrpcNodeLink on one channel (from `mesh.channels.create_channel`) to the node."""
+    return GrpcNodeLink(view.address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,40 +101,60 @@ class NodeRow:
 
 
 def _share(view: NodeView, share: int) -> NodeView:
+    """This dispatcher's part of a node's capacity (`mesh.routing.capacity_share`): rounded
+    down, so a node with fewer slots than dispatchers is refused (RESOURCE_EXHAUSTED, the error
+    says why) rather than overfilled; give it more `max_concurrent`/`max_queued`, or run fewer
+    replicas."""
     if share <= 1:
         return view
-    return view.model_copy(update={"max_concurrent": max(1, view.max_concurrent // share),
-                                   "max_queued": view.max_queued // share})
+    running, waiting = capacity_share(view.max_concurrent, view.max_queued, share)
+    return view.model_copy(update={"max_concurrent": running, "max_queued": waiting})
 
 
 class Dispatcher:
-    def __init__(self, settings: DispatcherSettings | None = None, *,
-                 connect: NodeConnector = connect_grpc,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: DispatcherSettings | None = None,
+        *,
+        connect: NodeConnector = connect_grpc,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings = settings or DispatcherSettings()
         self.clock = clock
         self._connect = connect
         self._policy = policy_by_name(settings.policy)
         self._policy_state = PolicyState(seed=settings.seed)
         self.ewma = Ewma(settings.ewma_alpha)
-        self.cooldowns = CooldownTracker(failures_before_cooldown=settings.failures_before_cooldown,
-                                         cooldown_s=settings.cooldown_s, clock=clock)
+        self.cooldowns = CooldownTracker(
+            failures_before_cooldown=settings.failures_before_cooldown,
+            cooldown_s=settings.cooldown_s,
+            clock=clock,
+        )
         self.ledger = TaskLedger(settings.ledger_size, clock=clock)
+        self.classifiers = ClassifierIndex(clock=clock)  # `--agent auto`: who can Classify
         self._raw_views: list[NodeView] = []
         self._views: list[NodeView] = []
         self._by_id: dict[NodeId, NodeView] = {}
         self._links: dict[NodeId, tuple[str, NodeLink]] = {}
         self.outstanding: dict[NodeId, int] = {}
+        self._closed = False
         self._changed = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ node table
 
     def update_nodes(self, views: Sequence[NodeView]) -> None:
-        """Adopt a registry snapshot; channels of nodes that are gone or moved are closed."""
+        """Adopt a registry snapshot; channels of nodes that are gone or moved are closed, and
+        what was measured about nodes that are gone (EWMA, cool-downs) is forgotten."""
+        known = set(self._by_id) | set(self.ewma.snapshot())
         self._raw_views = list(views)
         self._views = [_share(view, self.settings.capacity_share) for view in views]
         self._by_id = {view.node_id: view for view in self._views}
+        for node_id in known:
+            view = self._by_id.get(node_id)
+            if view is None or view.state is NodeState.GONE:
+                self.ewma.forget(node_id)
+                self.cooldowns.forget(node_id)
         for node_id, (address, link) in list(self._links.items()):
             view = self._by_id.get(node_id)
             if view is None or view.state is NodeState.GONE or view.address != address:
@@ -126,15 +164,41 @@ class Dispatcher:
 
     def node_rows(self) -> list[NodeRow]:
         cooling = self.cooldowns.cooling()
-        return [NodeRow(view=view, ewma_ms_per_token=self.ewma.get(view.node_id),
-                        cooling_down=view.node_id in cooling,
-                        outstanding=self.outstanding.get(view.node_id, 0))
-                for view in self._raw_views]
+        return [
+            NodeRow(
+                view=view,
+                ewma_ms_per_token=self.ewma.get(view.node_id),
+                cooling_down=view.node_id in cooling,
+                outstanding=self.outstanding.get(view.node_id, 0),
+            )
+            for view in self._raw_views
+        ]
+
+    def views(self) -> list[NodeView]:
+        """The node table this dispatcher routes on (capacity already shared among replicas)."""
+        return self._views
+
+    def agents(self) -> list[str]:
+        """Agents offered by at least one ready node."""
+        return sorted(
+            {
+                agent
+                for view in self._views
+                if view.state is NodeState.READY
+                for agent in view.agents
+            }
+        )
 
     def models(self) -> list[str]:
         """Model aliases served by at least one ready node."""
-        return sorted({model for view in self._views if view.state is NodeState.READY
-                       for model in view.models})
+        return sorted(
+            {
+                model
+                for view in self._views
+                if view.state is NodeState.READY
+                for model in view.models
+            }
+        )
 
     def link(self, view: NodeView) -> NodeLink:
         known = self._links.get(view.node_id)
@@ -181,9 +245,16 @@ class Dispatcher:
         """The node for the next attempt of `run`; waits briefly for capacity or a ready node."""
         waited_from = self.clock()
         while True:
+            # The whole nodes (their load and slots rank them), each kept to our share.
             candidates = filter_candidates(
-                self._views, run.shape, exclude=run.tried, cooling=self.cooldowns,
-                ewma=self.ewma, outstanding=self.outstanding)
+                self._raw_views,
+                run.shape,
+                exclude=run.tried,
+                cooling=self.cooldowns,
+                ewma=self.ewma,
+                outstanding=self.outstanding,
+                share=self.settings.capacity_share,
+            )
             if candidates:
                 node_id = self._policy(candidates, run.shape, self._policy_state)
                 if node_id is not None:
@@ -191,8 +262,9 @@ class Dispatcher:
             reason, limit_s = self._why_none(run)
             if reason == "tried":  # every usable node failed once: they may be tried again,
                 run.tried.clear()  # after a pause that grows with the attempts made
-                await self._wait_for_change(min(run.remaining_s(),
-                                                _RETRY_PAUSE_S * len(run.attempts)))
+                await self._wait_for_change(
+                    min(run.remaining_s(), _RETRY_PAUSE_S * len(run.attempts))
+                )
                 continue
             now = self.clock()
             remaining = run.deadline_at - now
@@ -218,32 +290,60 @@ class Dispatcher:
         return "full", settings.queue_timeout_s
 
     def _no_node_error(self, run: TaskRun, reason: str, remaining_s: float) -> MeshError:
-        what = run.shape.model or "the default model"
+        shape = run.shape
+        what = repr(shape.model) if shape.model else "the default model"
+        if shape.agent:
+            what = f"agent {shape.agent!r}" + (f" on model {shape.model!r}" if shape.model else "")
         if remaining_s <= 0:
-            return run.failure(f"ran out of its {run.deadline_s:g} s deadline")
+            return run.deadline_exceeded()
         if run.attempts:
             return run.failure(f"no other node can take it ({reason.replace('_', ' ')})")
         if reason == "none":
+            if shape.agent:
+                known = ", ".join(self.agents()) or "none"
+                return NotFoundError(f"no node runs {what}; agents offered: {known}")
             known = ", ".join(self.models()) or "none"
-            return NotFoundError(f"no node serves model {what!r}; ready models: {known}")
+            return NotFoundError(f"no node serves model {what}; ready models: {known}")
         if reason == "full":
-            capacity = sum(view.max_concurrent + view.max_queued for view in self._views
-                           if serves(view, run.shape) and view.state is NodeState.READY)
+            capacity = sum(
+                view.max_concurrent + view.max_queued
+                for view in self._views
+                if serves(view, run.shape) and view.state is NodeState.READY
+            )
+            if capacity == 0:  # see _share
+                return OverloadedError(
+                    f"the nodes serving {what} have fewer slots than the "
+                    f"{self.settings.capacity_share} dispatcher replicas sharing them, so "
+                    "none is sent any; run fewer replicas or give the nodes more "
+                    "max_concurrent/max_queued",
+                    task_id=run.task.task_id,
+                )
             return OverloadedError(
                 f"the mesh is at capacity for {what}: {capacity} requests at once across the "
-                "nodes serving it are taken; retry later", task_id=run.task.task_id)
-        return UnavailableError(f"no ready node serves {what} ({reason.replace('_', ' ')}); "
-                                "check `mesh nodes`", task_id=run.task.task_id)
+                "nodes serving it are taken; retry later",
+                task_id=run.task.task_id,
+            )
+        return UnavailableError(
+            f"no ready node serves {what} ({reason.replace('_', ' ')}); check `mesh nodes`",
+            task_id=run.task.task_id,
+        )
 
     # ------------------------------------------------------------------ tasks
 
+    def _run(self, task: TaskSpec, entry: LedgerEntry) -> TaskRun:
+        return AgentRun(self, task, entry) if task.agent else TaskRun(self, task, entry)
+
     async def submit(self, task: TaskSpec) -> TaskResult:
         """Run `task` to one answer, retrying elsewhere on failure; raises one MeshError."""
-        existing = self.ledger.find(task.dedup_key)
-        if existing is not None:
-            return await self._replay(existing)
+        _check(task)
+        while (existing := self.ledger.find(task.dedup_key)) is not None:
+            try:
+                return await self._replay(existing)
+            except asyncio.CancelledError:
+                if not self._run_again(existing):
+                    raise
         entry = self.ledger.begin(task)
-        run = TaskRun(self, task, entry)
+        run = self._run(task, entry)
         try:
             result = await run.unary()
         except MeshError as error:
@@ -255,22 +355,31 @@ class Dispatcher:
         self.ledger.succeed(entry, result)
         return result
 
-    async def stream(self, task: TaskSpec) -> AsyncIterator[str | TaskResult]:
-        """Text pieces as they come, then the TaskResult; a broken stream continues elsewhere."""
-        existing = self.ledger.find(task.dedup_key)
-        if existing is not None:
-            result = await self._replay(existing)
+    async def stream(self, task: TaskSpec) -> AsyncIterator[AgentItem]:
+        """Text pieces as they come, then the TaskResult; a broken stream continues elsewhere.
+        Agent tasks also yield each step (`node_pb2.AgentStep`) as the node completes it."""
+        _check(task)
+        while (existing := self.ledger.find(task.dedup_key)) is not None:
+            try:
+                result = await self._replay(existing)
+            except asyncio.CancelledError:
+                if not self._run_again(existing):
+                    raise
+                continue
             if result.text:
                 yield result.text
             yield result
             return
         entry = self.ledger.begin(task)
-        run = TaskRun(self, task, entry)
+        run = self._run(task, entry)
         try:
-            async for item in run.stream():
-                if isinstance(item, TaskResult):
-                    self.ledger.succeed(entry, item)
-                yield item
+            # Closed as soon as this generator is: the attempt is cancelled and its slot freed
+            # at once (not when the garbage collector finds it), and recorded as CANCELLED.
+            async with contextlib.aclosing(run.stream()) as items:
+                async for item in items:
+                    if isinstance(item, TaskResult):
+                        self.ledger.succeed(entry, item)
+                    yield item
         except MeshError as error:
             self.ledger.fail(entry, error, tuple(run.attempts))
             raise
@@ -286,13 +395,31 @@ class Dispatcher:
             raise entry.error
         return await asyncio.shield(entry.future)
 
+    def _run_again(self, entry: LedgerEntry) -> bool:
+        """After a wait on `entry` ended in CancelledError: whether the task should run afresh
+        for this caller because the caller that ran it went away (not this caller)."""
+        current = asyncio.current_task()
+        if not entry.future.cancelled() or (current is not None and current.cancelling()):
+            return False
+        if self._closed:
+            raise UnavailableError("the coordinator is shutting down")
+        return True
+
     def describe_task(self, task_id: str) -> TaskRecord:
         return self.ledger.record(task_id)
 
     async def close(self) -> None:
+        self._closed = True
         links = [link for _address, link in self._links.values()]
         self._links.clear()
-        await asyncio.gather(*(link.close() for link in links), *self._closing,
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(link.close() for link in links), *self._closing, return_exceptions=True
+        )
         self.ledger.close()
 
+
+def _check(task: TaskSpec) -> None:
+    """InvalidRequestError for limits no node could honour (the ingresses check them first)."""
+    check_deadline_s(task.deadline_s)
+    sampling = task.request.sampling
+    check_max_tokens(sampling.max_tokens if sampling.HasField("max_tokens") else None)

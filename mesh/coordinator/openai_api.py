@@ -18,9 +18,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mesh.coordinator._agent_run import AgentItem
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.service import coalesce
-from mesh.coordinator.tasks import TaskResult, TaskSpec, build_task
+from mesh.coordinator.tasks import (
+    TaskResult,
+    TaskSpec,
+    build_task,
+    check_deadline_s,
+    check_max_tokens,
+)
 from mesh.errors import InvalidRequestError, MeshError
 
 _HTTP_STATUS = {
@@ -68,8 +75,14 @@ class ChatCompletionRequest(BaseModel):
 
 def error_body(error: MeshError) -> tuple[int, dict[str, Any]]:
     status, kind = _HTTP_STATUS.get(error.grpc_code_name, (500, "server_error"))
-    return status, {"error": {"message": str(error), "type": kind, "param": None,
-                              "code": error.grpc_code_name.lower()}}
+    return status, {
+        "error": {
+            "message": str(error),
+            "type": kind,
+            "param": None,
+            "code": error.grpc_code_name.lower(),
+        }
+    }
 
 
 def error_response(error: MeshError) -> JSONResponse:
@@ -87,47 +100,110 @@ def task_from_chat(body: ChatCompletionRequest, headers: Any) -> TaskSpec:
         deadline_s = float(deadline) if deadline else None
     except ValueError:
         raise InvalidRequestError(f"X-Mesh-Deadline-S must be seconds, got {deadline!r}") from None
+    check_deadline_s(deadline_s, "X-Mesh-Deadline-S")
+    max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, name = body.max_tokens, "max_tokens"
+    check_max_tokens(max_tokens, name)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
     return build_task(
         messages=[{"role": m.role, "content": m.text()} for m in body.messages],
-        model=body.model, agent=headers.get("x-mesh-agent") or None,
-        idempotency_key=headers.get("idempotency-key", ""), deadline_s=deadline_s,
-        max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
-        top_p=body.top_p, seed=body.seed, stop=stop)
+        model=body.model,
+        agent=headers.get("x-mesh-agent") or None,
+        idempotency_key=headers.get("idempotency-key", ""),
+        deadline_s=deadline_s,
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=stop,
+    )
 
 
 def _usage(result: TaskResult) -> dict[str, int]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.total_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.total_tokens,
+    }
 
 
 def _mesh_info(result: TaskResult) -> dict[str, Any]:
-    return {"task_id": result.task_id, "node_id": result.node_id, "node_name": result.node_name,
-            "failed_over": result.failed_over, "total_ms": round(result.total_ms, 3),
-            "attempts": [{"node_id": a.node_id, "node_name": a.node_name,
-                          "outcome": a.outcome.value, "duration_ms": round(a.duration_ms, 3),
-                          "completion_tokens": a.completion_tokens, "detail": a.detail}
-                         for a in result.attempts]}
+    info = {
+        "task_id": result.task_id,
+        "node_id": result.node_id,
+        "node_name": result.node_name,
+        "failed_over": result.failed_over,
+        "total_ms": round(result.total_ms, 3),
+        "attempts": [
+            {
+                "node_id": a.node_id,
+                "node_name": a.node_name,
+                "outcome": a.outcome.value,
+                "duration_ms": round(a.duration_ms, 3),
+                "completion_tokens": a.completion_tokens,
+                "detail": a.detail,
+            }
+            for a in result.attempts
+        ],
+    }
+    if result.agent:  # agent tasks: who answered how (steps as in `mesh submit --json`)
+        info.update(
+            agent=result.agent,
+            tier=result.tier,
+            routed_by=result.routed_by,
+            escalation_reason=result.escalation_reason,
+            steps=[
+                {
+                    "index": s.index,
+                    "kind": s.kind,
+                    "tool": s.call.tool,
+                    "arguments": s.call.arguments_json,
+                    "result": s.result_json,
+                    "error": s.error,
+                    "node_id": s.node_id,
+                }
+                for s in result.steps
+            ],
+        )
+    return info
 
 
 def completion_body(result: TaskResult, model: str) -> dict[str, Any]:
     return {
-        "id": f"chatcmpl-{result.task_id}", "object": "chat.completion",
-        "created": int(time.time()), "model": result.model or model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason or "stop", "logprobs": None}],
-        "usage": _usage(result), "mesh": _mesh_info(result),
+        "id": f"chatcmpl-{result.task_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": result.model or model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason or "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(result),
+        "mesh": _mesh_info(result),
     }
 
 
-async def sse_events(items: AsyncIterator[str | TaskResult], task: TaskSpec, model: str,
-                     include_usage: bool) -> AsyncIterator[str]:
-    base = {"id": f"chatcmpl-{task.task_id}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": model}
+async def sse_events(
+    items: AsyncIterator[AgentItem], task: TaskSpec, model: str, include_usage: bool
+) -> AsyncIterator[str]:
+    base = {
+        "id": f"chatcmpl-{task.task_id}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+    }
 
     def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                      "logprobs": None}], **extra}
+        chunk = {
+            **base,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **extra,
+        }
         return f"data: {json.dumps(chunk)}\n\n"
 
     yield event({"role": "assistant", "content": ""})
@@ -135,7 +211,7 @@ async def sse_events(items: AsyncIterator[str | TaskResult], task: TaskSpec, mod
         async for item in items:
             if isinstance(item, str):
                 yield event({"content": item})
-            else:
+            elif isinstance(item, TaskResult):  # agent steps are not part of the OpenAI stream
                 yield event({}, item.finish_reason or "stop", mesh=_mesh_info(item))
                 if include_usage:
                     yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(item)})}\n\n"
@@ -145,15 +221,18 @@ async def sse_events(items: AsyncIterator[str | TaskResult], task: TaskSpec, mod
     yield "data: [DONE]\n\n"
 
 
-async def _prepend(first: str | TaskResult, rest: AsyncIterator[str | TaskResult]
-                   ) -> AsyncIterator[str | TaskResult]:
+async def _prepend(first: AgentItem, rest: AsyncIterator[AgentItem]) -> AsyncIterator[AgentItem]:
     yield first
     async for item in rest:
         yield item
 
 
-def build_openai_app(dispatcher: Dispatcher, *, stream_window_s: float = 0.0,
-                     info: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> FastAPI:
+def build_openai_app(
+    dispatcher: Dispatcher,
+    *,
+    stream_window_s: float = 0.0,
+    info: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+) -> FastAPI:
     """The FastAPI app; `info` answers `GET /v1/mesh/info` (e.g. the fast-path addresses)."""
     app = FastAPI(title="Edge Agent Mesh", docs_url=None, redoc_url=None)
 
@@ -163,9 +242,13 @@ def build_openai_app(dispatcher: Dispatcher, *, stream_window_s: float = 0.0,
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list",
-                "data": [{"id": model, "object": "model", "created": 0,
-                          "owned_by": "edge-agent-mesh"} for model in dispatcher.models()]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": model, "object": "model", "created": 0, "owned_by": "edge-agent-mesh"}
+                for model in dispatcher.models()
+            ],
+        }
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
@@ -187,7 +270,9 @@ def build_openai_app(dispatcher: Dispatcher, *, stream_window_s: float = 0.0,
                 return error_response(error)
             return StreamingResponse(
                 sse_events(_prepend(first, items), task, body.model, include_usage),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         try:
             result = await dispatcher.submit(task)
         except MeshError as error:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +35,11 @@ RAY_ENVIRONMENT = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+# Ray on Linux takes the machine's routable address as the node's, even when asked for
+# 127.0.0.1 (`ray.init(_node_ip_address=...)` resolves loopback to it), and binds its servers
+# (GCS, raylet, object manager, workers, dashboard agent) there. With this variable off, a
+# local Ray takes 127.0.0.1 instead; Ray reads it at import, so it is set before.
+LOOPBACK_RAY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,50 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
-def start_coordinator(config: CoordinatorConfig, *, ready_timeout_s: float = 120.0
-                      ) -> RunningCoordinator:
-    """Start or join Ray, start Serve and deploy the app; UnavailableError if not ready in time."""
-    for key, value in RAY_ENVIRONMENT.items():
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def local_loopback_ray(config: CoordinatorConfig) -> bool:
+    """Whether the coordinator starts its own Ray and listens on loopback only: then Ray
+    should not listen beyond loopback either."""
+    return config.ray_address is None and is_loopback(config.host)
+
+
+def prepare_ray_environment(config: CoordinatorConfig) -> None:
+    """Set Ray's environment for `config` (values already set win); call before Ray is
+    imported, as `start_coordinator` does."""
+    environment = dict(RAY_ENVIRONMENT)
+    if local_loopback_ray(config):
+        environment[LOOPBACK_RAY_VARIABLE] = "0"
+    for key, value in environment.items():
         os.environ.setdefault(key, value)
+
+
+def start_coordinator(
+    config: CoordinatorConfig, *, ready_timeout_s: float = 120.0
+) -> RunningCoordinator:
+    """Start or join Ray, start Serve and deploy the app; UnavailableError if not ready in time.
+
+    Ray Serve's gRPC proxy listens on all interfaces ([::]) whatever `config.host` says: Serve
+    2.60's gRPCOptions has no host. The HTTP proxy and the fast paths listen on `config.host`;
+    a local Ray started for a loopback host binds loopback (`prepare_ray_environment`)."""
+    if (
+        local_loopback_ray(config)
+        and "ray" in sys.modules
+        and os.environ.get(LOOPBACK_RAY_VARIABLE) != "0"
+    ):
+        logger.warning(
+            "Ray was imported before the coordinator set %s: a local Ray may listen "
+            "beyond loopback",
+            LOOPBACK_RAY_VARIABLE,
+        )
+    prepare_ray_environment(config)
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -71,20 +117,29 @@ def start_coordinator(config: CoordinatorConfig, *, ready_timeout_s: float = 120
     grpc_port = config.grpc_port or free_port()
     http_port = config.http_port or free_port()
     if not ray.is_initialized():
-        options: dict[str, object] = dict(include_dashboard=False, log_to_driver=False,
-                                          logging_level=logging.WARNING, namespace="edgemesh")
+        options: dict[str, object] = dict(
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+            namespace="edgemesh",
+        )
         if config.ray_address:
             ray.init(address=config.ray_address, **options)  # type: ignore[arg-type]
         else:
+            if local_loopback_ray(config):
+                options["_node_ip_address"] = "127.0.0.1"
             ray.init(num_cpus=config.num_cpus, **options)  # type: ignore[arg-type]
     serve.start(
         http_options=HTTPOptions(host=config.host, port=http_port),
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[MESH_SERVICER]))
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[MESH_SERVICER]),
+    )
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     host = _client_host(config.host)
     running = RunningCoordinator(
-        grpc_address=format_address(host, grpc_port), http_address=format_address(host, http_port),
-        fast_paths=())
+        grpc_address=format_address(host, grpc_port),
+        http_address=format_address(host, http_port),
+        fast_paths=(),
+    )
     _wait_ready(running, ready_timeout_s)
     if config.fast_path:
         paths = _fast_paths(running, config.replicas, ready_timeout_s)
@@ -92,18 +147,25 @@ def start_coordinator(config: CoordinatorConfig, *, ready_timeout_s: float = 120
     return running
 
 
-def _fast_paths(running: RunningCoordinator, replicas: int, timeout_s: float
-                ) -> tuple[str, ...]:
+def _fast_paths(running: RunningCoordinator, replicas: int, timeout_s: float) -> tuple[str, ...]:
     """The replicas' direct addresses, asked over HTTP (a Serve handle here would need a loop
     that outlives this call)."""
     give_up = time.monotonic() + timeout_s
     addresses: list[str] = []
-    while time.monotonic() < give_up:
-        with urllib.request.urlopen(f"{running.openai_base_url}/mesh/info", timeout=5) as reply:
-            addresses = json.load(reply)["fast_paths"]
-        if len(addresses) >= replicas:
-            break
-        time.sleep(0.1)
+    last_error = ""
+    while len(addresses) < replicas:
+        if time.monotonic() >= give_up:
+            raise UnavailableError(
+                f"{len(addresses)} of {replicas} dispatcher replicas reported a fast path "
+                f"within {timeout_s:g} s" + (f" (last error: {last_error})" if last_error else "")
+            )
+        try:
+            with urllib.request.urlopen(f"{running.openai_base_url}/mesh/info", timeout=5) as reply:
+                addresses = list(json.load(reply)["fast_paths"])
+        except (OSError, ValueError, KeyError) as error:  # URLError is an OSError; bad JSON
+            last_error = str(error) or type(error).__name__
+        if len(addresses) < replicas:
+            time.sleep(0.1)
     host = running.grpc_address.rsplit(":", 1)[0]
     # Replicas bind the configured host; a client reaches 0.0.0.0 through loopback.
     return tuple(a.replace("0.0.0.0", host) for a in addresses)

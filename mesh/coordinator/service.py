@@ -17,9 +17,17 @@ import grpc
 from edgemesh.v1 import mesh_pb2, mesh_pb2_grpc, node_pb2
 from mesh._grpc_errors import status_code_for
 from mesh.channels import add_server_port, create_server
+from mesh.coordinator._agent_run import AgentItem
 from mesh.coordinator.dispatch import Dispatcher, NodeRow
-from mesh.coordinator.tasks import AttemptRecord, TaskRecord, TaskResult, TaskSpec
-from mesh.errors import InvalidRequestError, MeshError
+from mesh.coordinator.tasks import (
+    AttemptRecord,
+    TaskRecord,
+    TaskResult,
+    TaskSpec,
+    check_deadline_s,
+    check_max_tokens,
+)
+from mesh.errors import InvalidRequestError, MeshError, UnavailableError
 from mesh.ids import TaskId, new_task_id
 
 logger = logging.getLogger("mesh.coordinator")
@@ -41,44 +49,75 @@ _END = object()
 
 def task_from_submit(request: mesh_pb2.SubmitRequest) -> TaskSpec:
     """A TaskSpec from a SubmitRequest; InvalidRequestError says what to change."""
-    if request.deadline_s < 0:
-        raise InvalidRequestError(f"deadline_s must be 0 (default) or more, got {request.deadline_s:g}")
+    check_deadline_s(request.deadline_s)  # 0: the default; NaN, infinite or negative: refused
+    sampling = request.sampling
+    check_max_tokens(sampling.max_tokens if sampling.HasField("max_tokens") else None)
     if not request.prompt.strip() and not request.messages:
         raise InvalidRequestError("the task is empty; give a prompt or at least one message")
-    agent = request.agent if request.agent and request.agent != "auto" else ""
-    generate = node_pb2.GenerateRequest(model=request.model, prompt=request.prompt,
-                                        messages=request.messages, sampling=request.sampling)
+    if request.tier and not request.agent:
+        raise InvalidRequestError('tier applies to agent tasks; give an agent (or "auto")')
+    generate = node_pb2.GenerateRequest(
+        model=request.model,
+        prompt=request.prompt,
+        messages=request.messages,
+        sampling=request.sampling,
+    )
     return TaskSpec(
         task_id=TaskId(request.task_id) if request.task_id else new_task_id(),
-        request=generate, idempotency_key=request.idempotency_key,
-        model=request.model or None, agent=agent or None,
-        deadline_s=request.deadline_s or None, labels=dict(request.labels),
-        caller_task_id=bool(request.task_id))
+        request=generate,
+        idempotency_key=request.idempotency_key,
+        model=request.model or None,
+        agent=request.agent or None,
+        deadline_s=request.deadline_s or None,
+        labels=dict(request.labels),
+        caller_task_id=bool(request.task_id),
+        tier=request.tier or None,
+    )
 
 
 def attempt_to_proto(attempt: AttemptRecord) -> mesh_pb2.Attempt:
     return mesh_pb2.Attempt(
-        node_id=attempt.node_id, node_name=attempt.node_name,
-        outcome=_OUTCOMES[attempt.outcome.value], duration_ms=attempt.duration_ms,
-        detail=attempt.detail, completion_tokens=attempt.completion_tokens)
+        node_id=attempt.node_id,
+        node_name=attempt.node_name,
+        outcome=_OUTCOMES[attempt.outcome.value],
+        duration_ms=attempt.duration_ms,
+        detail=attempt.detail,
+        completion_tokens=attempt.completion_tokens,
+    )
 
 
 def result_to_proto(result: TaskResult, *, with_text: bool = True) -> mesh_pb2.SubmitResponse:
     return mesh_pb2.SubmitResponse(
-        task_id=result.task_id, text=result.text if with_text else "",
-        finish_reason=result.finish_reason, node_id=result.node_id, node_name=result.node_name,
-        model=result.model, agent=result.agent,
-        usage=node_pb2.Usage(prompt_tokens=result.prompt_tokens,
-                             completion_tokens=result.completion_tokens,
-                             total_tokens=result.total_tokens),
-        attempts=[attempt_to_proto(a) for a in result.attempts], failed_over=result.failed_over,
-        total_ms=result.total_ms, time_to_first_token_ms=result.time_to_first_token_ms)
+        task_id=result.task_id,
+        text=result.text if with_text else "",
+        finish_reason=result.finish_reason,
+        node_id=result.node_id,
+        node_name=result.node_name,
+        model=result.model,
+        agent=result.agent,
+        usage=node_pb2.Usage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.total_tokens,
+        ),
+        attempts=[attempt_to_proto(a) for a in result.attempts],
+        failed_over=result.failed_over,
+        total_ms=result.total_ms,
+        time_to_first_token_ms=result.time_to_first_token_ms,
+        steps=result.steps,
+        tier=result.tier,
+        escalation_reason=result.escalation_reason,
+        routed_by=result.routed_by,
+    )
 
 
 def record_to_proto(record: TaskRecord) -> mesh_pb2.TaskRecord:
-    reply = mesh_pb2.TaskRecord(task_id=record.task_id, state=record.state.value,
-                                error=record.error,
-                                attempts=[attempt_to_proto(a) for a in record.attempts])
+    reply = mesh_pb2.TaskRecord(
+        task_id=record.task_id,
+        state=record.state.value,
+        error=record.error,
+        attempts=[attempt_to_proto(a) for a in record.attempts],
+    )
     if record.result is not None:
         reply.result.CopyFrom(result_to_proto(record.result))
     return reply
@@ -87,32 +126,44 @@ def record_to_proto(record: TaskRecord) -> mesh_pb2.TaskRecord:
 def row_to_proto(row: NodeRow) -> mesh_pb2.NodeEntry:
     view = row.view
     return mesh_pb2.NodeEntry(
-        node_id=view.node_id, name=view.name, address=view.address, state=view.state.value,
-        source=view.source.value, models=list(view.models), agents=list(view.agents),
-        load=node_pb2.Load(in_flight=max(view.in_flight, row.outstanding), queued=view.queued,
-                           cpu_percent=view.cpu_percent, memory_percent=view.memory_percent),
-        capacity=node_pb2.Capacity(max_concurrent=view.max_concurrent,
-                                   max_queued=view.max_queued),
-        labels=dict(view.labels), ewma_ms_per_token=row.ewma_ms_per_token or 0.0,
+        node_id=view.node_id,
+        name=view.name,
+        address=view.address,
+        state=view.state.value,
+        source=view.source.value,
+        models=list(view.models),
+        agents=list(view.agents),
+        load=node_pb2.Load(
+            in_flight=max(view.in_flight, row.outstanding),
+            queued=view.queued,
+            cpu_percent=view.cpu_percent,
+            memory_percent=view.memory_percent,
+        ),
+        capacity=node_pb2.Capacity(max_concurrent=view.max_concurrent, max_queued=view.max_queued),
+        labels=dict(view.labels),
+        ewma_ms_per_token=row.ewma_ms_per_token or 0.0,
         cooling_down=row.cooling_down,
-        hardware=node_pb2.Hardware(logical_cores=view.cores,
-                                   memory_total_bytes=view.memory_total_bytes,
-                                   gpus=[node_pb2.Gpu(name=a) for a in view.accelerators]))
+        hardware=node_pb2.Hardware(
+            logical_cores=view.cores,
+            memory_total_bytes=view.memory_total_bytes,
+            gpus=[node_pb2.Gpu(name=a) for a in view.accelerators],
+        ),
+    )
 
 
 # ---------------------------------------------------------------------- chunking
 
 
-async def coalesce(items: AsyncIterator[str | TaskResult],
-                   window_s: float) -> AsyncIterator[str | TaskResult]:
-    """Merge text pieces that arrive within `window_s` into one piece.
+async def coalesce(items: AsyncIterator[AgentItem], window_s: float) -> AsyncIterator[AgentItem]:
+    """Merge text pieces that arrive within `window_s` into one piece (other items pass as they are).
 
     The first piece goes out at once (time to first token is what users feel); later pieces are
     batched, so a stream through Ray Serve costs one hop per window, not one per token.
     """
     if window_s <= 0:
-        async for item in items:
-            yield item
+        async with contextlib.aclosing(items):  # closed with us: its slot freed at once
+            async for item in items:
+                yield item
         return
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
@@ -123,6 +174,13 @@ async def coalesce(items: AsyncIterator[str | TaskResult],
                 queue.put_nowait(item)
         except Exception as error:  # handed to the consumer, who raises it in its own frame
             queue.put_nowait(_Failure(error))
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the consumer stopped us
+            # Raised from inside `items` (e.g. a gRPC call cut under it): never end the stream
+            # as if it were complete.
+            queue.put_nowait(_Failure(UnavailableError("the task's stream was cut")))
         finally:
             queue.put_nowait(_END)
 
@@ -179,23 +237,29 @@ class MeshHandlers:
     async def submit(self, request: mesh_pb2.SubmitRequest) -> mesh_pb2.SubmitResponse:
         return result_to_proto(await self.dispatcher.submit(task_from_submit(request)))
 
-    async def submit_stream(self, request: mesh_pb2.SubmitRequest
-                            ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
+    async def submit_stream(
+        self, request: mesh_pb2.SubmitRequest
+    ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
         task = task_from_submit(request)
         index = 0
         async with contextlib.aclosing(
-                coalesce(self.dispatcher.stream(task), self.stream_window_s)) as items:
+            coalesce(self.dispatcher.stream(task), self.stream_window_s)
+        ) as items:
             async for item in items:
                 if isinstance(item, str):
                     yield mesh_pb2.SubmitChunk(text=item, index=index)
+                elif isinstance(item, node_pb2.AgentStep):
+                    yield mesh_pb2.SubmitChunk(step=item, index=index)
                 else:
-                    yield mesh_pb2.SubmitChunk(index=index,
-                                               result=result_to_proto(item, with_text=False))
+                    yield mesh_pb2.SubmitChunk(
+                        index=index, result=result_to_proto(item, with_text=False)
+                    )
                 index += 1
 
     def list_nodes(self) -> mesh_pb2.ListNodesResponse:
         return mesh_pb2.ListNodesResponse(
-            nodes=[row_to_proto(row) for row in self.dispatcher.node_rows()])
+            nodes=[row_to_proto(row) for row in self.dispatcher.node_rows()]
+        )
 
     def describe_task(self, request: mesh_pb2.DescribeTaskRequest) -> mesh_pb2.TaskRecord:
         return record_to_proto(self.dispatcher.describe_task(request.task_id))
@@ -207,29 +271,32 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
     def __init__(self, handlers: MeshHandlers) -> None:
         self.handlers = handlers
 
-    async def Submit(self, request: mesh_pb2.SubmitRequest,
-                     context: grpc.aio.ServicerContext) -> mesh_pb2.SubmitResponse:
+    async def Submit(
+        self, request: mesh_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> mesh_pb2.SubmitResponse:
         try:
             return await self.handlers.submit(request)
         except MeshError as error:
             await context.abort(status_code_for(error), str(error))
             raise  # unreachable: abort raises
 
-    async def SubmitStream(self, request: mesh_pb2.SubmitRequest,
-                           context: grpc.aio.ServicerContext
-                           ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
+    async def SubmitStream(
+        self, request: mesh_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
         try:
             async for chunk in self.handlers.submit_stream(request):
                 yield chunk
         except MeshError as error:
             await context.abort(status_code_for(error), str(error))
 
-    async def ListNodes(self, request: mesh_pb2.ListNodesRequest,
-                        context: grpc.aio.ServicerContext) -> mesh_pb2.ListNodesResponse:
+    async def ListNodes(
+        self, request: mesh_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> mesh_pb2.ListNodesResponse:
         return self.handlers.list_nodes()
 
-    async def DescribeTask(self, request: mesh_pb2.DescribeTaskRequest,
-                           context: grpc.aio.ServicerContext) -> mesh_pb2.TaskRecord:
+    async def DescribeTask(
+        self, request: mesh_pb2.DescribeTaskRequest, context: grpc.aio.ServicerContext
+    ) -> mesh_pb2.TaskRecord:
         try:
             return self.handlers.describe_task(request)
         except MeshError as error:

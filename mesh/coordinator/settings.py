@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field
 
 from mesh._model import FrozenModel
+from mesh.coordinator.escalation import EscalationPolicy
 
 if TYPE_CHECKING:
     from mesh.topology import Topology
@@ -22,29 +23,40 @@ class DispatcherSettings(FrozenModel):
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
     # Unary: the most one attempt may take. Streams: the most a node may stay silent (before the
     # first chunk or between chunks), so a long answer that keeps coming is never cut off.
-    attempt_timeout_s: Annotated[float, Field(gt=0)] = 30.0
-    deadline_s: Annotated[float, Field(gt=0)] = 120.0  # total time of a task, unless it says
+    attempt_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
+    deadline_s: Annotated[float, Field(gt=0, le=86_400)] = 120.0  # a task's, unless it says
     cooldown_s: Annotated[float, Field(ge=0)] = 5.0
     failures_before_cooldown: Annotated[int, Field(ge=1)] = 2
     resume_streams: bool = True  # continue a broken stream on another node from the text sent
     queue_timeout_s: Annotated[float, Field(ge=0)] = 1.0  # wait for a slot when all nodes are full
     node_wait_s: Annotated[float, Field(ge=0)] = 5.0  # wait for a ready node when none is
     # How many dispatchers share each node's advertised capacity (the replica count): each one
-    # sends a node at most its share, so together they never exceed what the node accepts.
+    # sends a node at most its share, so together they never exceed what the node accepts (a
+    # node with fewer slots than dispatchers is refused, not overfilled: dispatch._share).
+    # CoordinatorConfig sets it from its final `replicas`.
     capacity_share: Annotated[int, Field(ge=1)] = 1
     ledger_size: Annotated[int, Field(ge=1)] = 10_000  # finished tasks kept for DescribeTask
+    # Agent tasks: model tiers and when to move up (the topology's `escalation`), and the most
+    # a Classify for `--agent auto` may take.
+    escalation: EscalationPolicy = EscalationPolicy()
+    classify_timeout_s: Annotated[float, Field(gt=0)] = 5.0
 
     @classmethod
     def from_topology(cls, topology: Topology, **overrides: object) -> DispatcherSettings:
         routing, failover = topology.routing, topology.failover
         values: dict[str, object] = dict(
-            policy=routing.policy, ewma_alpha=routing.ewma_alpha, seed=routing.seed,
-            failover=failover.enabled, max_attempts=failover.max_attempts,
-            attempt_timeout_s=failover.attempt_timeout_s, deadline_s=failover.deadline_s,
+            policy=routing.policy,
+            ewma_alpha=routing.ewma_alpha,
+            seed=routing.seed,
+            failover=failover.enabled,
+            max_attempts=failover.max_attempts,
+            attempt_timeout_s=failover.attempt_timeout_s,
+            deadline_s=failover.deadline_s,
             cooldown_s=failover.cooldown_s,
             failures_before_cooldown=failover.failures_before_cooldown,
             resume_streams=failover.resume_streams,
             capacity_share=topology.coordinator.replicas,
+            escalation=EscalationPolicy.from_spec(topology.escalation),
         )
         values.update(overrides)
         return cls.model_validate(values)
@@ -73,8 +85,9 @@ class CoordinatorConfig(FrozenModel):
     num_cpus: float | None = None  # for a local Ray; None: all cores
 
     @classmethod
-    def from_topology(cls, topology: Topology | None, *, nodes: tuple[str, ...] = (),
-                      **overrides: object) -> CoordinatorConfig:
+    def from_topology(
+        cls, topology: Topology | None, *, nodes: tuple[str, ...] = (), **overrides: object
+    ) -> CoordinatorConfig:
         """The topology's settings (defaults without one), then non-None `overrides`."""
         from mesh.topology import default_topology
 
@@ -92,10 +105,19 @@ class CoordinatorConfig(FrozenModel):
                 "suspect_timeout_s": discovery.gone_after_s,
             },
             dispatcher=DispatcherSettings.from_topology(topology),
-            replicas=coordinator.replicas, max_ongoing_requests=coordinator.max_ongoing_requests,
-            host=coordinator.host, grpc_port=coordinator.grpc_port,
-            http_port=coordinator.http_port, ray_address=coordinator.ray_address,
+            replicas=coordinator.replicas,
+            max_ongoing_requests=coordinator.max_ongoing_requests,
+            host=coordinator.host,
+            grpc_port=coordinator.grpc_port,
+            http_port=coordinator.http_port,
+            ray_address=coordinator.ray_address,
             num_cpus=coordinator.num_cpus,
         )
         values.update({key: value for key, value in overrides.items() if value is not None})
-        return cls.model_validate(values)
+        config = cls.model_validate(values)
+        # The replica count is final only now (a command line may override the topology's).
+        return config.model_copy(update={"dispatcher": config.dispatcher_settings()})
+
+    def dispatcher_settings(self) -> DispatcherSettings:
+        """The dispatcher settings each replica runs with: capacity shared by `replicas`."""
+        return self.dispatcher.model_copy(update={"capacity_share": self.replicas})

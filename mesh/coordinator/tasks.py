@@ -7,6 +7,7 @@ request, and the hot path has a budget of about a millisecond.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -14,8 +15,33 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from edgemesh.v1 import node_pb2
-from mesh.errors import MeshError, NotFoundError
+from mesh.errors import InvalidRequestError, MeshError, NotFoundError
 from mesh.ids import NodeId, TaskId, new_task_id
+
+MAX_DEADLINE_S = 86_400.0  # the longest deadline a task may ask for (a day)
+
+
+def caller_error(error: BaseException) -> bool:
+    """Whether `error` is the caller's: a wrong request or an unknown model. Such an error is
+    the same on every node (no retry), says nothing about the node (no cool-down), and is the
+    answer a repeat of the task gets too (the ledger keeps it; transient failures it forgets)."""
+    return isinstance(error, InvalidRequestError | NotFoundError)
+
+
+def check_deadline_s(deadline_s: float | None, name: str = "deadline_s") -> None:
+    """InvalidRequestError unless `deadline_s` is None or a finite 0..MAX_DEADLINE_S."""
+    if deadline_s is not None and not (
+        math.isfinite(deadline_s) and 0 <= deadline_s <= MAX_DEADLINE_S
+    ):
+        raise InvalidRequestError(
+            f"{name} must be seconds from 0 to {MAX_DEADLINE_S:g}, got {deadline_s!r}"
+        )
+
+
+def check_max_tokens(max_tokens: int | None, name: str = "max_tokens") -> None:
+    """InvalidRequestError unless `max_tokens` is None (the node's default) or at least 1."""
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidRequestError(f"{name} must be at least 1, got {max_tokens}")
 
 
 class AttemptOutcome(StrEnum):
@@ -39,8 +65,10 @@ class TaskSpec:
     """One task as the dispatcher receives it.
 
     `request` carries model, prompt or messages and sampling; the dispatcher copies it for
-    each attempt and fills `task`, `continuation` and the remaining `max_tokens`. Agents are
-    not routed yet: `agent` is recorded and echoed, routing uses `model`.
+    each attempt and fills `task`, `continuation` and the remaining `max_tokens`. A task with
+    an `agent` ("auto": the intent router picks one) runs that agent on a node that offers it,
+    from the prompt (or the last message; earlier messages are its history), starting on model
+    tier `tier` (or `model`; none: the lowest tier).
     """
 
     task_id: TaskId
@@ -51,6 +79,7 @@ class TaskSpec:
     deadline_s: float | None = None  # total time allowed; None: the dispatcher's default
     labels: Mapping[str, str] = field(default_factory=dict)
     caller_task_id: bool = False  # the caller chose the id (a repeat means the same task)
+    tier: str | None = None  # agent tasks: the model tier to start on
 
     @property
     def dedup_key(self) -> str:
@@ -85,6 +114,12 @@ class TaskResult:
     failed_over: bool
     total_ms: float
     time_to_first_token_ms: float
+    # Agent tasks: every step of the answer (replayed ones keep the node that ran them), the
+    # model tier that answered, why it is not the lowest, and who chose the agent.
+    steps: tuple[node_pb2.AgentStep, ...] = ()
+    tier: str = ""
+    escalation_reason: str = ""
+    routed_by: str = ""
 
     @property
     def total_tokens(self) -> int:
@@ -131,8 +166,9 @@ class TaskLedger:
     Used from one event loop.
     """
 
-    def __init__(self, max_finished: int = 10_000, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, max_finished: int = 10_000, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_finished = max_finished
         self._clock = clock
         self._entries: OrderedDict[TaskId, LedgerEntry] = OrderedDict()
@@ -150,6 +186,9 @@ class TaskLedger:
 
     def begin(self, task: TaskSpec) -> LedgerEntry:
         entry = LedgerEntry(task.task_id, task.dedup_key)
+        earlier = self._entries.pop(task.task_id, None)  # a retry of a task that failed
+        if earlier is not None and earlier.state is not TaskState.RUNNING:
+            self._finished -= 1
         self._entries[task.task_id] = entry
         if entry.key:
             self._by_key[entry.key] = task.task_id
@@ -164,10 +203,17 @@ class TaskLedger:
             entry.future.set_result(result)
         self._finish(entry)
 
-    def fail(self, entry: LedgerEntry, error: MeshError, attempts: tuple[AttemptRecord, ...]) -> None:
+    def fail(
+        self, entry: LedgerEntry, error: MeshError, attempts: tuple[AttemptRecord, ...]
+    ) -> None:
+        """Callers waiting on the task get `error`. A repeat of its key runs it again, unless
+        the error is the caller's (`caller_error`): overloaded, unavailable or out of time now
+        says nothing about later."""
         entry.state, entry.error, entry.attempts = TaskState.FAILED, error, attempts
         if not entry.future.done():
             entry.future.set_exception(error)
+        if not caller_error(error):
+            self._forget_key(entry)
         self._finish(entry)
 
     def abandon(self, entry: LedgerEntry, attempts: tuple[AttemptRecord, ...]) -> None:
@@ -176,16 +222,20 @@ class TaskLedger:
         entry.error = MeshError("cancelled by the caller")
         if not entry.future.done():
             entry.future.cancel()
+        self._forget_key(entry)
+        self._finish(entry)
+
+    def _forget_key(self, entry: LedgerEntry) -> None:
         if entry.key and self._by_key.get(entry.key) == entry.task_id:
             del self._by_key[entry.key]
-        self._finish(entry)
 
     def _finish(self, entry: LedgerEntry) -> None:
         self._entries.move_to_end(entry.task_id)
         self._finished += 1
         while self._finished > self.max_finished:
-            oldest = next((e for e in self._entries.values() if e.state is not TaskState.RUNNING),
-                          None)
+            oldest = next(
+                (e for e in self._entries.values() if e.state is not TaskState.RUNNING), None
+            )
             if oldest is None:
                 break
             del self._entries[oldest.task_id]
@@ -198,16 +248,27 @@ class TaskLedger:
         if entry is None:
             raise NotFoundError(
                 f"task {task_id!r} is not known here: it never ran, was forgotten (the ledger keeps "
-                f"the last {self.max_finished} tasks), or ran on another dispatcher replica")
+                f"the last {self.max_finished} tasks), or ran on another dispatcher replica"
+            )
         attempts = entry.attempts
         if entry.state is TaskState.RUNNING and entry.current is not None:
             node_id, name, began, tokens = entry.current
-            attempts += (AttemptRecord(node_id=node_id, node_name=name,
-                                       outcome=AttemptOutcome.RUNNING,
-                                       duration_ms=(self._clock() - began) * 1000.0,
-                                       completion_tokens=tokens),)
-        return TaskRecord(task_id=entry.task_id, state=entry.state, attempts=attempts,
-                          result=entry.result, error=str(entry.error or ""))
+            attempts += (
+                AttemptRecord(
+                    node_id=node_id,
+                    node_name=name,
+                    outcome=AttemptOutcome.RUNNING,
+                    duration_ms=(self._clock() - began) * 1000.0,
+                    completion_tokens=tokens,
+                ),
+            )
+        return TaskRecord(
+            task_id=entry.task_id,
+            state=entry.state,
+            attempts=attempts,
+            result=entry.result,
+            error=str(entry.error or ""),
+        )
 
     def close(self) -> None:
         for entry in self._entries.values():
@@ -232,6 +293,7 @@ def build_task(
     top_p: float | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    tier: str | None = None,
 ) -> TaskSpec:
     """A TaskSpec from plain values (tests, benchmarks, the OpenAI ingress)."""
     sampling = node_pb2.Sampling(stop=list(stop))
@@ -244,9 +306,21 @@ def build_task(
     if seed is not None:
         sampling.seed = seed
     request = node_pb2.GenerateRequest(
-        model=model or "", prompt=prompt, sampling=sampling,
-        messages=[node_pb2.ChatMessage(role=m["role"], content=m.get("content", ""))
-                  for m in messages])
-    return TaskSpec(task_id=TaskId(task_id) if task_id else new_task_id(), request=request,
-                    idempotency_key=idempotency_key, model=model or None, agent=agent or None,
-                    deadline_s=deadline_s, labels=dict(labels or {}), caller_task_id=bool(task_id))
+        model=model or "",
+        prompt=prompt,
+        sampling=sampling,
+        messages=[
+            node_pb2.ChatMessage(role=m["role"], content=m.get("content", "")) for m in messages
+        ],
+    )
+    return TaskSpec(
+        task_id=TaskId(task_id) if task_id else new_task_id(),
+        request=request,
+        idempotency_key=idempotency_key,
+        model=model or None,
+        agent=agent or None,
+        deadline_s=deadline_s,
+        labels=dict(labels or {}),
+        caller_task_id=bool(task_id),
+        tier=tier or None,
+    )

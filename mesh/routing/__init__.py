@@ -36,6 +36,7 @@ from mesh.routing._candidates import (
     SupportsGet,
     TaskShape,
     candidate_from_view,
+    capacity_share,
     filter_candidates,
     serves,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "SupportsGet",
     "TaskShape",
     "candidate_from_view",
+    "capacity_share",
     "choose_latency_aware",
     "choose_least_loaded",
     "choose_node",

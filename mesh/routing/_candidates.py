@@ -29,7 +29,9 @@ class Candidate:
     """One node a task may go to, with the load it reports.
 
     A plain frozen dataclass rather than a pydantic model: routing builds these on every request.
-    `ewma_ms_per_token` is None until the node has answered at least once.
+    `ewma_ms_per_token` is None until the node has answered at least once. The load and
+    capacity are the node's whole ones (what policies rank by); `share_left` is what this
+    dispatcher may still send there when it has only a share of the node (None: all of it).
     """
 
     node_id: NodeId
@@ -41,6 +43,7 @@ class Candidate:
     labels: Mapping[str, str] = field(default_factory=dict)
     models: tuple[str, ...] = ()
     agents: tuple[str, ...] = ()
+    share_left: int | None = None
 
     @property
     def load(self) -> int:
@@ -53,7 +56,10 @@ class Candidate:
 
     @property
     def spare(self) -> int:
-        return max(0, self.capacity - self.load)
+        spare = self.capacity - self.load
+        if self.share_left is not None:
+            spare = min(spare, self.share_left)
+        return max(0, spare)
 
     @property
     def utilisation(self) -> float:
@@ -65,16 +71,38 @@ class SupportsGet(Protocol):
     def get(self, node_id: NodeId, /) -> float | None: ...
 
 
+def capacity_share(max_concurrent: int, max_queued: int, share: int) -> tuple[int, int]:
+    """(running, waiting) slots of one of `share` dispatchers that send to the same node: an
+    equal part of its slots, rounded down, so that together they never send more than the node
+    accepts. A node with fewer slots than dispatchers gets (0, 0) from each: refused, never
+    overfilled."""
+    if share <= 1:
+        return max_concurrent, max_queued
+    slots = (max_concurrent + max_queued) // share
+    running = min(slots, max(1, max_concurrent // share))
+    return running, slots - running
+
+
 def candidate_from_view(
-    view: NodeView, *, ewma_ms_per_token: float | None = None, outstanding: int = 0
+    view: NodeView,
+    *,
+    ewma_ms_per_token: float | None = None,
+    outstanding: int = 0,
+    share: int = 1,
 ) -> Candidate:
     """A candidate from a registry row; `outstanding`: requests this dispatcher has sent there.
 
     The node's reported load lags behind what a dispatcher just sent; the larger of the two is
     taken, so a burst never overshoots what the node advertised.
+
+    `share`: how many dispatchers send to the node. Each may use its `capacity_share`, and the
+    node's room too: spare = min(share slots - outstanding, capacity - reported load).
     """
     load = max(view.in_flight + view.queued, outstanding)
     in_flight = min(load, view.max_concurrent)
+    share_left = None
+    if share > 1:
+        share_left = sum(capacity_share(view.max_concurrent, view.max_queued, share)) - outstanding
     return Candidate(
         node_id=view.node_id,
         in_flight=in_flight,
@@ -85,6 +113,7 @@ def candidate_from_view(
         labels=view.labels,
         models=view.models,
         agents=view.agents,
+        share_left=share_left,
     )
 
 
@@ -105,6 +134,7 @@ def filter_candidates(
     cooling: Container[NodeId] = (),
     ewma: SupportsGet | None = None,
     outstanding: Mapping[NodeId, int] | None = None,
+    share: int = 1,
 ) -> list[Candidate]:
     """The nodes a policy may choose for `task`, in node-id order.
 
@@ -112,6 +142,7 @@ def filter_candidates(
     task), not in `cooling` (a set, or a `CooldownTracker`), and with spare capacity: a node never
     gets more than `max_concurrent + max_queued` requests. An empty list means the mesh is full
     (queue or refuse with RESOURCE_EXHAUSTED) or nothing serves the task (`serves` tells which).
+    With `share` dispatchers sending to the same nodes, each keeps to its `capacity_share`.
     """
     outstanding = outstanding or {}
     chosen = []
@@ -124,6 +155,7 @@ def filter_candidates(
             view,
             ewma_ms_per_token=ewma.get(view.node_id) if ewma is not None else None,
             outstanding=outstanding.get(view.node_id, 0),
+            share=share,
         )
         if candidate.spare > 0:
             chosen.append(candidate)

@@ -11,7 +11,7 @@ A `ConfigError` from the loader carries `fields["problems"]`: a tuple of `Topolo
 (file, path, message, line, column), each printing as `FILE: nodes[1].port: must be 1..65535 (line 14)`.
 
 The models (`Topology`, `NodeSpec`, `ModelSpec`, `UpstreamSpec`, `AgentSpec`, `RoutingSpec`,
-`FailoverSpec`, `CoordinatorSpec`, `DiscoverySpec`) are frozen and forbid unknown keys; see
+`FailoverSpec`, `CoordinatorSpec`, `DiscoverySpec`, `EscalationSpec`) are frozen and forbid unknown keys; see
 `mesh/topology/model.py` for every field, its unit and default. Shipped examples: `topologies/`.
 """
 
@@ -29,6 +29,7 @@ from mesh.topology.model import (
     ClusterSpec,
     CoordinatorSpec,
     DiscoverySpec,
+    EscalationSpec,
     FailoverSpec,
     ModelSpec,
     NodeSpec,
@@ -47,6 +48,7 @@ __all__ = [
     "ClusterSpec",
     "CoordinatorSpec",
     "DiscoverySpec",
+    "EscalationSpec",
     "FailoverSpec",
     "ModelSpec",
     "NodeSpec",

@@ -75,7 +75,7 @@ def _unique_items(value: tuple[str, ...]) -> tuple[str, ...]:
     seen: set[str] = set()
     for item in value:
         if item in seen:
-            raise PydanticCustomError("mesh", "lists {item!r} twice", {"item": item})
+            raise PydanticCustomError("mesh", "lists {item} twice", {"item": repr(item)})
         seen.add(item)
     return value
 
@@ -264,6 +264,23 @@ class DiscoverySpec(FrozenModel):
         return self
 
 
+class EscalationSpec(FrozenModel):
+    """Model tiers for agent tasks, smallest first, and when a task moves up one.
+
+    An agent task runs on the first tier (the node runs the agent with that model) and moves to
+    the next one when the intent router was unsure, when the model's tool calls stayed invalid
+    (or a tool rejected them), or when the request asks for a tier. No tiers: agents run on
+    their own model and never escalate.
+    """
+
+    tiers: AliasList = ()  # model aliases (under models), e.g. [smollm2, gemma, large]
+    min_router_confidence: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.6
+    on_invalid_tool_calls: Bool = True  # the node gave up: tool calls invalid after repair
+    on_tool_error: Bool = True  # the answer rests on a tool call that the tool rejected
+    on_no_answer: Bool = True  # the agent used all its steps without answering
+    router_model: Alias | None = None  # the classifier for `--agent auto`; None: any node's
+
+
 def _default_models() -> dict[str, ModelSpec]:
     return {DEFAULT_MODEL_ALIAS: ModelSpec(package=DEFAULT_MODEL_PACKAGE)}
 
@@ -280,6 +297,7 @@ class Topology(FrozenModel):
     failover: FailoverSpec = FailoverSpec()
     coordinator: CoordinatorSpec = CoordinatorSpec()
     discovery: DiscoverySpec = DiscoverySpec()
+    escalation: EscalationSpec = EscalationSpec()
 
     @field_validator("cluster", mode="before")
     @classmethod

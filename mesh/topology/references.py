@@ -32,8 +32,8 @@ def reference_problems(
     """Problems that span sections, on raw (possibly invalid) topology data; each with its path.
 
     Duplicate node names and addresses, agents naming missing models, nodes listing missing models
-    or agents, and nodes running an agent without serving its model. Values of the wrong type are
-    skipped here (the schema reports them).
+    or agents, nodes running an agent without serving its model, and escalation tiers naming
+    missing models. Values of the wrong type are skipped here (the schema reports them).
     """
     problems: list[Problem] = []
     raw_models = data.get("models", dict.fromkeys(default_models))
@@ -51,6 +51,7 @@ def reference_problems(
                         f"(known: {', '.join(sorted(models)) or 'none'})",
                     )
                 )
+    problems.extend(_escalation_problems(data.get("escalation"), models))
     first_name: dict[str, int] = {}
     first_address: dict[str, int] = {}
     for index, node in _named_items(data.get("nodes", ())):
@@ -130,4 +131,29 @@ def _node_reference_problems(
                         f"agent {agent_name!r} runs only on nodes labelled {needed}",
                     )
                 )
+    return problems
+
+
+def _escalation_problems(escalation: Any, models: set[str] | None) -> list[Problem]:
+    """Tiers and the router model must name models under `models`."""
+    if not isinstance(escalation, Mapping) or models is None:
+        return []
+    known = ", ".join(sorted(models)) or "none"
+    problems: list[Problem] = []
+    for position, tier in _named_items(escalation.get("tiers", ())):
+        if isinstance(tier, str) and tier not in models:
+            problems.append(
+                (
+                    ("escalation", "tiers", position),
+                    f"tier {tier!r} is not under models (known: {known})",
+                )
+            )
+    router = escalation.get("router_model")
+    if isinstance(router, str) and router not in models:
+        problems.append(
+            (
+                ("escalation", "router_model"),
+                f"model {router!r} is not under models (known: {known})",
+            )
+        )
     return problems

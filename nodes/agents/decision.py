@@ -56,13 +56,21 @@ class DecisionError(ValueError):
 
 
 def _strict(properties: dict[str, Any], required: Sequence[str]) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": list(required),
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": False,
+    }
 
 
-def decision_schema(tools: Sequence[Tool], *, allow_final: bool = True,
-                    output_schema: Mapping[str, Any] | None = None,
-                    max_answer_chars: int = 0) -> dict[str, Any]:
+def decision_schema(
+    tools: Sequence[Tool],
+    *,
+    allow_final: bool = True,
+    output_schema: Mapping[str, Any] | None = None,
+    max_answer_chars: int = 0,
+) -> dict[str, Any]:
     """The JSON schema of one step's reply: a call to one of `tools`, or (if allowed) the answer.
 
     `max_answer_chars` (0: no limit) bounds a free-text answer: the grammar then
@@ -81,14 +89,20 @@ def decision_schema(tools: Sequence[Tool], *, allow_final: bool = True,
     return branches[0] if len(branches) == 1 else {"oneOf": branches}
 
 
-def parse_decision(text: str, tools: Sequence[Tool], *, allow_final: bool = True,
-                   output_schema: Mapping[str, Any] | None = None) -> Decision:
+def parse_decision(
+    text: str,
+    tools: Sequence[Tool],
+    *,
+    allow_final: bool = True,
+    output_schema: Mapping[str, Any] | None = None,
+) -> Decision:
     """The decision in the model's reply; DecisionError says what is wrong with it."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DecisionError(f"the reply is not valid JSON ({error.msg} at character "
-                            f"{error.pos})") from None
+        raise DecisionError(
+            f"the reply is not valid JSON ({error.msg} at character {error.pos})"
+        ) from None
     if not isinstance(value, dict):
         raise DecisionError("the reply must be one JSON object")
     offered = {t.name: t for t in tools}
@@ -110,8 +124,9 @@ def parse_decision(text: str, tools: Sequence[Tool], *, allow_final: bool = True
         if not allow_final and offered:
             raise DecisionError(f"call one of the tools first: {', '.join(offered)}")
         schema = output_schema or {"type": "string"}
-        errors = validate(value[FINAL_KEY], schema, FINAL_KEY) + \
-            [f"unexpected key {k!r}" for k in value if k != FINAL_KEY]
+        errors = validate(value[FINAL_KEY], schema, FINAL_KEY) + [
+            f"unexpected key {k!r}" for k in value if k != FINAL_KEY
+        ]
         if errors:
             raise DecisionError(f"invalid final answer: {'; '.join(errors)}")
         return FinalDecision(value[FINAL_KEY])
@@ -127,11 +142,48 @@ def grammar_for(schema: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------- tool relevance
 
-_STOPWORDS = frozenset({
-    "a", "an", "and", "any", "are", "as", "at", "be", "by", "can", "could", "do", "does", "for",
-    "from", "get", "have", "i", "in", "is", "it", "me", "my", "of", "on", "or", "please", "the",
-    "their", "there", "this", "to", "we", "what", "with", "yet", "you", "your",
-})
+_STOPWORDS = frozenset(
+    {
+        "a",
+        "an",
+        "and",
+        "any",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "can",
+        "could",
+        "do",
+        "does",
+        "for",
+        "from",
+        "get",
+        "have",
+        "i",
+        "in",
+        "is",
+        "it",
+        "me",
+        "my",
+        "of",
+        "on",
+        "or",
+        "please",
+        "the",
+        "their",
+        "there",
+        "this",
+        "to",
+        "we",
+        "what",
+        "with",
+        "yet",
+        "you",
+        "your",
+    }
+)
 
 
 def _words(text: str) -> set[str]:
@@ -157,8 +209,10 @@ def select_tools(request: str, tools: Sequence[Tool], limit: int = 0) -> list[To
     With `limit` 0 every tool is returned, relevant ones first; otherwise at most
     `limit` tools that share at least one word with the request.
     """
-    scored = sorted(((relevance(request, t), i, t) for i, t in enumerate(tools)),
-                    key=lambda item: (-item[0], item[1]))
+    scored = sorted(
+        ((relevance(request, t), i, t) for i, t in enumerate(tools)),
+        key=lambda item: (-item[0], item[1]),
+    )
     if limit == 0:
         return [t for _score, _i, t in scored]
     return [t for score, _i, t in scored if score > 0][:limit]

@@ -38,8 +38,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def offered_agents(specs: Iterable[AgentSpec], registry: ToolRegistry, datasets: Iterable[str],
-                   models: Iterable[str], default_model: str) -> tuple[list[AgentSpec], list[str]]:
+def offered_agents(
+    specs: Iterable[AgentSpec],
+    registry: ToolRegistry,
+    datasets: Iterable[str],
+    models: Iterable[str],
+    default_model: str,
+) -> tuple[list[AgentSpec], list[str]]:
     """(the agents this node can run, why each other one cannot). A pure function."""
     held, served = set(datasets), set(models)
     offered, refused = [], []
@@ -78,22 +83,29 @@ class AgentHost:
         self.default_model = default_model or next(iter(backends), "")
         self.store = DemoStore(data_dir) if data_dir is not None else None
         self.datasets = tuple(datasets) if self.store is not None else ()
-        self.runtime = AgentRuntime(backends, self.registry, default_model=self.default_model,
-                                    node_id=node_id, store=self.store)
+        self.runtime = AgentRuntime(
+            backends,
+            self.registry,
+            default_model=self.default_model,
+            node_id=node_id,
+            store=self.store,
+        )
         names = [spec.name for spec in agents]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"agents: {', '.join(duplicates)} defined more than once")
-        offered, refused = offered_agents(agents, self.registry, self.datasets, backends,
-                                          self.default_model)
+        offered, refused = offered_agents(
+            agents, self.registry, self.datasets, backends, self.default_model
+        )
         for reason in refused:
             logger.warning("agent not offered: %s", reason)
         self.agents: dict[str, AgentSpec] = {spec.name: spec for spec in offered}
         self._opened = False
 
     @classmethod
-    def from_config(cls, config: NodeConfig, backends: Mapping[str, Backend],
-                    node_id: str) -> AgentHost:
+    def from_config(
+        cls, config: NodeConfig, backends: Mapping[str, Backend], node_id: str
+    ) -> AgentHost:
         """Agents, tools and datasets as the node config says (None: the demo set)."""
         registry = builtin_registry()
         agents = list(DEMO_AGENTS) if config.agents is None else list(config.agents)
@@ -104,11 +116,19 @@ class AgentHost:
                 registry.register(item)
                 module_data.update(item.data)
             agents += [a for a in module_agents if a.name not in {b.name for b in agents}]
-        datasets = (DATASETS + tuple(sorted(module_data)) if config.datasets is None
-                    else config.datasets)
-        return cls(backends, agents=agents, registry=registry, datasets=datasets,
-                   data_dir=config.resolved_data_dir(), default_model=config.default_model_id,
-                   node_id=node_id, max_input_bytes=config.max_prompt_bytes)
+        datasets = (
+            DATASETS + tuple(sorted(module_data)) if config.datasets is None else config.datasets
+        )
+        return cls(
+            backends,
+            agents=agents,
+            registry=registry,
+            datasets=datasets,
+            data_dir=config.resolved_data_dir(),
+            default_model=config.default_model_id,
+            node_id=node_id,
+            max_input_bytes=config.max_prompt_bytes,
+        )
 
     async def open(self) -> None:
         """Create the store's tables and seed the demo data on first start (in a thread)."""
@@ -116,15 +136,21 @@ class AgentHost:
             try:
                 seeded = await asyncio.to_thread(self.store.open)
             except (OSError, sqlite3.Error) as error:
-                raise ConfigError(f"cannot open the agents' data store {self.store.path}: "
-                                  f"{error}; set data_dir to a writable directory") from None
+                raise ConfigError(
+                    f"cannot open the agents' data store {self.store.path}: "
+                    f"{error}; set data_dir to a writable directory"
+                ) from None
             self._opened = True
             if seeded:
                 logger.info("seeded demo data for agents in %s", self.store.path)
 
     def agent_infos(self) -> list[node_pb2.AgentInfo]:
-        return [node_pb2.AgentInfo(name=s.name, model_id=s.model or self.default_model,
-                                   description=s.description) for s in self.agents.values()]
+        return [
+            node_pb2.AgentInfo(
+                name=s.name, model_id=s.model or self.default_model, description=s.description
+            )
+            for s in self.agents.values()
+        ]
 
     def get(self, name: str) -> AgentSpec:
         spec = self.agents.get(name)
@@ -144,19 +170,24 @@ class AgentHost:
 
 # ---------------------------------------------------------------- wire conversion
 
+
 def task_from_request(request: node_pb2.AgentRequest, max_input_bytes: int) -> AgentTask:
     if not request.input.strip():
         raise InvalidRequestError("the agent request's input is empty")
     size = len(request.input.encode()) + sum(len(m.content.encode()) for m in request.history)
     if size > max_input_bytes:
-        raise InvalidRequestError(f"the agent request is {size} bytes, over this node's limit of "
-                                  f"{max_input_bytes}; shorten it")
+        raise InvalidRequestError(
+            f"the agent request is {size} bytes, over this node's limit of "
+            f"{max_input_bytes}; shorten it"
+        )
     return AgentTask(
-        agent=request.agent, input=request.input,
+        agent=request.agent,
+        input=request.input,
         task_id=request.task.task_id or new_task_id(),
         history=tuple(Message(m.role, m.content) for m in request.history),
         completed_steps=tuple(step_from_proto(s) for s in request.completed_steps),
-        model=request.model, max_steps=min(request.max_steps, 16),
+        model=request.model,
+        max_steps=min(request.max_steps, 16),
     )
 
 
@@ -168,32 +199,52 @@ def step_from_proto(step: node_pb2.AgentStep) -> StepRecord:
             json.loads(step.call.arguments_json or "{}")
         except json.JSONDecodeError:
             raise InvalidRequestError(
-                f"completed step {step.index}: arguments_json is not JSON") from None
+                f"completed step {step.index}: arguments_json is not JSON"
+            ) from None
     return StepRecord(
-        index=step.index, kind=step.kind, tool=step.call.tool,  # type: ignore[arg-type]
-        arguments_json=step.call.arguments_json, result_json=step.result_json,
-        idempotent=step.idempotent, tokens=step.tokens, duration_ms=step.duration_ms,
-        model=step.model, error=step.error, node_id=step.node_id,
+        index=step.index,
+        kind=step.kind,
+        tool=step.call.tool,  # type: ignore[arg-type]
+        arguments_json=step.call.arguments_json,
+        result_json=step.result_json,
+        idempotent=step.idempotent,
+        tokens=step.tokens,
+        duration_ms=step.duration_ms,
+        model=step.model,
+        error=step.error,
+        node_id=step.node_id,
     )
 
 
 def step_to_proto(step: StepRecord) -> node_pb2.AgentStep:
     return node_pb2.AgentStep(
-        index=step.index, kind=step.kind,
+        index=step.index,
+        kind=step.kind,
         call=node_pb2.ToolCall(tool=step.tool, arguments_json=step.arguments_json),
-        result_json=step.result_json, idempotent=step.idempotent, tokens=step.tokens,
-        duration_ms=step.duration_ms, model=step.model, error=step.error, node_id=step.node_id,
+        result_json=step.result_json,
+        idempotent=step.idempotent,
+        tokens=step.tokens,
+        duration_ms=step.duration_ms,
+        model=step.model,
+        error=step.error,
+        node_id=step.node_id,
     )
 
 
 def outcome_to_proto(outcome: AgentOutcome) -> node_pb2.AgentResult:
     return node_pb2.AgentResult(
-        agent=outcome.agent, answer=outcome.answer, finish_reason=outcome.finish_reason,
+        agent=outcome.agent,
+        answer=outcome.answer,
+        finish_reason=outcome.finish_reason,
         steps=[step_to_proto(s) for s in outcome.steps],
-        usage=node_pb2.Usage(prompt_tokens=outcome.prompt_tokens,
-                             completion_tokens=outcome.completion_tokens,
-                             total_tokens=outcome.prompt_tokens + outcome.completion_tokens),
-        total_ms=outcome.total_ms, model=outcome.model, node_id=outcome.node_id,
+        usage=node_pb2.Usage(
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+        ),
+        total_ms=outcome.total_ms,
+        model=outcome.model,
+        node_id=outcome.node_id,
     )
 
 

@@ -71,19 +71,22 @@ def check_replay(steps: Sequence[StepRecord], spec: AgentSpec) -> list[StepRecor
         if step.index != position:
             raise InvalidRequestError(
                 f"completed_steps[{position}] has index {step.index}; steps must be numbered "
-                "0, 1, 2, ... in order")
+                "0, 1, 2, ... in order"
+            )
         if step.kind == "tool_call" and step.tool not in spec.tools:
             raise InvalidRequestError(
                 f"completed_steps[{position}] calls {step.tool!r}, which agent {spec.name} "
-                "does not have")
+                "does not have"
+            )
         if step.kind == "final" and position != len(steps) - 1:
             raise InvalidRequestError(f"completed_steps[{position}] is final but is not the last")
         checked.append(step.model_copy(update={"replayed": True}))
     return checked
 
 
-def offered_tools(spec: AgentSpec, relevant: Sequence[Tool],
-                  steps: Sequence[StepRecord]) -> list[Tool]:
+def offered_tools(
+    spec: AgentSpec, relevant: Sequence[Tool], steps: Sequence[StepRecord]
+) -> list[Tool]:
     """The tools the model may call at the next step (before the last one)."""
     if spec.allow_repeat_calls:
         return list(relevant)
@@ -115,8 +118,10 @@ class AgentRuntime:
         model_id = override or spec.model or self.default_model
         backend = self.backends.get(model_id)
         if backend is None:
-            raise NotFoundError(f"agent {spec.name} needs model {model_id!r}, which this node "
-                                f"does not serve; it serves: {', '.join(sorted(self.backends))}")
+            raise NotFoundError(
+                f"agent {spec.name} needs model {model_id!r}, which this node "
+                f"does not serve; it serves: {', '.join(sorted(self.backends))}"
+            )
         if backend.status is not ModelStatus.READY:
             raise NotReadyError(f"model {model_id!r} is {backend.status.value}; retry when ready")
         return backend
@@ -133,10 +138,19 @@ class AgentRuntime:
         prompt_tokens = completion_tokens = 0
 
         def outcome(answer: str, reason: FinishReason) -> OutcomeEvent:
-            return OutcomeEvent(outcome=AgentOutcome(
-                agent=spec.name, answer=answer, finish_reason=reason, steps=tuple(steps),
-                prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                total_ms=(self._clock() - began) * 1000, model=model_id, node_id=self.node_id))
+            return OutcomeEvent(
+                outcome=AgentOutcome(
+                    agent=spec.name,
+                    answer=answer,
+                    finish_reason=reason,
+                    steps=tuple(steps),
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    total_ms=(self._clock() - began) * 1000,
+                    model=model_id,
+                    node_id=self.node_id,
+                )
+            )
 
         if steps and steps[-1].kind == "final":  # finished elsewhere; only the result was lost
             answer = json.loads(steps[-1].result_json or "{}").get("final", "")
@@ -152,43 +166,73 @@ class AgentRuntime:
             attempt = await self._decide(backend, spec, messages, offered, allow_final)
             prompt_tokens += attempt.prompt_tokens
             completion_tokens += attempt.completion_tokens
-            common = dict(index=index, tokens=attempt.completion_tokens, model=model_id,
-                          node_id=self.node_id)
+            common = dict(
+                index=index, tokens=attempt.completion_tokens, model=model_id, node_id=self.node_id
+            )
             decision = attempt.decision
             if decision is None:
-                steps.append(StepRecord(
-                    kind="invalid", result_json=json.dumps({"reply": attempt.reply}),
-                    error=attempt.error, duration_ms=(self._clock() - step_began) * 1000,
-                    **common))
+                steps.append(
+                    StepRecord(
+                        kind="invalid",
+                        result_json=json.dumps({"reply": attempt.reply}),
+                        error=attempt.error,
+                        duration_ms=(self._clock() - step_began) * 1000,
+                        **common,
+                    )
+                )
                 yield StepEvent(step=steps[-1])
                 yield outcome("", "invalid_tool_calls")
                 return
             if isinstance(decision, FinalDecision):
-                steps.append(StepRecord(
-                    kind="final", result_json=decision.to_json(),
-                    duration_ms=(self._clock() - step_began) * 1000, **common))
+                steps.append(
+                    StepRecord(
+                        kind="final",
+                        result_json=decision.to_json(),
+                        duration_ms=(self._clock() - step_began) * 1000,
+                        **common,
+                    )
+                )
                 yield StepEvent(step=steps[-1])
                 yield AnswerEvent(text=decision.text())
                 yield outcome(decision.text(), "answer")
                 return
             result_json, error, idempotent = await self._execute(decision, task, index, steps)
-            steps.append(StepRecord(
-                kind="tool_call", tool=decision.tool, arguments_json=json.dumps(decision.arguments),
-                result_json=result_json, idempotent=idempotent, error=error,
-                duration_ms=(self._clock() - step_began) * 1000, **common))
+            steps.append(
+                StepRecord(
+                    kind="tool_call",
+                    tool=decision.tool,
+                    arguments_json=json.dumps(decision.arguments),
+                    result_json=result_json,
+                    idempotent=idempotent,
+                    error=error,
+                    duration_ms=(self._clock() - step_began) * 1000,
+                    **common,
+                )
+            )
             yield StepEvent(step=steps[-1])
         yield outcome("", "max_steps")
 
     # ------------------------------------------------------------------ the model
 
-    async def _decide(self, backend: Backend, spec: AgentSpec, messages: list[Message],
-                      offered: Sequence[Tool], allow_final: bool) -> _Attempts:
-        schema = decision_schema(offered, allow_final=allow_final,
-                                 output_schema=spec.output_schema,
-                                 max_answer_chars=spec.max_answer_chars)
+    async def _decide(
+        self,
+        backend: Backend,
+        spec: AgentSpec,
+        messages: list[Message],
+        offered: Sequence[Tool],
+        allow_final: bool,
+    ) -> _Attempts:
+        schema = decision_schema(
+            offered,
+            allow_final=allow_final,
+            output_schema=spec.output_schema,
+            max_answer_chars=spec.max_answer_chars,
+        )
         request = GenerationInput(
-            messages=tuple(messages), max_tokens=spec.max_tokens_per_step,
-            temperature=spec.temperature, json_schema=json.dumps(schema),
+            messages=tuple(messages),
+            max_tokens=spec.max_tokens_per_step,
+            temperature=spec.temperature,
+            json_schema=json.dumps(schema),
         )
         prompt_tokens = completion_tokens = 0
         reply = error = ""
@@ -197,15 +241,18 @@ class AgentRuntime:
             prompt_tokens += completion.prompt_tokens
             completion_tokens += completion.completion_tokens
             try:
-                decision = parse_decision(reply, offered, allow_final=allow_final,
-                                          output_schema=spec.output_schema)
+                decision = parse_decision(
+                    reply, offered, allow_final=allow_final, output_schema=spec.output_schema
+                )
             except DecisionError as invalid:
                 error = str(invalid)
-                logger.info("agent %s: invalid reply (attempt %d): %s", spec.name, attempt + 1,
-                            error)
+                logger.info(
+                    "agent %s: invalid reply (attempt %d): %s", spec.name, attempt + 1, error
+                )
                 request = GenerationInput(
                     messages=(*request.messages, *repair_messages(reply, error)),
-                    max_tokens=request.max_tokens, temperature=request.temperature,
+                    max_tokens=request.max_tokens,
+                    temperature=request.temperature,
                     json_schema=request.json_schema,
                 )
                 continue
@@ -214,19 +261,34 @@ class AgentRuntime:
 
     # ------------------------------------------------------------------ the tools
 
-    async def _execute(self, call: ToolCallDecision, task: AgentTask, index: int,
-                       steps: Sequence[StepRecord]) -> tuple[str, str, bool]:
+    async def _execute(
+        self, call: ToolCallDecision, task: AgentTask, index: int, steps: Sequence[StepRecord]
+    ) -> tuple[str, str, bool]:
         """(result JSON, error, idempotent) of running one tool call."""
         tool = self.registry.get(call.tool)
         if not tool.idempotent:
             for earlier in steps:
-                if (earlier.kind == "tool_call" and earlier.tool == call.tool and not earlier.error
-                        and earlier.arguments() == call.arguments):
-                    logger.info("task %s: %s already ran with these arguments in step %d; "
-                                "not running it again", task.task_id, call.tool, earlier.index)
+                if (
+                    earlier.kind == "tool_call"
+                    and earlier.tool == call.tool
+                    and not earlier.error
+                    and earlier.arguments() == call.arguments
+                ):
+                    logger.info(
+                        "task %s: %s already ran with these arguments in step %d; "
+                        "not running it again",
+                        task.task_id,
+                        call.tool,
+                        earlier.index,
+                    )
                     return earlier.result_json, "", False
-        context = ToolContext(task_id=task.task_id, step_index=index, node_id=self.node_id,
-                              store=self.store, idempotency_key=f"{task.task_id}:{index}")
+        context = ToolContext(
+            task_id=task.task_id,
+            step_index=index,
+            node_id=self.node_id,
+            store=self.store,
+            idempotency_key=f"{task.task_id}:{index}",
+        )
         try:
             value = await tool.call(call.arguments, context)
         except ToolError as error:

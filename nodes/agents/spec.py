@@ -55,8 +55,9 @@ class AgentSpec(FrozenModel):
 
     def required_datasets(self, registry: ToolRegistry) -> frozenset[str]:
         """The datasets a node must hold to run this agent: those its tools declare."""
-        return frozenset(d for name in self.tools if name in registry
-                         for d in registry.get(name).data)
+        return frozenset(
+            d for name in self.tools if name in registry for d in registry.get(name).data
+        )
 
     def missing_tools(self, registry: ToolRegistry) -> list[str]:
         return [name for name in self.tools if name not in registry]
@@ -72,4 +73,3 @@ def Agent(  # noqa: N802 - reads as a definition: Agent("returns", tools=[...])
     """Define an agent in a few lines: tools may be `Tool` objects (from `@tool`) or names."""
     names = tuple(t.name if isinstance(t, Tool) else t for t in tools)
     return AgentSpec(name=name, tools=names, system_prompt=system_prompt, **options)
-

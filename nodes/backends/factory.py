@@ -17,13 +17,23 @@ def build_backend(model: ModelConfig) -> Backend:
     """The backend for an onnx or openai model; a missing ONNX file fails here, before listening."""
     if model.kind == "onnx":
         resolve_onnx(model.source)
-        return OnnxBackend(model.id, model.source, providers=model.providers,
-                           intra_op_threads=model.n_threads, max_concurrent_runs=model.instances)
+        return OnnxBackend(
+            model.id,
+            model.source,
+            providers=model.providers,
+            intra_op_threads=model.n_threads,
+            max_concurrent_runs=model.instances,
+        )
     if model.kind == "openai":
         assert model.base_url is not None  # the config's validator guarantees it
         return OpenAIUpstreamBackend(
-            model.id, model.base_url, remote_model=model.remote_model,
-            api_key_env=model.api_key_env, system_prompt=model.system_prompt,
-            request_timeout_s=model.request_timeout_s, continuation_mode=model.continuation_mode,
-            response_format=model.response_format)
+            model.id,
+            model.base_url,
+            remote_model=model.remote_model,
+            api_key_env=model.api_key_env,
+            system_prompt=model.system_prompt,
+            request_timeout_s=model.request_timeout_s,
+            continuation_mode=model.continuation_mode,
+            response_format=model.response_format,
+        )
     raise ValueError(f"model {model.id!r}: kind {model.kind!r} is built by the daemon (llama.cpp)")

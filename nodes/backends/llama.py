@@ -61,8 +61,9 @@ class LlamaBackend:
         self._n_threads = n_threads
         self._n_batch = n_batch
         self._instance_count = instances
-        self.descriptor = ModelDescriptor(model_id=model_id, backend="llama.cpp", source=source,
-                                          context_length=n_ctx)
+        self.descriptor = ModelDescriptor(
+            model_id=model_id, backend="llama.cpp", source=source, context_length=n_ctx
+        )
         self.status = ModelStatus.UNLOADED
         self.error = ""
         self._instances: list[_Instance] = []
@@ -78,9 +79,13 @@ class LlamaBackend:
         try:
             resolved = resolve_gguf(self._source)
             self.descriptor = ModelDescriptor(
-                model_id=self.descriptor.model_id, backend="llama.cpp", source=resolved.source,
-                size_bytes=resolved.size_bytes, context_length=self._n_ctx,
-                family=resolved.family, quantization=resolved.quantization,
+                model_id=self.descriptor.model_id,
+                backend="llama.cpp",
+                source=resolved.source,
+                size_bytes=resolved.size_bytes,
+                context_length=self._n_ctx,
+                family=resolved.family,
+                quantization=resolved.quantization,
             )
             for index in range(self._instance_count):
                 llama = await asyncio.to_thread(self._load_one, str(resolved.path))
@@ -89,8 +94,9 @@ class LlamaBackend:
             self.status, self.error = ModelStatus.FAILED, str(error)
             raise
         self._formatter = _chat_formatter(self._instances[0].llama)
-        self._control_texts = await asyncio.to_thread(_control_token_texts,
-                                                      self._instances[0].llama)
+        self._control_texts = await asyncio.to_thread(
+            _control_token_texts, self._instances[0].llama
+        )
         self._free = asyncio.Queue()
         for instance in self._instances:
             self._free.put_nowait(instance)
@@ -106,12 +112,20 @@ class LlamaBackend:
             ) from None
         kv: dict[str, Any] = {}
         if self._kv_cache == "q8_0":  # quantised V cache needs flash attention
-            kv = {"flash_attn": True, "type_k": llama_cpp.GGML_TYPE_Q8_0,
-                  "type_v": llama_cpp.GGML_TYPE_Q8_0}
+            kv = {
+                "flash_attn": True,
+                "type_k": llama_cpp.GGML_TYPE_Q8_0,
+                "type_v": llama_cpp.GGML_TYPE_Q8_0,
+            }
         try:
             return llama_cpp.Llama(
-                model_path=path, n_ctx=self._n_ctx, n_threads=self._n_threads,
-                n_threads_batch=self._n_threads, n_batch=self._n_batch, verbose=False, **kv,
+                model_path=path,
+                n_ctx=self._n_ctx,
+                n_threads=self._n_threads,
+                n_threads_batch=self._n_threads,
+                n_batch=self._n_batch,
+                verbose=False,
+                **kv,
             )
         except (ValueError, RuntimeError) as error:  # llama.cpp refused the file
             raise ModelLoadError(f"llama.cpp could not load {path}: {error}") from None
@@ -139,8 +153,9 @@ class LlamaBackend:
         # Text from users and tools must not smuggle in control tokens (a forged
         # "<|im_start|>system" turn): the rendered prompt is tokenized with special
         # tokens parsed, so they are removed from message contents first.
-        messages = [{"role": m.role, "content": self._strip_control(m.content)}
-                    for m in request.messages]
+        messages = [
+            {"role": m.role, "content": self._strip_control(m.content)} for m in request.messages
+        ]
         if self._system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self._system_prompt})
         response = self._formatter(messages=messages)
@@ -167,8 +182,9 @@ class LlamaBackend:
         def emit(item: Any) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, item)
 
-        future = loop.run_in_executor(instance.executor, self._run, instance.llama, request,
-                                      stop, emit)
+        future = loop.run_in_executor(
+            instance.executor, self._run, instance.llama, request, stop, emit
+        )
         pending: Any = None
         try:
             while True:
@@ -194,8 +210,7 @@ class LlamaBackend:
             # The instance goes back to the pool only when its thread is done with it.
             future.add_done_callback(lambda _f: self._free.put_nowait(instance))  # type: ignore[union-attr]
 
-    def _run(self, llama: Any, request: GenerationInput, stop: threading.Event,
-             emit: Any) -> None:
+    def _run(self, llama: Any, request: GenerationInput, stop: threading.Event, emit: Any) -> None:
         """Generate in the instance's thread; hand text to the loop at most every stream_interval_s.
 
         The first text goes at once (time to first token is unchanged); after that, text
@@ -225,8 +240,9 @@ class LlamaBackend:
         finally:
             emit(_END)
 
-    def _generate(self, llama: Any, request: GenerationInput,
-                  stop: threading.Event) -> Iterator[Piece]:
+    def _generate(
+        self, llama: Any, request: GenerationInput, stop: threading.Event
+    ) -> Iterator[Piece]:
         prompt, stops = self.render_prompt(request)
         tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         n_ctx = llama.n_ctx()
@@ -244,8 +260,12 @@ class LlamaBackend:
             tokens = tokens[:-1]
         max_tokens = min(request.max_tokens + (1 if healed else 0), n_ctx - len(tokens))
         kwargs: dict[str, Any] = {
-            "max_tokens": max_tokens, "temperature": request.temperature,
-            "top_p": request.top_p, "top_k": request.top_k, "stop": stops or None, "stream": True,
+            "max_tokens": max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "top_k": request.top_k,
+            "stop": stops or None,
+            "stream": True,
         }
         if request.seed is not None:
             kwargs["seed"] = request.seed
@@ -270,7 +290,7 @@ class LlamaBackend:
                     if len(pending) < len(healed) and healed.startswith(pending):
                         text = ""
                     else:
-                        text = pending[_common_prefix(pending, healed):]
+                        text = pending[_common_prefix(pending, healed) :]
                         healed = pending = ""
                 if text:
                     yield Piece(text, tokens=unsent)
@@ -331,5 +351,6 @@ def _chat_formatter(llama: Any) -> Any:
 
     eos = token_text(llama.token_eos())
     bos = token_text(llama.token_bos())
-    return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
-                               stop_token_ids=[llama.token_eos()])
+    return Jinja2ChatFormatter(
+        template=template, eos_token=eos, bos_token=bos, stop_token_ids=[llama.token_eos()]
+    )

@@ -67,7 +67,8 @@ def choose_providers(available: Sequence[str], requested: Sequence[str] = ()) ->
             raise ModelLoadError(
                 f"execution provider(s) {', '.join(missing)} are not in this onnxruntime build "
                 f"(it has {', '.join(available) or 'none'}); install the matching onnxruntime "
-                "package (e.g. onnxruntime-gpu) or remove `providers` from the config")
+                "package (e.g. onnxruntime-gpu) or remove `providers` from the config"
+            )
         chosen = list(dict.fromkeys(requested))
     else:
         chosen = [p for p in PROVIDER_PREFERENCE if p in available]
@@ -87,11 +88,14 @@ def resolve_onnx(source: str) -> tuple[pathlib.Path, str]:
     if alias in BUNDLED_ONNX:
         path, shown = BUNDLED_ONNX[alias], f"bundled {alias} ({BUNDLED_ONNX[alias].name})"
         if not path.exists():
-            raise ModelLoadError(f"the bundled ONNX model {alias!r} is missing at {path}; "
-                                 "rebuild it with: python -m nodes.router.build")
+            raise ModelLoadError(
+                f"the bundled ONNX model {alias!r} is missing at {path}; "
+                "rebuild it with: python -m nodes.router.build"
+            )
     elif source.startswith("bundled:"):
-        raise ModelLoadError(f"unknown bundled ONNX model {alias!r}; known: "
-                             f"{', '.join(sorted(BUNDLED_ONNX))}")
+        raise ModelLoadError(
+            f"unknown bundled ONNX model {alias!r}; known: {', '.join(sorted(BUNDLED_ONNX))}"
+        )
     else:
         path = pathlib.Path(os.path.expanduser(source))
         shown = str(path)
@@ -113,15 +117,27 @@ def ranked_scores(labels: Sequence[str], probabilities: Sequence[float]) -> Clas
     """The best label, its probability, and all (label, probability), best first."""
     if len(labels) != len(probabilities) or not labels:
         raise MeshError(f"the classifier gave {len(probabilities)} scores for {len(labels)} labels")
-    ranked = sorted(zip(labels, (float(p) for p in probabilities), strict=True),
-                    key=lambda pair: -pair[1])
+    ranked = sorted(
+        zip(labels, (float(p) for p in probabilities), strict=True), key=lambda pair: -pair[1]
+    )
     return Classification(label=ranked[0][0], confidence=ranked[0][1], scores=tuple(ranked))
 
 
 def _onnxruntime_errors(ort: Any) -> tuple[type[BaseException], ...]:
     state = ort.capi.onnxruntime_pybind11_state
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
-             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    names = (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "NoModel",
+        "EngineError",
+        "RuntimeException",
+        "InvalidProtobuf",
+        "ModelLoaded",
+        "NotImplemented",
+        "InvalidGraph",
+        "EPFail",
+    )
     return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError,)
 
 
@@ -176,21 +192,30 @@ class OnnxBackend:
         self.task = custom.get(METADATA_TASK) or _guess_task(self.inputs, self.outputs)
         self.providers = tuple(session.get_providers())
         self.descriptor = ModelDescriptor(
-            model_id=self.descriptor.model_id, backend=BACKEND_NAME, source=shown,
-            size_bytes=path.stat().st_size, family=meta.graph_name or path.stem,
+            model_id=self.descriptor.model_id,
+            backend=BACKEND_NAME,
+            source=shown,
+            size_bytes=path.stat().st_size,
+            family=meta.graph_name or path.stem,
         )
-        self._executor = ThreadPoolExecutor(max_workers=self._max_concurrent_runs,
-                                            thread_name_prefix=f"onnx-{self.descriptor.model_id}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._max_concurrent_runs,
+            thread_name_prefix=f"onnx-{self.descriptor.model_id}",
+        )
         self._slots = asyncio.Semaphore(self._max_concurrent_runs)
         self.status = ModelStatus.READY
-        logger.info("ONNX model %s loaded on %s", self.descriptor.model_id, ", ".join(self.providers))
+        logger.info(
+            "ONNX model %s loaded on %s", self.descriptor.model_id, ", ".join(self.providers)
+        )
 
     def _create_session(self, path: pathlib.Path) -> Any:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ModelLoadError("onnxruntime is not installed; install the node extra: "
-                                 "pip install 'edge-agent-mesh[node]'") from None
+            raise ModelLoadError(
+                "onnxruntime is not installed; install the node extra: "
+                "pip install 'edge-agent-mesh[node]'"
+            ) from None
         self._errors = _onnxruntime_errors(ort)
         providers = choose_providers(ort.get_available_providers(), self._requested_providers)
         options = ort.SessionOptions()
@@ -202,8 +227,12 @@ class OnnxBackend:
         except self._errors as error:
             if providers == [CPU] or self._requested_providers:
                 raise ModelLoadError(f"ONNX Runtime could not load {path}: {error}") from None
-            logger.warning("ONNX Runtime could not load %s on %s (%s); trying CPU only",
-                           path, providers[0], error)
+            logger.warning(
+                "ONNX Runtime could not load %s on %s (%s); trying CPU only",
+                path,
+                providers[0],
+                error,
+            )
         try:
             return ort.InferenceSession(str(path), options, providers=[CPU])
         except self._errors as error:
@@ -218,16 +247,18 @@ class OnnxBackend:
 
     # ------------------------------------------------------------------ running
 
-    async def run(self, inputs: Mapping[str, np.ndarray],
-                  outputs: Sequence[str] = ()) -> dict[str, Any]:
+    async def run(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = ()
+    ) -> dict[str, Any]:
         """Outputs by name (numpy arrays; lists for non-tensor outputs) for named inputs."""
         if self.status is not ModelStatus.READY or self._slots is None:
             raise NotReadyError(f"model {self.descriptor.model_id!r} is {self.status.value}")
         check_inputs(self.inputs, inputs)
         names = check_output_names(self.outputs, outputs)
         if self._slots.locked() and self._waiting >= self._max_queued_runs:
-            raise OverloadedError(f"model {self.descriptor.model_id!r} has {self._waiting} runs "
-                                  "waiting; retry later")
+            raise OverloadedError(
+                f"model {self.descriptor.model_id!r} has {self._waiting} runs waiting; retry later"
+            )
         self._waiting += 1
         try:
             await self._slots.acquire()
@@ -235,14 +266,18 @@ class OnnxBackend:
             self._waiting -= 1
         try:
             loop = asyncio.get_running_loop()
-            values = await loop.run_in_executor(self._executor, self._session.run, names,
-                                                dict(inputs))
+            values = await loop.run_in_executor(
+                self._executor, self._session.run, names, dict(inputs)
+            )
         except self._errors as error:
             kind = type(error).__name__
             if kind == "InvalidArgument":
-                raise InvalidRequestError(f"model {self.descriptor.model_id!r} refused the "
-                                          f"inputs: {error}") from None
-            raise MeshError(f"ONNX Runtime failed on {self.descriptor.model_id!r}: {error}") from None
+                raise InvalidRequestError(
+                    f"model {self.descriptor.model_id!r} refused the inputs: {error}"
+                ) from None
+            raise MeshError(
+                f"ONNX Runtime failed on {self.descriptor.model_id!r}: {error}"
+            ) from None
         finally:
             self._slots.release()
         return dict(zip(names, values, strict=True))
@@ -250,8 +285,10 @@ class OnnxBackend:
     async def classify(self, text: str) -> Classification:
         """The label for one text; the model must take one string input and give probabilities."""
         if self.task != "text-classification":
-            raise InvalidRequestError(f"model {self.descriptor.model_id!r} is not a text "
-                                      f"classifier (it is a {self.task} model); use Infer")
+            raise InvalidRequestError(
+                f"model {self.descriptor.model_id!r} is not a text "
+                f"classifier (it is a {self.task} model); use Infer"
+            )
         spec = self.inputs[0]
         shape = (1,) * max(1, len(spec.shape))
         values = await self.run({spec.name: np.array([text], dtype=object).reshape(shape)})
@@ -259,16 +296,23 @@ class OnnxBackend:
             value = values[output.name]
             if isinstance(value, list) and value and isinstance(value[0], dict):  # a ZipMap
                 return ranked_scores(list(value[0]), list(value[0].values()))
-            if (isinstance(value, np.ndarray) and value.dtype.kind == "f" and self.labels
-                    and value.shape[-1] == len(self.labels)):
+            if (
+                isinstance(value, np.ndarray)
+                and value.dtype.kind == "f"
+                and self.labels
+                and value.shape[-1] == len(self.labels)
+            ):
                 return ranked_scores(self.labels, value.reshape(-1, len(self.labels))[0].tolist())
-        raise MeshError(f"model {self.descriptor.model_id!r} gave no probabilities output for "
-                        f"its {len(self.labels)} labels")
+        raise MeshError(
+            f"model {self.descriptor.model_id!r} gave no probabilities output for "
+            f"its {len(self.labels)} labels"
+        )
 
     async def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
         raise InvalidRequestError(
             f"model {self.descriptor.model_id!r} is an ONNX Runtime {self.task} model and does "
-            "not generate text; use Classify or Infer")
+            "not generate text; use Classify or Infer"
+        )
         yield Piece("")  # pragma: no cover - makes this an async generator
 
 
@@ -285,7 +329,10 @@ def _labels_from_metadata(value: str) -> tuple[str, ...]:
 
 def _guess_task(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> str:
     """A model with one string input and a map-of-probabilities output is a text classifier."""
-    if len(inputs) == 1 and inputs[0].dtype == "string" and any(
-            o.dtype.startswith("seq(map(string") for o in outputs):
+    if (
+        len(inputs) == 1
+        and inputs[0].dtype == "string"
+        and any(o.dtype.startswith("seq(map(string") for o in outputs)
+    ):
         return "text-classification"
     return "tensor"

@@ -110,8 +110,9 @@ def parse_chunk(data: str) -> StreamDelta:
     try:
         chunk = json.loads(data)
     except json.JSONDecodeError:
-        raise UnavailableError(f"the upstream sent a stream event that is not JSON: {data[:80]!r}") \
-            from None
+        raise UnavailableError(
+            f"the upstream sent a stream event that is not JSON: {data[:80]!r}"
+        ) from None
     if not isinstance(chunk, dict):
         raise UnavailableError("the upstream sent a stream event that is not a JSON object")
     if "error" in chunk:
@@ -122,8 +123,9 @@ def parse_chunk(data: str) -> StreamDelta:
     choices = chunk.get("choices") or []
     if choices:
         choice = choices[0]
-        content = (choice.get("delta") or {}).get("content") if "delta" in choice else \
-            choice.get("text")
+        content = (
+            (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+        )
         delta.text = content or ""
         delta.finish_reason = choice.get("finish_reason") or None
     usage = chunk.get("usage")
@@ -187,8 +189,12 @@ class OpenAIUpstreamBackend:
             raise ValueError(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}")
         self._response_format = response_format
         self._transport = transport
-        self.descriptor = ModelDescriptor(model_id=model_id, backend=BACKEND_NAME,
-                                          source=self._shown_url, family=self._remote_model)
+        self.descriptor = ModelDescriptor(
+            model_id=model_id,
+            backend=BACKEND_NAME,
+            source=self._shown_url,
+            family=self._remote_model,
+        )
         self.status = ModelStatus.UNLOADED
         self.error = ""
         self._client: Any = None
@@ -209,48 +215,73 @@ class OpenAIUpstreamBackend:
         try:
             import httpx
         except ImportError:
-            raise ModelLoadError("httpx is not installed; install the node extra: "
-                                 "pip install 'edge-agent-mesh[node]'") from None
+            raise ModelLoadError(
+                "httpx is not installed; install the node extra: "
+                "pip install 'edge-agent-mesh[node]'"
+            ) from None
         headers = {"Accept": "application/json"}
         if self._api_key_env:
             key = os.environ.get(self._api_key_env, "")
             if not key:
-                raise ModelLoadError(f"the environment variable {self._api_key_env} (named by "
-                                     f"api_key_env for model {self.descriptor.model_id!r}) is not set")
+                raise ModelLoadError(
+                    f"the environment variable {self._api_key_env} (named by "
+                    f"api_key_env for model {self.descriptor.model_id!r}) is not set"
+                )
             headers["Authorization"] = f"Bearer {key}"
         self._client = httpx.AsyncClient(
-            base_url=self._base_url, headers=headers, transport=self._transport,
-            timeout=httpx.Timeout(self._request_timeout_s, connect=self._connect_timeout_s))
+            base_url=self._base_url,
+            headers=headers,
+            transport=self._transport,
+            timeout=httpx.Timeout(self._request_timeout_s, connect=self._connect_timeout_s),
+        )
         where = f"the OpenAI-compatible server at {self._shown_url}"
         try:
             response = await self._client.get("/models", timeout=self._connect_timeout_s * 2)
         except httpx.HTTPError as error:
-            raise ModelLoadError(f"cannot reach {where}: {_describe_transport_error(error)}; "
-                                 "is it running?") from None
+            raise ModelLoadError(
+                f"cannot reach {where}: {_describe_transport_error(error)}; is it running?"
+            ) from None
         if response.status_code in (401, 403):
             source = f" (from ${self._api_key_env})" if self._api_key_env else " (none configured)"
-            raise ModelLoadError(f"{where} refused the API key{source}: HTTP "
-                                 f"{response.status_code}")
+            raise ModelLoadError(
+                f"{where} refused the API key{source}: HTTP {response.status_code}"
+            )
         if response.status_code != 200:
-            raise ModelLoadError(f"{where} answered GET /models with HTTP {response.status_code}; "
-                                 "is it an OpenAI-compatible server?")
+            raise ModelLoadError(
+                f"{where} answered GET /models with HTTP {response.status_code}; "
+                "is it an OpenAI-compatible server?"
+            )
         try:
             entries = response.json().get("data") or []
             served = {str(e["id"]): e for e in entries if isinstance(e, dict) and "id" in e}
         except (ValueError, AttributeError):
-            raise ModelLoadError(f"{where} answered GET /models with something that is not the "
-                                 "OpenAI model list") from None
+            raise ModelLoadError(
+                f"{where} answered GET /models with something that is not the OpenAI model list"
+            ) from None
         entry = served.get(self._remote_model)
         if entry is None:
-            raise ModelLoadError(f"{where} does not serve model {self._remote_model!r}; it serves: "
-                                 f"{', '.join(sorted(served)) or 'nothing'}")
-        context = next((int(entry[k]) for k in ("max_model_len", "context_length", "n_ctx")
-                        if isinstance(entry.get(k), int)), 0)
+            raise ModelLoadError(
+                f"{where} does not serve model {self._remote_model!r}; it serves: "
+                f"{', '.join(sorted(served)) or 'nothing'}"
+            )
+        context = next(
+            (
+                int(entry[k])
+                for k in ("max_model_len", "context_length", "n_ctx")
+                if isinstance(entry.get(k), int)
+            ),
+            0,
+        )
         self.descriptor = ModelDescriptor(
-            model_id=self.descriptor.model_id, backend=BACKEND_NAME, source=self._shown_url,
-            context_length=context, family=self._remote_model)
-        logger.info("model %s is %s at %s", self.descriptor.model_id, self._remote_model,
-                    self._shown_url)
+            model_id=self.descriptor.model_id,
+            backend=BACKEND_NAME,
+            source=self._shown_url,
+            context_length=context,
+            family=self._remote_model,
+        )
+        logger.info(
+            "model %s is %s at %s", self.descriptor.model_id, self._remote_model, self._shown_url
+        )
 
     async def close(self, status: ModelStatus = ModelStatus.UNLOADED) -> None:
         if self._client is not None:
@@ -263,8 +294,11 @@ class OpenAIUpstreamBackend:
     def request_body(self, request: GenerationInput) -> tuple[str, dict[str, Any]]:
         """The endpoint path and JSON body for one generation."""
         body: dict[str, Any] = {
-            "model": self._remote_model, "stream": True, "max_tokens": request.max_tokens,
-            "temperature": request.temperature, "top_p": request.top_p,
+            "model": self._remote_model,
+            "stream": True,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
             "stream_options": {"include_usage": True},
         }
         if request.seed is not None:
@@ -335,22 +369,32 @@ class OpenAIUpstreamBackend:
                 if tail:
                     yield Piece(tail)
                 if not done and not completion.finish_reason:
-                    raise UnavailableError(f"the upstream at {self._shown_url} ended the stream "
-                                           "before the answer was finished")
+                    raise UnavailableError(
+                        f"the upstream at {self._shown_url} ended the stream "
+                        "before the answer was finished"
+                    )
         except httpx.TimeoutException:
-            raise DeadlineExceededError(f"the upstream at {self._shown_url} sent nothing for "
-                                        f"{self._request_timeout_s:g} s") from None
+            raise DeadlineExceededError(
+                f"the upstream at {self._shown_url} sent nothing for {self._request_timeout_s:g} s"
+            ) from None
         except httpx.TransportError as error:
-            raise UnavailableError(f"lost the upstream at {self._shown_url} mid-request: "
-                                   f"{_describe_transport_error(error)}") from None
+            raise UnavailableError(
+                f"lost the upstream at {self._shown_url} mid-request: "
+                f"{_describe_transport_error(error)}"
+            ) from None
         completion.completion_tokens = completion.completion_tokens or counted
         completion.finish_reason = _FINISH_REASONS.get(completion.finish_reason, "stop")
         completion.decode_s = last_at - first_at
         yield Piece("", completion)
 
 
-_FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop",
-                   "content_filter": "stop", "": "stop"}
+_FINISH_REASONS = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "stop",
+    "content_filter": "stop",
+    "": "stop",
+}
 
 
 class EchoFilter:
@@ -372,7 +416,7 @@ class EchoFilter:
             return ""  # still possibly the echo: wait for more
         self._deciding = False
         held, self._held = self._held, ""
-        return held[len(self._prefix):] if held.startswith(self._prefix) else held
+        return held[len(self._prefix) :] if held.startswith(self._prefix) else held
 
     def flush(self) -> str:
         """Text still held when the stream ends (a short answer that matched the prefix so far)."""

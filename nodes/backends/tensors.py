@@ -44,8 +44,9 @@ class TensorSpec:
     dim_names: tuple[str, ...] = ()
 
     def to_proto(self) -> node_pb2.TensorSpec:
-        return node_pb2.TensorSpec(name=self.name, dtype=self.dtype, shape=list(self.shape),
-                                   dim_names=list(self.dim_names))
+        return node_pb2.TensorSpec(
+            name=self.name, dtype=self.dtype, shape=list(self.shape), dim_names=list(self.dim_names)
+        )
 
 
 def spec_from_onnx(name: str, onnx_type: str, shape: Sequence[object] | None) -> TensorSpec:
@@ -59,8 +60,12 @@ def spec_from_onnx(name: str, onnx_type: str, shape: Sequence[object] | None) ->
         else:
             dims.append(-1)
             names.append(dim if isinstance(dim, str) else "")
-    return TensorSpec(name=name, dtype=ONNX_TYPES.get(onnx_type, onnx_type), shape=tuple(dims),
-                      dim_names=tuple(names) if any(names) else ())
+    return TensorSpec(
+        name=name,
+        dtype=ONNX_TYPES.get(onnx_type, onnx_type),
+        shape=tuple(dims),
+        dim_names=tuple(names) if any(names) else (),
+    )
 
 
 def tensor_to_array(name: str, tensor: node_pb2.Tensor) -> np.ndarray:
@@ -70,45 +75,60 @@ def tensor_to_array(name: str, tensor: node_pb2.Tensor) -> np.ndarray:
         raise InvalidRequestError(f"input {name!r}: shape {list(shape)} has a negative dimension")
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if count > MAX_TENSOR_ELEMENTS:
-        raise InvalidRequestError(f"input {name!r}: {count} elements is over the limit of "
-                                  f"{MAX_TENSOR_ELEMENTS}")
+        raise InvalidRequestError(
+            f"input {name!r}: {count} elements is over the limit of {MAX_TENSOR_ELEMENTS}"
+        )
     if tensor.dtype == "string":
         if tensor.raw:
-            raise InvalidRequestError(f"input {name!r}: a string tensor carries `strings`, not `raw`")
+            raise InvalidRequestError(
+                f"input {name!r}: a string tensor carries `strings`, not `raw`"
+            )
         if len(tensor.strings) != count:
-            raise InvalidRequestError(f"input {name!r}: shape {list(shape)} needs {count} strings, "
-                                      f"got {len(tensor.strings)}")
+            raise InvalidRequestError(
+                f"input {name!r}: shape {list(shape)} needs {count} strings, "
+                f"got {len(tensor.strings)}"
+            )
         return np.array(list(tensor.strings), dtype=object).reshape(shape)
     if tensor.dtype not in NUMERIC_DTYPES:
         known = ", ".join(sorted(NUMERIC_DTYPES | {"string"}))
         raise InvalidRequestError(f"input {name!r}: dtype {tensor.dtype!r} is not one of {known}")
     if tensor.strings:
-        raise InvalidRequestError(f"input {name!r}: a {tensor.dtype} tensor carries `raw`, "
-                                  "not `strings`")
+        raise InvalidRequestError(
+            f"input {name!r}: a {tensor.dtype} tensor carries `raw`, not `strings`"
+        )
     dtype = np.dtype(tensor.dtype).newbyteorder("<")
     if len(tensor.raw) != count * dtype.itemsize:
         raise InvalidRequestError(
             f"input {name!r}: shape {list(shape)} of {tensor.dtype} needs "
-            f"{count * dtype.itemsize} bytes, got {len(tensor.raw)}")
+            f"{count * dtype.itemsize} bytes, got {len(tensor.raw)}"
+        )
     # Native byte order for ONNX Runtime; a copy, so the array owns writable memory.
-    return np.frombuffer(tensor.raw, dtype=dtype).astype(dtype.newbyteorder("="),
-                                                         copy=True).reshape(shape)
+    return (
+        np.frombuffer(tensor.raw, dtype=dtype)
+        .astype(dtype.newbyteorder("="), copy=True)
+        .reshape(shape)
+    )
 
 
 def array_to_tensor(name: str, value: object) -> node_pb2.Tensor:
     """The wire tensor for an output; ValueError for outputs that are not tensors (maps, sequences)."""
     if not isinstance(value, np.ndarray):
-        raise ValueError(f"output {name!r} is a {type(value).__name__}, not a tensor; "
-                         "only tensor outputs can be returned")
+        raise ValueError(
+            f"output {name!r} is a {type(value).__name__}, not a tensor; "
+            "only tensor outputs can be returned"
+        )
     shape = list(value.shape)
     if value.dtype == object or value.dtype.kind in "US":
-        return node_pb2.Tensor(dtype="string", shape=shape,
-                               strings=[str(x) for x in value.reshape(-1)])
+        return node_pb2.Tensor(
+            dtype="string", shape=shape, strings=[str(x) for x in value.reshape(-1)]
+        )
     dtype_name = value.dtype.name
     if dtype_name not in NUMERIC_DTYPES:
         raise ValueError(f"output {name!r} has dtype {dtype_name}, which has no wire form")
     little = value.astype(value.dtype.newbyteorder("<"), copy=False)
-    return node_pb2.Tensor(dtype=dtype_name, shape=shape, raw=np.ascontiguousarray(little).tobytes())
+    return node_pb2.Tensor(
+        dtype=dtype_name, shape=shape, raw=np.ascontiguousarray(little).tobytes()
+    )
 
 
 def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> None:
@@ -116,8 +136,9 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) 
     by_name = {s.name: s for s in specs}
     unknown = sorted(set(arrays) - set(by_name))
     if unknown:
-        raise InvalidRequestError(f"unknown input(s) {', '.join(unknown)}; the model takes "
-                                  f"{', '.join(by_name)}")
+        raise InvalidRequestError(
+            f"unknown input(s) {', '.join(unknown)}; the model takes {', '.join(by_name)}"
+        )
     missing = [n for n in by_name if n not in arrays]
     if missing:
         raise InvalidRequestError(f"missing input(s) {', '.join(missing)}")
@@ -127,12 +148,16 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) 
         if got != spec.dtype:
             raise InvalidRequestError(f"input {name!r} must be {spec.dtype}, got {got}")
         if spec.shape and len(spec.shape) != array.ndim:
-            raise InvalidRequestError(f"input {name!r} must have {len(spec.shape)} dimensions "
-                                      f"(shape {list(spec.shape)}), got {list(array.shape)}")
+            raise InvalidRequestError(
+                f"input {name!r} must have {len(spec.shape)} dimensions "
+                f"(shape {list(spec.shape)}), got {list(array.shape)}"
+            )
         for axis, (want, have) in enumerate(zip(spec.shape, array.shape, strict=False)):
             if want >= 0 and want != have:
-                raise InvalidRequestError(f"input {name!r}: dimension {axis} must be {want}, "
-                                          f"got {have} (shape {list(array.shape)})")
+                raise InvalidRequestError(
+                    f"input {name!r}: dimension {axis} must be {want}, "
+                    f"got {have} (shape {list(array.shape)})"
+                )
 
 
 def check_output_names(specs: Sequence[TensorSpec], wanted: Sequence[str]) -> list[str]:
@@ -140,6 +165,7 @@ def check_output_names(specs: Sequence[TensorSpec], wanted: Sequence[str]) -> li
     names = [s.name for s in specs]
     unknown = [w for w in wanted if w not in names]
     if unknown:
-        raise InvalidRequestError(f"unknown output(s) {', '.join(unknown)}; the model gives "
-                                  f"{', '.join(names)}")
+        raise InvalidRequestError(
+            f"unknown output(s) {', '.join(unknown)}; the model gives {', '.join(names)}"
+        )
     return list(wanted) or names

@@ -24,5 +24,4 @@ LABELS = ("customer-service", "technical-support", "scheduling")
 METADATA_LABELS = "edgemesh.labels"  # JSON list, in the order of the probabilities output
 METADATA_TASK = "edgemesh.task"  # "text-classification"
 
-__all__ = ["DATA_PATH", "LABELS", "METADATA_LABELS", "METADATA_TASK", "MODEL_PATH",
-           "ROUTER_ALIAS"]
+__all__ = ["DATA_PATH", "LABELS", "METADATA_LABELS", "METADATA_TASK", "MODEL_PATH", "ROUTER_ALIAS"]

@@ -9,7 +9,7 @@ def _level(line: str) -> int:
     """The heading level of `line` (1 for '# x'), or 0 when it is not a heading."""
     stripped = line.rstrip()
     hashes = len(stripped) - len(stripped.lstrip("#"))
-    if 0 < hashes <= 6 and stripped[hashes:hashes + 1] == " ":
+    if 0 < hashes <= 6 and stripped[hashes : hashes + 1] == " ":
         return hashes
     return 0
 
@@ -30,10 +30,14 @@ def replace_section(text: str, heading: str, body: str) -> str:
         kept = lines[:]
         while kept and not kept[-1].strip():
             kept.pop()
-        return "\n".join([*kept, "", *new_section]).lstrip("\n") + "\n" if kept else \
-            "\n".join(new_section) + "\n"
-    end = next((i for i in range(start + 1, len(lines)) if 0 < _level(lines[i]) <= level),
-               len(lines))
+        return (
+            "\n".join([*kept, "", *new_section]).lstrip("\n") + "\n"
+            if kept
+            else "\n".join(new_section) + "\n"
+        )
+    end = next(
+        (i for i in range(start + 1, len(lines)) if 0 < _level(lines[i]) <= level), len(lines)
+    )
     return "\n".join([*lines[:start], *new_section, *lines[end:]]).rstrip("\n") + "\n"
 
 
@@ -54,8 +58,9 @@ def _insert_subsection(text: str, parent: str, heading: str) -> str:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.rstrip() == parent)
     level = _level(parent)
-    end = next((i for i in range(start + 1, len(lines)) if 0 < _level(lines[i]) <= level),
-               len(lines))
+    end = next(
+        (i for i in range(start + 1, len(lines)) if 0 < _level(lines[i]) <= level), len(lines)
+    )
     while end > start + 1 and not lines[end - 1].strip():
         end -= 1
     return "\n".join([*lines[:end], "", heading, "", *lines[end:]]) + "\n"

@@ -94,11 +94,14 @@ class BuildResult:
 
 
 def _require_build_tools() -> None:
-    missing = [m for m in ("sklearn", "skl2onnx", "onnxruntime")
-               if importlib.util.find_spec(m) is None]
+    missing = [
+        m for m in ("sklearn", "skl2onnx", "onnxruntime") if importlib.util.find_spec(m) is None
+    ]
     if missing:
-        raise SystemExit(f"missing {', '.join(missing)}; install the build extra: "
-                         "pip install 'edge-agent-mesh[router-build]'")
+        raise SystemExit(
+            f"missing {', '.join(missing)}; install the build extra: "
+            "pip install 'edge-agent-mesh[router-build]'"
+        )
 
 
 def make_pipeline(candidate: Candidate) -> Any:
@@ -106,14 +109,30 @@ def make_pipeline(candidate: Candidate) -> Any:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import FeatureUnion, Pipeline
 
-    features = [("chars", TfidfVectorizer(analyzer="char", ngram_range=(1, candidate.max_char_ngram),
-                                          lowercase=False))]
+    features = [
+        (
+            "chars",
+            TfidfVectorizer(
+                analyzer="char", ngram_range=(1, candidate.max_char_ngram), lowercase=False
+            ),
+        )
+    ]
     if candidate.word_unigrams:
         # An explicit ASCII pattern: ONNX Runtime's regex engine reads \w and \b as ASCII only.
-        features.append(("words", TfidfVectorizer(analyzer="word", lowercase=False,
-                                                  token_pattern=r"[A-Za-z0-9_]{2,}")))
-    return Pipeline([("features", FeatureUnion(features)),
-                     ("classifier", LogisticRegression(C=candidate.c, max_iter=5000))])
+        features.append(
+            (
+                "words",
+                TfidfVectorizer(
+                    analyzer="word", lowercase=False, token_pattern=r"[A-Za-z0-9_]{2,}"
+                ),
+            )
+        )
+    return Pipeline(
+        [
+            ("features", FeatureUnion(features)),
+            ("classifier", LogisticRegression(C=candidate.c, max_iter=5000)),
+        ]
+    )
 
 
 def with_lowercase_copies(examples: Sequence[Example]) -> tuple[list[str], list[str]]:
@@ -150,16 +169,23 @@ def to_onnx_model(pipeline: Any, data_sha256: str) -> Any:
     with warnings.catch_warnings():
         # skl2onnx warns that char analyzers "may not work"; the build checks they do.
         warnings.simplefilter("ignore", UserWarning)
-        model = to_onnx(pipeline, initial_types=[("text", StringTensorType([None, 1]))],
-                        options={id(classifier): {"zipmap": False}},
-                        target_opset={"": 17, "ai.onnx.ml": 3})
+        model = to_onnx(
+            pipeline,
+            initial_types=[("text", StringTensorType([None, 1]))],
+            options={id(classifier): {"zipmap": False}},
+            target_opset={"": 17, "ai.onnx.ml": 3},
+        )
     model.graph.name = "intent-router"
-    model.doc_string = ("Intent router: a request's text -> customer-service, technical-support "
-                        f"or scheduling. Built by `python -m nodes.router.build` from "
-                        f"intents.csv (sha256 {data_sha256[:16]}).")
-    for key, value in ((METADATA_LABELS, json.dumps([str(c) for c in classifier.classes_])),
-                       (METADATA_TASK, "text-classification"),
-                       ("edgemesh.data_sha256", data_sha256)):
+    model.doc_string = (
+        "Intent router: a request's text -> customer-service, technical-support "
+        f"or scheduling. Built by `python -m nodes.router.build` from "
+        f"intents.csv (sha256 {data_sha256[:16]})."
+    )
+    for key, value in (
+        (METADATA_LABELS, json.dumps([str(c) for c in classifier.classes_])),
+        (METADATA_TASK, "text-classification"),
+        ("edgemesh.data_sha256", data_sha256),
+    ):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     return model
@@ -177,7 +203,8 @@ def _run(session: Any, texts: Sequence[str]) -> tuple[list[str], list[list[float
     import numpy
 
     labels, probabilities = session.run(
-        None, {"text": numpy.array(list(texts), dtype=object).reshape(-1, 1)})
+        None, {"text": numpy.array(list(texts), dtype=object).reshape(-1, 1)}
+    )
     return [str(x) for x in labels], probabilities.tolist()
 
 
@@ -204,11 +231,16 @@ def build(data_path: pathlib.Path, output_path: pathlib.Path) -> BuildResult:
 
     every_text = [e.text for e in examples]
     onnx_labels, _ = _run(session, every_text)
-    disagreements = [t for t, o, s in zip(every_text, onnx_labels, pipeline.predict(every_text),
-                                          strict=True) if o != s]
+    disagreements = [
+        t
+        for t, o, s in zip(every_text, onnx_labels, pipeline.predict(every_text), strict=True)
+        if o != s
+    ]
     if disagreements:
-        raise SystemExit(f"ONNX Runtime and scikit-learn disagree on {len(disagreements)} "
-                         f"request(s), e.g. {disagreements[0]!r}; the model was not written")
+        raise SystemExit(
+            f"ONNX Runtime and scikit-learn disagree on {len(disagreements)} "
+            f"request(s), e.g. {disagreements[0]!r}; the model was not written"
+        )
 
     began = time.perf_counter()
     for example in test:  # one request at a time, as a node classifies them
@@ -220,17 +252,29 @@ def build(data_path: pathlib.Path, output_path: pathlib.Path) -> BuildResult:
     confidences = [max(row) for row in probabilities]
     correct = [p == g for p, g in zip(predicted, gold, strict=True)]
     hard = [i for i, e in enumerate(test) if e.difficulty == "hard"]
-    per_label = {label: accuracy([predicted[i] for i, g in enumerate(gold) if g == label],
-                                 [g for g in gold if g == label]) for label in LABELS}
+    per_label = {
+        label: accuracy(
+            [predicted[i] for i, g in enumerate(gold) if g == label],
+            [g for g in gold if g == label],
+        )
+        for label in LABELS
+    }
 
     output_path.write_bytes(model_bytes)
     return BuildResult(
-        candidate=best, cv_accuracy=best_score, heldout_accuracy=accuracy(predicted, gold),
+        candidate=best,
+        cv_accuracy=best_score,
+        heldout_accuracy=accuracy(predicted, gold),
         hard_accuracy=accuracy([predicted[i] for i in hard], [gold[i] for i in hard]),
-        n_train=len(train), n_test=len(test), n_hard=len(hard), per_label=per_label,
+        n_train=len(train),
+        n_test=len(test),
+        n_hard=len(hard),
+        per_label=per_label,
         confusion_markdown=confusion_table(confusion(predicted, gold, order), order),
         coverage=coverage_at(confidences, correct, CONFIDENCE_THRESHOLDS),
-        model_bytes=len(model_bytes), data_sha256=data_sha256, mean_latency_ms=mean_latency_ms,
+        model_bytes=len(model_bytes),
+        data_sha256=data_sha256,
+        mean_latency_ms=mean_latency_ms,
     )
 
 
@@ -242,7 +286,7 @@ def format_report(result: BuildResult) -> str:
         f"- Data: `nodes/router/data/intents.csv` (sha256 `{result.data_sha256[:16]}`), "
         f"{result.n_train} training and {result.n_test} held-out requests; the split is fixed in "
         f"the file. {result.n_hard} held-out requests are marked hard (misleading keywords, e.g. "
-        "\"book a technician\" is scheduling, \"the booking app won't load\" is technical-support).",
+        '"book a technician" is scheduling, "the booking app won\'t load" is technical-support).',
         f"- Model: {result.candidate.describe()}, logistic regression; chosen by 5-fold "
         f"cross-validation on the training split ({result.cv_accuracy:.1%}); "
         f"`nodes/router/intent_router.onnx`, {result.model_bytes / 1024:.0f} KiB.",
@@ -259,17 +303,26 @@ def format_report(result: BuildResult) -> str:
         "| confidence at least | share of requests | accuracy among them |",
         "|---|---|---|",
     ]
-    lines += [f"| {c.threshold:.1f} | {c.covered:.1%} | {c.accuracy:.1%} |" for c in result.coverage]
+    lines += [
+        f"| {c.threshold:.1f} | {c.covered:.1%} | {c.accuracy:.1%} |" for c in result.coverage
+    ]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nodes.router.build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m nodes.router.build",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--data", type=pathlib.Path, default=DATA_PATH)
     parser.add_argument("--output", type=pathlib.Path, default=MODEL_PATH)
-    parser.add_argument("--benchmarks", type=pathlib.Path, default=BENCHMARKS_PATH,
-                        help="Markdown file whose '## Intent router' section is rewritten")
+    parser.add_argument(
+        "--benchmarks",
+        type=pathlib.Path,
+        default=BENCHMARKS_PATH,
+        help="Markdown file whose '## Intent router' section is rewritten",
+    )
     parser.add_argument("--no-report", action="store_true", help="do not touch the benchmarks file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -70,8 +70,11 @@ class Tool:
         required = set(self.parameters.get("required", ()))
         parts = []
         for name, schema in properties.items():
-            kind = "|".join(json.dumps(v) for v in schema["enum"]) if "enum" in schema \
+            kind = (
+                "|".join(json.dumps(v) for v in schema["enum"])
+                if "enum" in schema
                 else schema.get("type", "any")
+            )
             parts.append(f"{name}{'' if name in required else '?'}: {kind}")
         return f"{self.name}({', '.join(parts)})"
 

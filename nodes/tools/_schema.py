@@ -150,7 +150,9 @@ def parameters_schema(
             required.append(name)
         properties[name] = schema
     return description, {
-        "type": "object", "properties": properties, "required": required,
+        "type": "object",
+        "properties": properties,
+        "required": required,
         "additionalProperties": False,
     }
 

@@ -23,10 +23,17 @@ def _store(context: ToolContext) -> DemoStore:
 
 
 @tool(
-    idempotent=True, data=("customers",), keywords=("customer", "email", "account", "who"),
-    examples=[{"request": "Who is sam@mail.test?", "arguments": {"email": "sam@mail.test"},
-               "result": {"name": "Sam Roe", "email": "sam@mail.test", "tier": "gold"},
-               "answer": "sam@mail.test is Sam Roe, a gold customer."}],
+    idempotent=True,
+    data=("customers",),
+    keywords=("customer", "email", "account", "who"),
+    examples=[
+        {
+            "request": "Who is sam@mail.test?",
+            "arguments": {"email": "sam@mail.test"},
+            "result": {"name": "Sam Roe", "email": "sam@mail.test", "tier": "gold"},
+            "answer": "sam@mail.test is Sam Roe, a gold customer.",
+        }
+    ],
 )
 def customer_lookup(email: str, context: ToolContext) -> dict[str, Any]:
     """Find a customer by email address.
@@ -41,11 +48,17 @@ def customer_lookup(email: str, context: ToolContext) -> dict[str, Any]:
 
 
 @tool(
-    idempotent=True, data=("orders",),
+    idempotent=True,
+    data=("orders",),
     keywords=("order", "status", "shipped", "delivery", "package", "where", "track"),
-    examples=[{"request": "Where is my order 77?", "arguments": {"order_id": 77},
-               "result": {"order_id": 77, "status": "delivered"},
-               "answer": "Order 77 is delivered."}],
+    examples=[
+        {
+            "request": "Where is my order 77?",
+            "arguments": {"order_id": 77},
+            "result": {"order_id": 77, "status": "delivered"},
+            "answer": "Order 77 is delivered.",
+        }
+    ],
 )
 def order_status(order_id: int, context: ToolContext) -> dict[str, Any]:
     """Get the status of an order.
@@ -60,15 +73,24 @@ def order_status(order_id: int, context: ToolContext) -> dict[str, Any]:
 
 
 @tool(
-    idempotent=False, data=("tickets",),
+    idempotent=False,
+    data=("tickets",),
     keywords=("ticket", "complaint", "broken", "issue", "report", "support", "open", "problem"),
-    examples=[{"request": "My screen is cracked. I am kim@mail.test",
-               "arguments": {"customer_email": "kim@mail.test", "subject": "Cracked screen"},
-               "result": {"ticket_id": 12, "status": "open"},
-               "answer": "I opened ticket 12 for you."}],
+    examples=[
+        {
+            "request": "My screen is cracked. I am kim@mail.test",
+            "arguments": {"customer_email": "kim@mail.test", "subject": "Cracked screen"},
+            "result": {"ticket_id": 12, "status": "open"},
+            "answer": "I opened ticket 12 for you.",
+        }
+    ],
 )
-def create_ticket(customer_email: str, subject: str, context: ToolContext,
-                  priority: Literal["low", "normal", "high"] = "normal") -> dict[str, Any]:
+def create_ticket(
+    customer_email: str,
+    subject: str,
+    context: ToolContext,
+    priority: Literal["low", "normal", "high"] = "normal",
+) -> dict[str, Any]:
     """Open a support ticket for a customer.
 
     Args:
@@ -78,17 +100,24 @@ def create_ticket(customer_email: str, subject: str, context: ToolContext,
     """
     if not subject.strip():
         raise ToolError("the subject is empty")
-    ticket, created = _store(context).create_ticket(customer_email, subject, priority,
-                                                    context.idempotency_key)
+    ticket, created = _store(context).create_ticket(
+        customer_email, subject, priority, context.idempotency_key
+    )
     return {**ticket, "created_now": created}
 
 
 @tool(
-    idempotent=True, data=("appointments",),
+    idempotent=True,
+    data=("appointments",),
     keywords=("slot", "slots", "free", "available", "appointment", "when", "time"),
-    examples=[{"request": "Any free slots on monday?", "arguments": {"day": "monday"},
-               "result": {"day": "monday", "free": ["08:00", "13:00"]},
-               "answer": "On monday 08:00 and 13:00 are free."}],
+    examples=[
+        {
+            "request": "Any free slots on monday?",
+            "arguments": {"day": "monday"},
+            "result": {"day": "monday", "free": ["08:00", "13:00"]},
+            "answer": "On monday 08:00 and 13:00 are free.",
+        }
+    ],
 )
 def appointment_slots(day: Weekday, context: ToolContext) -> dict[str, Any]:
     """List the free appointment slots on a weekday.
@@ -100,12 +129,17 @@ def appointment_slots(day: Weekday, context: ToolContext) -> dict[str, Any]:
 
 
 @tool(
-    idempotent=False, data=("appointments",),
+    idempotent=False,
+    data=("appointments",),
     keywords=("book", "booking", "reserve", "schedule", "appointment"),
-    examples=[{"request": "Book tuesday 08:00 for lee@mail.test",
-               "arguments": {"day": "tuesday", "time": "08:00", "email": "lee@mail.test"},
-               "result": {"day": "tuesday", "time": "08:00", "booked_for": "lee@mail.test"},
-               "answer": "You are booked on tuesday at 08:00."}],
+    examples=[
+        {
+            "request": "Book tuesday 08:00 for lee@mail.test",
+            "arguments": {"day": "tuesday", "time": "08:00", "email": "lee@mail.test"},
+            "result": {"day": "tuesday", "time": "08:00", "booked_for": "lee@mail.test"},
+            "answer": "You are booked on tuesday at 08:00.",
+        }
+    ],
 )
 def book_appointment(day: Weekday, time: str, email: str, context: ToolContext) -> dict[str, Any]:
     """Book a free appointment slot for a customer.
@@ -115,19 +149,24 @@ def book_appointment(day: Weekday, time: str, email: str, context: ToolContext) 
         time: the slot's start time, e.g. 09:00.
         email: the customer's email address.
     """
-    booking, created = _store(context).book_slot(day, time.strip(), email,
-                                                 context.idempotency_key)
+    booking, created = _store(context).book_slot(day, time.strip(), email, context.idempotency_key)
     if booking is None:
         raise ToolError(f"{day} {time} is not a free slot")
     return {**booking, "created_now": created}
 
 
 @tool(
-    idempotent=True, data=("knowledge_base",),
+    idempotent=True,
+    data=("knowledge_base",),
     keywords=("error", "fix", "how", "printer", "wifi", "internet", "help", "troubleshoot"),
-    examples=[{"request": "How do I fix scanner error S-1?", "arguments": {"query": "scanner error S-1"},
-               "result": [{"title": "Scanner error S-1", "advice": "Clean the glass."}],
-               "answer": "Scanner error S-1: clean the glass."}],
+    examples=[
+        {
+            "request": "How do I fix scanner error S-1?",
+            "arguments": {"query": "scanner error S-1"},
+            "result": [{"title": "Scanner error S-1", "advice": "Clean the glass."}],
+            "answer": "Scanner error S-1: clean the glass.",
+        }
+    ],
 )
 def search_knowledge_base(query: str, context: ToolContext) -> list[dict[str, str]]:
     """Search the troubleshooting articles.
@@ -143,12 +182,32 @@ def search_knowledge_base(query: str, context: ToolContext) -> list[dict[str, st
 
 @tool(
     idempotent=True,
-    keywords=("system", "diagnostics", "slow", "cpu", "memory", "disk", "device", "health",
-              "check", "computer", "laptop"),
-    examples=[{"request": "Is this device healthy?", "arguments": {"check": "all"},
-               "result": {"status": "healthy", "cpu_percent": 12.0, "memory_percent": 40.0,
-                          "disk_percent": 55.0},
-               "answer": "The device is healthy: CPU 12%, memory 40%, disk 55%."}],
+    keywords=(
+        "system",
+        "diagnostics",
+        "slow",
+        "cpu",
+        "memory",
+        "disk",
+        "device",
+        "health",
+        "check",
+        "computer",
+        "laptop",
+    ),
+    examples=[
+        {
+            "request": "Is this device healthy?",
+            "arguments": {"check": "all"},
+            "result": {
+                "status": "healthy",
+                "cpu_percent": 12.0,
+                "memory_percent": 40.0,
+                "disk_percent": 55.0,
+            },
+            "answer": "The device is healthy: CPU 12%, memory 40%, disk 55%.",
+        }
+    ],
 )
 def system_diagnostics(check: Literal["all", "cpu", "memory", "disk"] = "all") -> dict[str, Any]:
     """Measure this device's CPU, memory and disk use.
@@ -179,6 +238,11 @@ def system_diagnostics(check: Literal["all", "cpu", "memory", "disk"] = "all") -
 
 
 BUILTIN_TOOLS: tuple[Tool, ...] = (
-    customer_lookup, order_status, create_ticket, appointment_slots, book_appointment,
-    search_knowledge_base, system_diagnostics,
+    customer_lookup,
+    order_status,
+    create_ticket,
+    appointment_slots,
+    book_appointment,
+    search_knowledge_base,
+    system_diagnostics,
 )

@@ -59,17 +59,31 @@ _ORDERS = [
     (1043, 3, "Laptop stand", "processing", None, "2025-03-06"),
     (1044, 1, "Mechanical keyboard", "cancelled", None, "2025-03-04"),
 ]
-_TICKETS = [("bob@example.com", "Printer shows error E-04", "normal", "open", "2025-03-01T09:12:00Z")]
+_TICKETS = [
+    ("bob@example.com", "Printer shows error E-04", "normal", "open", "2025-03-01T09:12:00Z")
+]
 _BOOKED = {("monday", "09:00"): "chen@example.com", ("wednesday", "14:00"): "bob@example.com"}
 _ARTICLES = [
-    ("Printer error E-04", "printer error e-04 paper jam",
-     "E-04 means a paper jam: open tray 2, remove the sheet, close the tray and restart."),
-    ("Slow computer", "slow laptop computer performance memory cpu",
-     "Close unused programs, check that memory use is under 80% and restart the device."),
-    ("Wi-Fi keeps dropping", "wifi wi-fi network internet connection drop",
-     "Move closer to the router, forget the network and join it again, then update the driver."),
-    ("Disk almost full", "disk storage space full",
-     "Empty the trash and remove large downloads; keep at least 10% of the disk free."),
+    (
+        "Printer error E-04",
+        "printer error e-04 paper jam",
+        "E-04 means a paper jam: open tray 2, remove the sheet, close the tray and restart.",
+    ),
+    (
+        "Slow computer",
+        "slow laptop computer performance memory cpu",
+        "Close unused programs, check that memory use is under 80% and restart the device.",
+    ),
+    (
+        "Wi-Fi keeps dropping",
+        "wifi wi-fi network internet connection drop",
+        "Move closer to the router, forget the network and join it again, then update the driver.",
+    ),
+    (
+        "Disk almost full",
+        "disk storage space full",
+        "Empty the trash and remove large downloads; keep at least 10% of the disk free.",
+    ),
 ]
 
 
@@ -107,12 +121,16 @@ class DemoStore:
             db.executemany("INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)", _ORDERS)
             db.executemany(
                 "INSERT INTO tickets (customer_email, subject, priority, status, created) "
-                "VALUES (?, ?, ?, ?, ?)", _TICKETS)
+                "VALUES (?, ?, ?, ?, ?)",
+                _TICKETS,
+            )
             db.executemany(
                 "INSERT INTO appointment_slots (day, time, booked_by) VALUES (?, ?, ?)",
-                [(d, t, _BOOKED.get((d, t))) for d in WEEKDAYS for t in SLOT_TIMES])
-            db.executemany("INSERT INTO articles (title, keywords, body) VALUES (?, ?, ?)",
-                           _ARTICLES)
+                [(d, t, _BOOKED.get((d, t))) for d in WEEKDAYS for t in SLOT_TIMES],
+            )
+            db.executemany(
+                "INSERT INTO articles (title, keywords, body) VALUES (?, ?, ?)", _ARTICLES
+            )
             db.execute("INSERT INTO meta VALUES ('seeded', ?)", (self._now(),))
         logger.info("seeded demo data in %s", self.path)
         return True
@@ -121,12 +139,17 @@ class DemoStore:
 
     def find_customer(self, email: str) -> dict[str, Any] | None:
         with self._connect() as db:
-            row = db.execute("SELECT * FROM customers WHERE lower(email) = lower(?)",
-                             (email.strip(),)).fetchone()
+            row = db.execute(
+                "SELECT * FROM customers WHERE lower(email) = lower(?)", (email.strip(),)
+            ).fetchone()
             if row is None:
                 return None
-            orders = [r["id"] for r in db.execute(
-                "SELECT id FROM orders WHERE customer_id = ? ORDER BY id", (row["id"],))]
+            orders = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM orders WHERE customer_id = ? ORDER BY id", (row["id"],)
+                )
+            ]
         return {"name": row["name"], "email": row["email"], "tier": row["tier"], "orders": orders}
 
     def get_order(self, order_id: int) -> dict[str, Any] | None:
@@ -134,16 +157,23 @@ class DemoStore:
             row = db.execute("SELECT * FROM orders WHERE id = ?", (order_id,)).fetchone()
         if row is None:
             return None
-        order = {"order_id": row["id"], "status": row["status"], "item": row["item"],
-                 "updated": row["updated"]}
+        order = {
+            "order_id": row["id"],
+            "status": row["status"],
+            "item": row["item"],
+            "updated": row["updated"],
+        }
         if row["carrier"]:
             order["carrier"] = row["carrier"]
         return order
 
     def free_slots(self, day: str) -> list[str]:
         with self._connect() as db:
-            rows = db.execute("SELECT time FROM appointment_slots WHERE day = ? AND booked_by IS "
-                              "NULL ORDER BY time", (day,)).fetchall()
+            rows = db.execute(
+                "SELECT time FROM appointment_slots WHERE day = ? AND booked_by IS "
+                "NULL ORDER BY time",
+                (day,),
+            ).fetchall()
         return [r["time"] for r in rows]
 
     def search_articles(self, query: str, limit: int = 2) -> list[dict[str, str]]:
@@ -164,46 +194,63 @@ class DemoStore:
 
     # ------------------------------------------------------------------ writes (idempotent by key)
 
-    def create_ticket(self, customer_email: str, subject: str, priority: str,
-                      idempotency_key: str) -> tuple[dict[str, Any], bool]:
+    def create_ticket(
+        self, customer_email: str, subject: str, priority: str, idempotency_key: str
+    ) -> tuple[dict[str, Any], bool]:
         """(the ticket, whether it was created now); an already used key returns the first ticket."""
         with self._connect() as db:
             if idempotency_key:
-                row = db.execute("SELECT * FROM tickets WHERE idempotency_key = ?",
-                                 (idempotency_key,)).fetchone()
+                row = db.execute(
+                    "SELECT * FROM tickets WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
                 if row is not None:
                     return _ticket(row), False
             cursor = db.execute(
                 "INSERT INTO tickets (customer_email, subject, priority, status, created, "
                 "idempotency_key) VALUES (?, ?, ?, 'open', ?, ?)",
-                (customer_email.strip(), subject.strip(), priority, self._now(),
-                 idempotency_key or None))
+                (
+                    customer_email.strip(),
+                    subject.strip(),
+                    priority,
+                    self._now(),
+                    idempotency_key or None,
+                ),
+            )
             row = db.execute("SELECT * FROM tickets WHERE id = ?", (cursor.lastrowid,)).fetchone()
         return _ticket(row), True
 
-    def book_slot(self, day: str, time: str, email: str,
-                  idempotency_key: str) -> tuple[dict[str, Any] | None, bool]:
+    def book_slot(
+        self, day: str, time: str, email: str, idempotency_key: str
+    ) -> tuple[dict[str, Any] | None, bool]:
         """(the booking, whether it was made now); None when the slot does not exist or is taken."""
         with self._connect() as db:
             if idempotency_key:
-                row = db.execute("SELECT * FROM appointment_slots WHERE idempotency_key = ?",
-                                 (idempotency_key,)).fetchone()
+                row = db.execute(
+                    "SELECT * FROM appointment_slots WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
                 if row is not None:
                     return _booking(row), False
             cursor = db.execute(
                 "UPDATE appointment_slots SET booked_by = ?, idempotency_key = ? "
                 "WHERE day = ? AND time = ? AND booked_by IS NULL",
-                (email.strip(), idempotency_key or None, day, time))
+                (email.strip(), idempotency_key or None, day, time),
+            )
             if cursor.rowcount == 0:
                 return None, False
-            row = db.execute("SELECT * FROM appointment_slots WHERE day = ? AND time = ?",
-                             (day, time)).fetchone()
+            row = db.execute(
+                "SELECT * FROM appointment_slots WHERE day = ? AND time = ?", (day, time)
+            ).fetchone()
         return _booking(row), True
 
 
 def _ticket(row: sqlite3.Row) -> dict[str, Any]:
-    return {"ticket_id": row["id"], "status": row["status"], "subject": row["subject"],
-            "priority": row["priority"], "customer_email": row["customer_email"]}
+    return {
+        "ticket_id": row["id"],
+        "status": row["status"],
+        "subject": row["subject"],
+        "priority": row["priority"],
+        "customer_email": row["customer_email"],
+    }
 
 
 def _booking(row: sqlite3.Row) -> dict[str, Any]:

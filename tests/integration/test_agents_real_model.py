@@ -22,7 +22,11 @@ pytestmark = pytest.mark.integration
 @contextlib.asynccontextmanager
 async def agent_node(tmp_path):
     config = NodeConfig(
-        host="127.0.0.1", port=0, advertise=False, state_dir=str(tmp_path), grace_s=1.0,
+        host="127.0.0.1",
+        port=0,
+        advertise=False,
+        state_dir=str(tmp_path),
+        grace_s=1.0,
         models=(ModelConfig(id="smollm2", source="bundled:smollm2", n_ctx=2048, n_threads=2),),
     )
     daemon = NodeDaemon(config, progress=io.StringIO())
@@ -42,12 +46,22 @@ def test_order_status_agent_calls_the_tool_and_answers_with_the_stored_status(tm
     async def scenario():
         async with agent_node(tmp_path) as (daemon, client):
             info = await client.describe()
-            assert [a.name for a in info.agents] == ["customer-service", "technical-support",
-                                                     "scheduling"]
+            assert [a.name for a in info.agents] == [
+                "customer-service",
+                "technical-support",
+                "scheduling",
+            ]
             assert info.agents[0].model_id == "smollm2"
-            events = [e async for e in run_agent(
-                client, "customer-service", "What is the status of order 1042?",
-                task=node_pb2.TaskContext(task_id="task-1042"), timeout_s=120)]
+            events = [
+                e
+                async for e in run_agent(
+                    client,
+                    "customer-service",
+                    "What is the status of order 1042?",
+                    task=node_pb2.TaskContext(task_id="task-1042"),
+                    timeout_s=120,
+                )
+            ]
             return daemon.node_id, events
 
     node_id, events = run(scenario())
@@ -69,11 +83,18 @@ def test_order_status_agent_calls_the_tool_and_answers_with_the_stored_status(tm
 def test_failover_replay_does_not_run_the_side_effecting_tool_again(tmp_path):
     """Steps done on a dead node come back with the task; the ticket is not created twice."""
     ticket_step = node_pb2.AgentStep(
-        index=0, kind="tool_call",
-        call=node_pb2.ToolCall(tool="create_ticket", arguments_json=json.dumps(
-            {"customer_email": "bob@example.com", "subject": "Printer broken"})),
+        index=0,
+        kind="tool_call",
+        call=node_pb2.ToolCall(
+            tool="create_ticket",
+            arguments_json=json.dumps(
+                {"customer_email": "bob@example.com", "subject": "Printer broken"}
+            ),
+        ),
         result_json=json.dumps({"ticket_id": 2, "status": "open", "created_now": True}),
-        idempotent=False, node_id="node-that-died", model="smollm2",
+        idempotent=False,
+        node_id="node-that-died",
+        model="smollm2",
     )
 
     async def scenario():
@@ -81,10 +102,13 @@ def test_failover_replay_does_not_run_the_side_effecting_tool_again(tmp_path):
             store = daemon.servicer.agents.store
             before = store.count_tickets()
             result = await run_agent_to_result(
-                client, "customer-service",
+                client,
+                "customer-service",
                 "Please open a ticket for bob@example.com: printer broken",
                 task=node_pb2.TaskContext(task_id="task-ticket", attempt=1),
-                completed_steps=[ticket_step], timeout_s=120)
+                completed_steps=[ticket_step],
+                timeout_s=120,
+            )
             return result, before, store.count_tickets()
 
     result, before, after = run(scenario())

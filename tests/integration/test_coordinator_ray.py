@@ -46,15 +46,29 @@ SLOW_REPLY = " ".join(f"word{i}" for i in range(40))
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     directory = tmp_path_factory.mktemp("coordinator")
-    with running_nodes(directory, ["node-a", "node-b"]) as nodes, \
-            running_nodes(directory, ["slow-1", "slow-2", "slow-3"], fake=True, delay_ms=40,
-                          model="slow", reply=SLOW_REPLY, max_concurrent=4) as slow:
+    with (
+        running_nodes(directory, ["node-a", "node-b"]) as nodes,
+        running_nodes(
+            directory,
+            ["slow-1", "slow-2", "slow-3"],
+            fake=True,
+            delay_ms=40,
+            model="slow",
+            reply=SLOW_REPLY,
+            max_concurrent=4,
+        ) as slow,
+    ):
         config = CoordinatorConfig(
-            cluster="default", static_nodes=tuple(n.address for n in [*nodes, *slow]),
+            cluster="default",
+            static_nodes=tuple(n.address for n in [*nodes, *slow]),
             mdns=False,
-            grpc_port=0, http_port=0, num_cpus=2,
-            dispatcher=DispatcherSettings(policy="round_robin", attempt_timeout_s=30,
-                                          deadline_s=60))
+            grpc_port=0,
+            http_port=0,
+            num_cpus=2,
+            dispatcher=DispatcherSettings(
+                policy="round_robin", attempt_timeout_s=30, deadline_s=60
+            ),
+        )
         try:
             running = start_coordinator(config)
             run(wait_ready_nodes(running.grpc_address, 5))
@@ -90,13 +104,18 @@ def test_unary_and_streaming_through_serve_proxy_and_fast_path(mesh):
         answers = []
         for address in both_paths(running):
             async with MeshClient(address) as client:
-                reply = await client.submit(QUESTION, model="smollm2", temperature=0,
-                                            max_tokens=TOKENS)
+                reply = await client.submit(
+                    QUESTION, model="smollm2", temperature=0, max_tokens=TOKENS
+                )
                 assert "Paris" in reply.text and reply.node_name in {"node-a", "node-b"}
                 assert len(reply.attempts) == 1 and not reply.failed_over
                 assert 0 < reply.usage.completion_tokens <= TOKENS
-                chunks = [c async for c in client.submit_stream(
-                    QUESTION, model="smollm2", temperature=0, max_tokens=TOKENS)]
+                chunks = [
+                    c
+                    async for c in client.submit_stream(
+                        QUESTION, model="smollm2", temperature=0, max_tokens=TOKENS
+                    )
+                ]
                 streamed = "".join(c.text for c in chunks)
                 result = chunks[-1].result
                 assert chunks[-1].HasField("result") and result.task_id
@@ -115,9 +134,18 @@ def test_idempotency_key_answers_once(mesh):
 
     async def scenario():
         async with MeshClient(running.fast_paths[0]) as client:
-            first, second = await asyncio.gather(*(
-                client.submit(QUESTION, model="smollm2", max_tokens=TOKENS, temperature=0.9,
-                              idempotency_key="same-task") for _ in range(2)))
+            first, second = await asyncio.gather(
+                *(
+                    client.submit(
+                        QUESTION,
+                        model="smollm2",
+                        max_tokens=TOKENS,
+                        temperature=0.9,
+                        idempotency_key="same-task",
+                    )
+                    for _ in range(2)
+                )
+            )
         assert first.task_id == second.task_id and first.text == second.text
 
     run(scenario())
@@ -144,18 +172,25 @@ def test_errors_arrive_as_mesh_errors(mesh):
 
 def test_openai_client_unary_and_streaming(mesh):
     running, _nodes = mesh
-    client = openai.OpenAI(base_url=running.openai_base_url, api_key="unused", max_retries=0,
-                           timeout=60)
+    client = openai.OpenAI(
+        base_url=running.openai_base_url, api_key="unused", max_retries=0, timeout=60
+    )
     assert [m.id for m in client.models.list().data] == ["slow", "smollm2"]
     messages = [{"role": "user", "content": QUESTION}]
-    reply = client.chat.completions.create(model="smollm2", messages=messages, temperature=0,
-                                           max_tokens=TOKENS)
+    reply = client.chat.completions.create(
+        model="smollm2", messages=messages, temperature=0, max_tokens=TOKENS
+    )
     assert "Paris" in reply.choices[0].message.content
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert 0 < reply.usage.completion_tokens <= TOKENS
-    stream = client.chat.completions.create(model="smollm2", messages=messages, temperature=0,
-                                            max_tokens=TOKENS, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="smollm2",
+        messages=messages,
+        temperature=0,
+        max_tokens=TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces, finish, usage = [], None, None
     for chunk in stream:
         if chunk.usage is not None:
@@ -184,8 +219,9 @@ def test_stream_continues_on_another_node_when_its_node_is_killed(mesh, path):
         task_id = f"cut-{path}"
         async with MeshClient(address) as client, MeshClient(running.fast_paths[0]) as watch:
             pieces, result, killed = [], None, None
-            async for chunk in client.submit_stream("go", model="slow", max_tokens=20,
-                                                     task_id=task_id):
+            async for chunk in client.submit_stream(
+                "go", model="slow", max_tokens=20, task_id=task_id
+            ):
                 if chunk.HasField("result"):
                     result = chunk.result
                     continue

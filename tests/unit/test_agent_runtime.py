@@ -41,12 +41,14 @@ def run(coro, timeout=10):
 
 
 REGISTRY = builtin_registry()
-ORDER, TICKET, LOOKUP = (REGISTRY.get(n) for n in ("order_status", "create_ticket",
-                                                    "customer_lookup"))
+ORDER, TICKET, LOOKUP = (
+    REGISTRY.get(n) for n in ("order_status", "create_ticket", "customer_lookup")
+)
 CUSTOMER_SERVICE = DEMO_AGENTS[0]
 
 
 # ---------------------------------------------------------------- decisions (pure)
+
 
 def test_decision_schema_is_one_of_tools_plus_final():
     schema = decision_schema([ORDER, TICKET], max_answer_chars=100)
@@ -73,22 +75,27 @@ def test_parse_decision_accepts_valid_replies():
     call = parse_decision('{"tool": "order_status", "arguments": {"order_id": 1042}}', [ORDER])
     assert call == ToolCallDecision("order_status", {"order_id": 1042})
     assert parse_decision('{"final": "Shipped."}', [ORDER]) == FinalDecision("Shipped.")
-    structured = parse_decision('{"final": {"ok": true}}', [],
-                                output_schema={"type": "object"})
+    structured = parse_decision('{"final": {"ok": true}}', [], output_schema={"type": "object"})
     assert structured.text() == '{"ok": true}'
 
 
-@pytest.mark.parametrize(("reply", "allow_final", "message"), [
-    ("{not json", True, "not valid JSON"),
-    ('["final"]', True, "one JSON object"),
-    ('{"tool": "delete_all", "arguments": {}}', True, "'delete_all' is not a tool"),
-    ('{"tool": "order_status", "arguments": {"order_id": "1042"}}', True,
-     "arguments.order_id: expected integer"),
-    ('{"tool": "order_status", "arguments": {}}', True, "missing required property 'order_id'"),
-    ('{"final": "Shipped."}', False, "call one of the tools first"),
-    ('{"final": 3}', True, "invalid final answer"),
-    ('{"answer": "x"}', True, 'either "tool"'),
-])
+@pytest.mark.parametrize(
+    ("reply", "allow_final", "message"),
+    [
+        ("{not json", True, "not valid JSON"),
+        ('["final"]', True, "one JSON object"),
+        ('{"tool": "delete_all", "arguments": {}}', True, "'delete_all' is not a tool"),
+        (
+            '{"tool": "order_status", "arguments": {"order_id": "1042"}}',
+            True,
+            "arguments.order_id: expected integer",
+        ),
+        ('{"tool": "order_status", "arguments": {}}', True, "missing required property 'order_id'"),
+        ('{"final": "Shipped."}', False, "call one of the tools first"),
+        ('{"final": 3}', True, "invalid final answer"),
+        ('{"answer": "x"}', True, 'either "tool"'),
+    ],
+)
 def test_parse_decision_explains_invalid_replies(reply, allow_final, message):
     with pytest.raises(DecisionError, match=message):
         parse_decision(reply, [ORDER], allow_final=allow_final)
@@ -105,28 +112,35 @@ def test_select_tools_ranks_by_shared_words():
 
 # ---------------------------------------------------------------- the loop
 
+
 def make_runtime(tmp_path, replies, registry=None):
     store = DemoStore(tmp_path / "data")
     store.open()
     backend = ScriptedBackend(replies)
-    runtime = AgentRuntime({"scripted": backend}, registry or REGISTRY, node_id="node-a",
-                           store=store)
+    runtime = AgentRuntime(
+        {"scripted": backend}, registry or REGISTRY, node_id="node-a", store=store
+    )
     return runtime, backend, store
 
 
 def collect(runtime, spec, task):
     async def go():
         return [event async for event in runtime.run(spec, task)]
+
     return run(go())
 
 
 def test_order_status_flow(tmp_path):
-    runtime, backend, _store = make_runtime(tmp_path, [
-        {"tool": "order_status", "arguments": {"order_id": 1042}},
-        {"final": "Order 1042 has shipped with DHL."},
-    ])
-    task = AgentTask(agent="customer-service", input="What is the status of order 1042?",
-                     task_id="t1")
+    runtime, backend, _store = make_runtime(
+        tmp_path,
+        [
+            {"tool": "order_status", "arguments": {"order_id": 1042}},
+            {"final": "Order 1042 has shipped with DHL."},
+        ],
+    )
+    task = AgentTask(
+        agent="customer-service", input="What is the status of order 1042?", task_id="t1"
+    )
     events = collect(runtime, CUSTOMER_SERVICE, task)
     assert [type(e) for e in events] == [StepEvent, StepEvent, AnswerEvent, OutcomeEvent]
     call, final = events[0].step, events[1].step
@@ -137,7 +151,9 @@ def test_order_status_flow(tmp_path):
     assert call.tokens > 0 and call.duration_ms >= 0
     assert (final.index, final.kind) == (1, "final")
     outcome = events[-1].outcome
-    assert outcome.answer == "Order 1042 has shipped with DHL." and outcome.finish_reason == "answer"
+    assert (
+        outcome.answer == "Order 1042 has shipped with DHL." and outcome.finish_reason == "answer"
+    )
     assert outcome.steps == (call, final) and outcome.completion_tokens > 0
     # Step 0: only the relevant tool, no final answer (tool_choice="required").
     assert backend.schema(0)["properties"]["tool"] == {"const": "order_status"}
@@ -150,11 +166,14 @@ def test_order_status_flow(tmp_path):
 
 
 def test_repair_then_success(tmp_path):
-    runtime, backend, _ = make_runtime(tmp_path, [
-        '{"tool": "order_status", "arguments": {"order_id": "ten"}}',
-        {"tool": "order_status", "arguments": {"order_id": 1042}},
-        {"final": "Shipped."},
-    ])
+    runtime, backend, _ = make_runtime(
+        tmp_path,
+        [
+            '{"tool": "order_status", "arguments": {"order_id": "ten"}}',
+            {"tool": "order_status", "arguments": {"order_id": 1042}},
+            {"final": "Shipped."},
+        ],
+    )
     task = AgentTask(agent="customer-service", input="order 1042 status?", task_id="t2")
     events = collect(runtime, CUSTOMER_SERVICE, task)
     steps = [e.step for e in events if isinstance(e, StepEvent)]
@@ -173,12 +192,18 @@ def test_invalid_after_repairs_ends_the_task(tmp_path):
 
 
 def test_tool_errors_go_back_to_the_model(tmp_path):
-    runtime, backend, _ = make_runtime(tmp_path, [
-        {"tool": "order_status", "arguments": {"order_id": 5}},
-        {"final": "I cannot find order 5."},
-    ])
-    events = collect(runtime, CUSTOMER_SERVICE,
-                     AgentTask(agent="customer-service", input="order 5?", task_id="t4"))
+    runtime, backend, _ = make_runtime(
+        tmp_path,
+        [
+            {"tool": "order_status", "arguments": {"order_id": 5}},
+            {"final": "I cannot find order 5."},
+        ],
+    )
+    events = collect(
+        runtime,
+        CUSTOMER_SERVICE,
+        AgentTask(agent="customer-service", input="order 5?", task_id="t4"),
+    )
     assert events[0].step.error == "no order 5"
     assert "no order 5" in backend.requests[1].messages[-1].content
     assert events[-1].outcome.answer == "I cannot find order 5."
@@ -187,12 +212,21 @@ def test_tool_errors_go_back_to_the_model(tmp_path):
 def test_replayed_steps_are_not_executed_again(tmp_path):
     """Failover: a ticket created on the dead node is replayed, never created twice."""
     runtime, backend, store = make_runtime(tmp_path, [{"final": "Ticket 7 is open."}])
-    done = StepRecord(index=0, kind="tool_call", tool="create_ticket",
-                      arguments_json='{"customer_email": "bob@example.com", "subject": "Broken"}',
-                      result_json='{"ticket_id": 7, "status": "open"}', idempotent=False,
-                      node_id="node-dead")
-    task = AgentTask(agent="customer-service", input="Open a ticket: broken, bob@example.com",
-                     task_id="t5", completed_steps=(done,))
+    done = StepRecord(
+        index=0,
+        kind="tool_call",
+        tool="create_ticket",
+        arguments_json='{"customer_email": "bob@example.com", "subject": "Broken"}',
+        result_json='{"ticket_id": 7, "status": "open"}',
+        idempotent=False,
+        node_id="node-dead",
+    )
+    task = AgentTask(
+        agent="customer-service",
+        input="Open a ticket: broken, bob@example.com",
+        task_id="t5",
+        completed_steps=(done,),
+    )
     before = store.count_tickets()
     events = collect(runtime, CUSTOMER_SERVICE, task)
     assert store.count_tickets() == before
@@ -208,21 +242,30 @@ def test_replayed_steps_are_not_executed_again(tmp_path):
 def test_replayed_final_step_returns_the_answer_without_the_model(tmp_path):
     runtime, backend, _ = make_runtime(tmp_path, [])
     steps = (StepRecord(index=0, kind="final", result_json='{"final": "Done."}'),)
-    events = collect(runtime, CUSTOMER_SERVICE, AgentTask(
-        agent="customer-service", input="x", task_id="t6", completed_steps=steps))
+    events = collect(
+        runtime,
+        CUSTOMER_SERVICE,
+        AgentTask(agent="customer-service", input="x", task_id="t6", completed_steps=steps),
+    )
     assert events[-1].outcome.answer == "Done." and backend.requests == []
 
 
-@pytest.mark.parametrize(("steps", "message"), [
-    ((StepRecord(index=1, kind="tool_call", tool="order_status"),), "index 1"),
-    ((StepRecord(index=0, kind="tool_call", tool="book_appointment"),), "does not have"),
-    ((StepRecord(index=0, kind="final"), StepRecord(index=1, kind="final")), "not the last"),
-])
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ((StepRecord(index=1, kind="tool_call", tool="order_status"),), "index 1"),
+        ((StepRecord(index=0, kind="tool_call", tool="book_appointment"),), "does not have"),
+        ((StepRecord(index=0, kind="final"), StepRecord(index=1, kind="final")), "not the last"),
+    ],
+)
 def test_inconsistent_replay_is_refused(tmp_path, steps, message):
     runtime, _backend, _ = make_runtime(tmp_path, [])
     with pytest.raises(InvalidRequestError, match=message):
-        collect(runtime, CUSTOMER_SERVICE, AgentTask(
-            agent="customer-service", input="x", task_id="t7", completed_steps=steps))
+        collect(
+            runtime,
+            CUSTOMER_SERVICE,
+            AgentTask(agent="customer-service", input="x", task_id="t7", completed_steps=steps),
+        )
 
 
 def test_side_effecting_call_repeated_with_same_arguments_runs_once(tmp_path):
@@ -237,13 +280,18 @@ def test_side_effecting_call_repeated_with_same_arguments_runs_once(tmp_path):
     registry = builtin_registry()
     registry.register(ring_bell)
     spec = Agent("bell", tools=[ring_bell], allow_repeat_calls=True, max_steps=3)
-    runtime, _backend, _ = make_runtime(tmp_path, [
-        {"tool": "ring_bell", "arguments": {"times": 2}},
-        {"tool": "ring_bell", "arguments": {"times": 2}},
-        {"final": "Rang."},
-    ], registry=registry)
-    events = collect(runtime, spec, AgentTask(agent="bell", input="ring the bell twice",
-                                              task_id="t8"))
+    runtime, _backend, _ = make_runtime(
+        tmp_path,
+        [
+            {"tool": "ring_bell", "arguments": {"times": 2}},
+            {"tool": "ring_bell", "arguments": {"times": 2}},
+            {"final": "Rang."},
+        ],
+        registry=registry,
+    )
+    events = collect(
+        runtime, spec, AgentTask(agent="bell", input="ring the bell twice", task_id="t8")
+    )
     assert calls == [(2, "t8:0")]
     steps = events[-1].outcome.steps
     assert [s.kind for s in steps] == ["tool_call", "tool_call", "final"]
@@ -253,8 +301,9 @@ def test_side_effecting_call_repeated_with_same_arguments_runs_once(tmp_path):
 def test_last_step_may_only_answer(tmp_path):
     spec = CUSTOMER_SERVICE.model_copy(update={"max_steps": 1})
     runtime, backend, _ = make_runtime(tmp_path, [{"final": "I can only answer."}])
-    events = collect(runtime, spec, AgentTask(agent="customer-service", input="order 1042?",
-                                              task_id="t9"))
+    events = collect(
+        runtime, spec, AgentTask(agent="customer-service", input="order 1042?", task_id="t9")
+    )
     assert backend.schema(0)["required"] == ["final"]
     assert events[-1].outcome.finish_reason == "answer"
 
@@ -262,11 +311,15 @@ def test_last_step_may_only_answer(tmp_path):
 def test_unknown_model_is_not_found(tmp_path):
     runtime, _backend, _ = make_runtime(tmp_path, [])
     with pytest.raises(NotFoundError, match="does not serve"):
-        collect(runtime, CUSTOMER_SERVICE, AgentTask(agent="customer-service", input="x",
-                                                     task_id="t", model="gemma"))
+        collect(
+            runtime,
+            CUSTOMER_SERVICE,
+            AgentTask(agent="customer-service", input="x", task_id="t", model="gemma"),
+        )
 
 
 # ---------------------------------------------------------------- definitions and the node glue
+
 
 def test_agent_defined_in_python_with_tool_objects():
     @tool(idempotent=True, data=("inventory",))
@@ -274,8 +327,9 @@ def test_agent_defined_in_python_with_tool_objects():
         """How many units are in stock."""
         return {"sku": sku, "units": 3}
 
-    kiosk = Agent("retail-kiosk", tools=[stock_level, "order_status"],
-                  system_prompt="You help shoppers.")
+    kiosk = Agent(
+        "retail-kiosk", tools=[stock_level, "order_status"], system_prompt="You help shoppers."
+    )
     assert isinstance(kiosk, AgentSpec) and kiosk.tools == ("stock_level", "order_status")
     registry = builtin_registry()
     registry.register(stock_level)
@@ -285,29 +339,39 @@ def test_agent_defined_in_python_with_tool_objects():
 
 
 def test_offered_agents_need_tools_data_and_model():
-    offered, refused = offered_agents(DEMO_AGENTS, REGISTRY, {"orders", "customers", "tickets"},
-                                      {"smollm2"}, "smollm2")
+    offered, refused = offered_agents(
+        DEMO_AGENTS, REGISTRY, {"orders", "customers", "tickets"}, {"smollm2"}, "smollm2"
+    )
     assert [a.name for a in offered] == ["customer-service"]
     assert any("technical-support: does not hold dataset(s) knowledge_base" in r for r in refused)
-    _offered, refused = offered_agents([Agent("x", tools=["nope"])], REGISTRY, DATASETS,
-                                       {"smollm2"}, "smollm2")
+    _offered, refused = offered_agents(
+        [Agent("x", tools=["nope"])], REGISTRY, DATASETS, {"smollm2"}, "smollm2"
+    )
     assert refused == ["x: no tool(s) nope"]
-    _offered, refused = offered_agents([Agent("y", model="big")], REGISTRY, DATASETS,
-                                       {"smollm2"}, "smollm2")
+    _offered, refused = offered_agents(
+        [Agent("y", model="big")], REGISTRY, DATASETS, {"smollm2"}, "smollm2"
+    )
     assert refused == ["y: does not serve model 'big'"]
 
 
 def test_host_runs_agent_request_to_proto_events(tmp_path):
-    backend = ScriptedBackend([{"tool": "order_status", "arguments": {"order_id": 1042}},
-                               {"final": "Shipped."}])
+    backend = ScriptedBackend(
+        [{"tool": "order_status", "arguments": {"order_id": 1042}}, {"final": "Shipped."}]
+    )
     host = AgentHost({"smollm2": backend}, data_dir=tmp_path, node_id="n1")
-    assert [i.name for i in host.agent_infos()] == ["customer-service", "technical-support",
-                                                    "scheduling"]
+    assert [i.name for i in host.agent_infos()] == [
+        "customer-service",
+        "technical-support",
+        "scheduling",
+    ]
     assert host.agent_infos()[0].model_id == "smollm2"
 
     async def go():
-        request = node_pb2.AgentRequest(agent="customer-service", input="order 1042?",
-                                        task=node_pb2.TaskContext(task_id="task-x"))
+        request = node_pb2.AgentRequest(
+            agent="customer-service",
+            input="order 1042?",
+            task=node_pb2.TaskContext(task_id="task-x"),
+        )
         return [e async for e in host.run(request)]
 
     events = run(go())
@@ -326,7 +390,8 @@ def test_host_runs_agent_request_to_proto_events(tmp_path):
 
 
 def test_host_from_config_loads_agent_modules(tmp_path, monkeypatch):
-    (tmp_path / "shop_agents.py").write_text(textwrap.dedent('''
+    (tmp_path / "shop_agents.py").write_text(
+        textwrap.dedent('''
         from nodes.agents import Agent
         from nodes.tools import tool
 
@@ -336,17 +401,26 @@ def test_host_from_config_loads_agent_modules(tmp_path, monkeypatch):
             return {"sku": sku, "units": 3}
 
         kiosk = Agent("retail-kiosk", tools=[stock_level], system_prompt="You help shoppers.")
-    '''))
+    ''')
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "shop_agents", raising=False)
     config = NodeConfig(state_dir=str(tmp_path / "state"), agent_modules=("shop_agents",))
     host = AgentHost.from_config(config, {"smollm2": ScriptedBackend([])}, "n1")
-    assert [i.name for i in host.agent_infos()] == ["customer-service", "technical-support",
-                                                    "scheduling", "retail-kiosk"]
+    assert [i.name for i in host.agent_infos()] == [
+        "customer-service",
+        "technical-support",
+        "scheduling",
+        "retail-kiosk",
+    ]
     assert host.store.path.parent == tmp_path / "state" / "data"
     # A node that says which datasets it holds offers only the agents they allow.
-    config = NodeConfig(state_dir=str(tmp_path / "state"), agent_modules=("shop_agents",),
-                        datasets=("inventory",), agents=())
+    config = NodeConfig(
+        state_dir=str(tmp_path / "state"),
+        agent_modules=("shop_agents",),
+        datasets=("inventory",),
+        agents=(),
+    )
     host = AgentHost.from_config(config, {"smollm2": ScriptedBackend([])}, "n1")
     assert [i.name for i in host.agent_infos()] == ["retail-kiosk"]
     with pytest.raises(ConfigError, match="cannot import"):

@@ -36,11 +36,18 @@ class Color(enum.Enum):
 
 # ---------------------------------------------------------------- schema derivation
 
+
 def test_schema_from_type_hints_and_google_docstring():
     @tool(idempotent=True, data=("orders",))
-    def find_orders(customer: str, limit: int = 5, include_closed: bool = False,
-                    status: Literal["open", "shipped"] | None = None, color: Color = Color.RED,
-                    tags: list[str] | None = None, weight: float = 1.0) -> list:
+    def find_orders(
+        customer: str,
+        limit: int = 5,
+        include_closed: bool = False,
+        status: Literal["open", "shipped"] | None = None,
+        color: Color = Color.RED,
+        tags: list[str] | None = None,
+        weight: float = 1.0,
+    ) -> list:
         """Find a customer's orders.
 
         Longer text that the model does not need.
@@ -60,13 +67,21 @@ def test_schema_from_type_hints_and_google_docstring():
     assert schema["required"] == ["customer"]
     assert schema["additionalProperties"] is False
     props = schema["properties"]
-    assert props["customer"] == {"type": "string",
-                                 "description": "the customer's email address, as they gave it."}
-    assert props["limit"] == {"type": "integer", "description": "how many orders at most.",
-                              "default": 5}
+    assert props["customer"] == {
+        "type": "string",
+        "description": "the customer's email address, as they gave it.",
+    }
+    assert props["limit"] == {
+        "type": "integer",
+        "description": "how many orders at most.",
+        "default": 5,
+    }
     assert props["include_closed"] == {"type": "boolean", "default": False}
-    assert props["status"] == {"type": "string", "enum": ["open", "shipped"],
-                               "description": "only orders in this state."}
+    assert props["status"] == {
+        "type": "string",
+        "enum": ["open", "shipped"],
+        "description": "only orders in this state.",
+    }
     assert props["color"] == {"type": "string", "enum": ["red", "blue"], "default": "red"}
     assert props["tags"] == {"type": "array", "items": {"type": "string"}}
     assert props["weight"] == {"type": "number", "default": 1.0}
@@ -111,16 +126,19 @@ def test_parse_docstring_summary_stops_at_first_paragraph():
 def test_underivable_tools_are_refused(source):
     with pytest.raises(SchemaError):
         if source == "missing_hint":
+
             @tool
             def f(x) -> None:  # type: ignore[no-untyped-def]
                 """No hint."""
         elif source == "var_args":
+
             @tool
             def g(*args: int) -> None:
                 """Var args."""
         elif source == "bad_name":
             tool(lambda: None, name="Bad Name")
         else:
+
             @tool
             def h(x: object) -> None:
                 """Arbitrary object."""
@@ -140,11 +158,18 @@ def test_async_tool_and_timeout():
 
 # ---------------------------------------------------------------- validation
 
+
 def test_validate_accepts_and_explains():
-    schema = {"type": "object", "required": ["id", "day"], "additionalProperties": False,
-              "properties": {"id": {"type": "integer", "minimum": 1},
-                             "day": {"type": "string", "enum": ["mon", "tue"]},
-                             "tags": {"type": "array", "items": {"type": "string"}}}}
+    schema = {
+        "type": "object",
+        "required": ["id", "day"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "integer", "minimum": 1},
+            "day": {"type": "string", "enum": ["mon", "tue"]},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+    }
     assert validate({"id": 3, "day": "mon", "tags": ["a"]}, schema) == []
     errors = validate({"id": "3", "day": "sun", "x": 1, "tags": [1]}, schema)
     assert "$.id: expected integer, got str" in errors
@@ -154,21 +179,25 @@ def test_validate_accepts_and_explains():
     assert validate({"day": "mon"}, schema) == ["$: missing required property 'id'"]
     assert validate({"id": 0, "day": "mon"}, schema) == ["$.id: must be at least 1"]
     assert validate(True, {"type": "integer"}) == ["$: expected integer, got bool"]
-    assert validate("x" * 5, {"type": "string", "maxLength": 3}) == \
-        ["$: must have at most 3 characters"]
+    assert validate("x" * 5, {"type": "string", "maxLength": 3}) == [
+        "$: must have at most 3 characters"
+    ]
 
 
 def test_validate_one_of():
-    schema = {"oneOf": [{"type": "object", "properties": {"tool": {"const": "a"}},
-                         "required": ["tool"]},
-                        {"type": "object", "properties": {"final": {"type": "string"}},
-                         "required": ["final"]}]}
+    schema = {
+        "oneOf": [
+            {"type": "object", "properties": {"tool": {"const": "a"}}, "required": ["tool"]},
+            {"type": "object", "properties": {"final": {"type": "string"}}, "required": ["final"]},
+        ]
+    }
     assert validate({"tool": "a"}, schema) == []
     assert validate({"final": "ok"}, schema) == []
     assert validate({"tool": "b"}, schema)[0] == "$: matches none of the allowed forms"
 
 
 # ---------------------------------------------------------------- registry
+
 
 def test_registry_names_and_conflicts():
     registry = builtin_registry()
@@ -199,6 +228,7 @@ def test_builtin_tools_declare_data_and_side_effects():
 
 # ---------------------------------------------------------------- the store and built-in tools
 
+
 @pytest.fixture
 def store(tmp_path):
     store = DemoStore(tmp_path / "data", now=lambda: "2025-03-07T10:00:00Z")
@@ -227,8 +257,11 @@ def test_ticket_idempotency_key_inserts_once(store):
 def test_slots_and_bookings(store):
     assert store.free_slots("monday") == ["10:30", "14:00", "16:30"]
     booking, created = store.book_slot("monday", "10:30", "ana@example.com", "t:0")
-    assert created and booking == {"day": "monday", "time": "10:30",
-                                    "booked_for": "ana@example.com"}
+    assert created and booking == {
+        "day": "monday",
+        "time": "10:30",
+        "booked_for": "ana@example.com",
+    }
     assert store.book_slot("monday", "10:30", "ana@example.com", "t:0") == (booking, False)
     assert store.book_slot("monday", "10:30", "bob@example.com", "u:0") == (None, False)
     assert store.book_slot("monday", "23:00", "bob@example.com", "u:1") == (None, False)
@@ -247,11 +280,15 @@ def test_builtin_tools_against_the_store(store):
         call("order_status", order_id=5)
     ticket = call("create_ticket", customer_email="bob@example.com", subject="Broken")
     assert ticket["created_now"] and ticket["priority"] == "normal"
-    assert call("create_ticket", customer_email="bob@example.com", subject="Broken") == \
-        {**ticket, "created_now": False}
+    assert call("create_ticket", customer_email="bob@example.com", subject="Broken") == {
+        **ticket,
+        "created_now": False,
+    }
     assert call("appointment_slots", day="friday")["free"] == ["09:00", "10:30", "14:00", "16:30"]
-    assert call("search_knowledge_base", query="printer error E-04")[0]["title"] == \
-        "Printer error E-04"
+    assert (
+        call("search_knowledge_base", query="printer error E-04")[0]["title"]
+        == "Printer error E-04"
+    )
     report = call("system_diagnostics")
     assert report["status"] in ("healthy", "needs attention") and 0 <= report["cpu_percent"] <= 100
     with pytest.raises(ToolError, match="no data store"):

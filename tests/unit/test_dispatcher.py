@@ -11,6 +11,7 @@ from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.coordinator.tasks import AttemptOutcome, TaskResult, TaskState, build_task
 from mesh.errors import (
+    DeadlineExceededError,
     InvalidRequestError,
     NotFoundError,
     OverloadedError,
@@ -30,8 +31,9 @@ def run(coro, timeout=10):
 def make(mesh: FakeMesh, *nodes, clock=None, **settings) -> Dispatcher:
     values = dict(policy="round_robin", queue_timeout_s=0.0, node_wait_s=0.0)
     values.update(settings)
-    dispatcher = Dispatcher(DispatcherSettings(**values), connect=mesh.connect,
-                            clock=clock or ManualClock())
+    dispatcher = Dispatcher(
+        DispatcherSettings(**values), connect=mesh.connect, clock=clock or ManualClock()
+    )
     dispatcher.update_nodes(list(nodes))
     return dispatcher
 
@@ -55,8 +57,10 @@ def test_unavailable_node_is_retried_on_another():
         dispatcher = make(mesh, view("a"), view("b"))
         result = await dispatcher.submit(build_task("hi", model="m"))
         assert result.text == ANSWER and result.node_id == "b"
-        assert [a.outcome for a in result.attempts] == [AttemptOutcome.UNAVAILABLE,
-                                                       AttemptOutcome.OK]
+        assert [a.outcome for a in result.attempts] == [
+            AttemptOutcome.UNAVAILABLE,
+            AttemptOutcome.OK,
+        ]
         assert result.failed_over and "connection reset" in result.attempts[0].detail
         # The second attempt carries its number; the task id is the same on both nodes.
         first, second = mesh.links["a"].requests[0], mesh.links["b"].requests[0]
@@ -71,15 +75,24 @@ def test_attempt_timeout_cancels_then_retries_elsewhere():
     async def scenario():
         mesh = FakeMesh()
         mesh.script("a", Hang())
-        dispatcher = make(mesh, view("a"), view("b"), clock=asyncio.get_running_loop().time,
-                          attempt_timeout_s=0.05)
+        dispatcher = make(
+            mesh,
+            view("a"),
+            view("b"),
+            clock=asyncio.get_running_loop().time,
+            attempt_timeout_s=0.05,
+        )
         result = await dispatcher.submit(build_task("hi", model="m"))
         assert result.node_id == "b"
         assert result.attempts[0].outcome is AttemptOutcome.TIMEOUT
         assert 40 <= result.attempts[0].duration_ms < 1000
         # The hung attempt ended (was cancelled) before the retry started.
-        assert [e[:2] for e in mesh.calls.events] == [("start", "a"), ("end", "a"),
-                                                      ("start", "b"), ("end", "b")]
+        assert [e[:2] for e in mesh.calls.events] == [
+            ("start", "a"),
+            ("end", "a"),
+            ("start", "b"),
+            ("end", "b"),
+        ]
         await dispatcher.close()
 
     run(scenario())
@@ -90,12 +103,20 @@ def test_a_task_never_runs_twice_at_once():
         mesh = FakeMesh()
         for node in "abc":
             mesh.script(node, Hang(), Fail(UnavailableError("down"), after_pieces=2))
-        dispatcher = make(mesh, view("a"), view("b"), view("c"),
-                          clock=asyncio.get_running_loop().time, attempt_timeout_s=0.02,
-                          max_attempts=6, cooldown_s=0)
+        dispatcher = make(
+            mesh,
+            view("a"),
+            view("b"),
+            view("c"),
+            clock=asyncio.get_running_loop().time,
+            attempt_timeout_s=0.02,
+            max_attempts=6,
+            cooldown_s=0,
+        )
         tasks = [build_task("hi", model="m") for _ in range(6)]
-        results = await asyncio.gather(*(dispatcher.submit(t) for t in tasks),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(dispatcher.submit(t) for t in tasks), return_exceptions=True
+        )
         assert mesh.calls.most_at_once == 1
         assert all(isinstance(r, TaskResult) for r in results), results
         await dispatcher.close()
@@ -108,18 +129,17 @@ def test_repeated_failures_cool_a_node_down_until_it_has_rested():
         clock = ManualClock()
         mesh = FakeMesh(clock)
         mesh.script("a", Fail(UnavailableError("x")), Fail(UnavailableError("x")))
-        dispatcher = make(mesh, view("a"), view("b"), clock=clock, failures_before_cooldown=2,
-                          cooldown_s=10)
+        dispatcher = make(
+            mesh, view("a"), view("b"), clock=clock, failures_before_cooldown=2, cooldown_s=10
+        )
         for _ in range(2):  # round robin starts at a each time a fails over to b
             assert (await dispatcher.submit(build_task("hi", model="m"))).node_id == "b"
         assert dispatcher.cooldowns.is_cooling("a")
-        served = [(await dispatcher.submit(build_task("hi", model="m"))).node_id
-                  for _ in range(3)]
+        served = [(await dispatcher.submit(build_task("hi", model="m"))).node_id for _ in range(3)]
         assert served == ["b", "b", "b"] and mesh.served_by("a") == 2
         assert next(r for r in dispatcher.node_rows() if r.view.node_id == "a").cooling_down
         clock.advance(10.5)
-        served = {(await dispatcher.submit(build_task("hi", model="m"))).node_id
-                  for _ in range(2)}
+        served = {(await dispatcher.submit(build_task("hi", model="m"))).node_id for _ in range(2)}
         assert served == {"a", "b"}
         await dispatcher.close()
 
@@ -132,9 +152,10 @@ def test_deadline_exhausted_fails_with_every_attempt_listed():
         mesh = FakeMesh(clock)
         for node in "abc":
             mesh.script(node, default=Fail(UnavailableError(f"{node} down"), advance_clock_s=4))
-        dispatcher = make(mesh, view("a"), view("b"), view("c"), clock=clock, max_attempts=10,
-                          cooldown_s=0)
-        with pytest.raises(TaskFailedError) as failed:
+        dispatcher = make(
+            mesh, view("a"), view("b"), view("c"), clock=clock, max_attempts=10, cooldown_s=0
+        )
+        with pytest.raises(DeadlineExceededError) as failed:  # the deadline ended it
             await dispatcher.submit(build_task("hi", model="m", deadline_s=10))
         attempts = failed.value.fields["attempts"]
         assert len(attempts) == 3  # 0 s, 4 s, 8 s: the fourth would start past the deadline
@@ -173,7 +194,9 @@ def test_mid_stream_failover_continues_without_duplicate_or_missing_text():
         assert continued.sampling.max_tokens == 4  # 8 asked, 4 already produced
         assert result.failed_over and result.completion_tokens == 8
         assert [(a.node_id, a.outcome, a.completion_tokens) for a in result.attempts] == [
-            ("a", AttemptOutcome.UNAVAILABLE, 4), ("b", AttemptOutcome.OK, 4)]
+            ("a", AttemptOutcome.UNAVAILABLE, 4),
+            ("b", AttemptOutcome.OK, 4),
+        ]
         await dispatcher.close()
 
     run(scenario())
@@ -197,8 +220,13 @@ def test_stream_silence_longer_than_attempt_timeout_fails_over():
     async def scenario():
         mesh = FakeMesh()
         mesh.script("a", Hang())
-        dispatcher = make(mesh, view("a"), view("b"), clock=asyncio.get_running_loop().time,
-                          attempt_timeout_s=0.05)
+        dispatcher = make(
+            mesh,
+            view("a"),
+            view("b"),
+            clock=asyncio.get_running_loop().time,
+            attempt_timeout_s=0.05,
+        )
         pieces, result = await collect(dispatcher, build_task("hi", model="m"))
         assert "".join(pieces) == ANSWER and result.attempts[0].outcome is AttemptOutcome.TIMEOUT
         await dispatcher.close()
@@ -213,11 +241,13 @@ def test_same_idempotency_key_returns_the_same_answer_without_rerunning():
         dispatcher = make(mesh, view("a"))
         first, second = await asyncio.gather(
             dispatcher.submit(build_task("hi", model="m", idempotency_key="k1")),
-            dispatcher.submit(build_task("hi", model="m", idempotency_key="k1")))
+            dispatcher.submit(build_task("hi", model="m", idempotency_key="k1")),
+        )
         third = await dispatcher.submit(build_task("hi", model="m", idempotency_key="k1"))
         assert first is second is third and mesh.served_by("a") == 1
         pieces, streamed = await collect(
-            dispatcher, build_task("hi", model="m", idempotency_key="k1"))
+            dispatcher, build_task("hi", model="m", idempotency_key="k1")
+        )
         assert "".join(pieces) == first.text and streamed is first and mesh.served_by("a") == 1
         other = await dispatcher.submit(build_task("hi", model="m", idempotency_key="k2"))
         assert other.task_id != first.task_id and mesh.served_by("a") == 2
@@ -231,10 +261,12 @@ def test_beyond_the_mesh_capacity_is_refused_and_no_node_is_overfilled():
     async def scenario():
         mesh = FakeMesh()
         mesh.script("a", default=Reply(delay_s=0.05))
-        dispatcher = make(mesh, view("a", max_concurrent=1, max_queued=1),
-                          clock=asyncio.get_running_loop().time)
-        running = [asyncio.create_task(dispatcher.submit(build_task("hi", model="m")))
-                   for _ in range(2)]
+        dispatcher = make(
+            mesh, view("a", max_concurrent=1, max_queued=1), clock=asyncio.get_running_loop().time
+        )
+        running = [
+            asyncio.create_task(dispatcher.submit(build_task("hi", model="m"))) for _ in range(2)
+        ]
         await asyncio.sleep(0.01)
         assert dispatcher.outstanding["a"] == 2
         with pytest.raises(OverloadedError, match="capacity"):
@@ -250,10 +282,15 @@ def test_full_mesh_queues_briefly_for_a_free_slot():
     async def scenario():
         mesh = FakeMesh()
         mesh.script("a", default=Reply(delay_s=0.01))
-        dispatcher = make(mesh, view("a", max_concurrent=1, max_queued=0),
-                          clock=asyncio.get_running_loop().time, queue_timeout_s=2.0)
-        results = await asyncio.gather(*(dispatcher.submit(build_task("hi", model="m"))
-                                         for _ in range(3)))
+        dispatcher = make(
+            mesh,
+            view("a", max_concurrent=1, max_queued=0),
+            clock=asyncio.get_running_loop().time,
+            queue_timeout_s=2.0,
+        )
+        results = await asyncio.gather(
+            *(dispatcher.submit(build_task("hi", model="m")) for _ in range(3))
+        )
         assert len(results) == 3 and mesh.calls.most_at_once == 1
         await dispatcher.close()
 
@@ -264,10 +301,15 @@ def test_capacity_is_shared_between_replicas():
     async def scenario():
         mesh = FakeMesh()
         mesh.script("a", default=Reply(delay_s=0.05))
-        dispatcher = make(mesh, view("a", max_concurrent=2, max_queued=2),
-                          clock=asyncio.get_running_loop().time, capacity_share=2)
-        running = [asyncio.create_task(dispatcher.submit(build_task("hi", model="m")))
-                   for _ in range(2)]
+        dispatcher = make(
+            mesh,
+            view("a", max_concurrent=2, max_queued=2),
+            clock=asyncio.get_running_loop().time,
+            capacity_share=2,
+        )
+        running = [
+            asyncio.create_task(dispatcher.submit(build_task("hi", model="m"))) for _ in range(2)
+        ]
         await asyncio.sleep(0.01)
         with pytest.raises(OverloadedError):  # this replica's share is 1 + 1
             await dispatcher.submit(build_task("hi", model="m"))
@@ -344,8 +386,9 @@ def test_cancelled_caller_cancels_the_attempt():
         record = dispatcher.describe_task(task.task_id)
         assert record.attempts[0].outcome is AttemptOutcome.CANCELLED
         # A cancelled task does not pin its key: the caller may try again.
-        assert (await dispatcher.submit(build_task("hi", model="m",
-                                                   idempotency_key="c1"))).text == ANSWER
+        assert (
+            await dispatcher.submit(build_task("hi", model="m", idempotency_key="c1"))
+        ).text == ANSWER
         await dispatcher.close()
 
     run(scenario())
@@ -355,8 +398,9 @@ def test_describe_task_shows_the_attempt_in_progress():
     async def scenario():
         mesh = FakeMesh()
         mesh.script("a", Fail(UnavailableError("x")), default=Reply(delay_s=0.05))
-        dispatcher = make(mesh, view("a"), view("b"), clock=asyncio.get_running_loop().time,
-                          cooldown_s=0)
+        dispatcher = make(
+            mesh, view("a"), view("b"), clock=asyncio.get_running_loop().time, cooldown_s=0
+        )
         mesh.script("b", Reply(delay_s=0.05))
         task = build_task("hi", model="m", task_id="t-1")
         items = dispatcher.stream(task)
@@ -364,7 +408,9 @@ def test_describe_task_shows_the_attempt_in_progress():
         record = dispatcher.describe_task("t-1")
         assert record.state is TaskState.RUNNING
         assert [(a.node_id, a.outcome) for a in record.attempts] == [
-            ("a", AttemptOutcome.UNAVAILABLE), ("b", AttemptOutcome.RUNNING)]
+            ("a", AttemptOutcome.UNAVAILABLE),
+            ("b", AttemptOutcome.RUNNING),
+        ]
         assert record.attempts[-1].completion_tokens == 1
         async for _item in items:
             pass

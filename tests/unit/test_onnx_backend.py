@@ -30,11 +30,15 @@ pytestmark = pytest.mark.unit
 # ---------------------------------------------------------------- tensors
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int64", "int32", "int8",
-                                   "uint8", "bool"])
+@pytest.mark.parametrize(
+    "dtype", ["float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool"]
+)
 def test_numeric_tensor_round_trip(dtype):
-    array = (np.arange(6).reshape(2, 3) % 2 == 0) if dtype == "bool" else \
-        np.arange(6, dtype=dtype).reshape(2, 3)
+    array = (
+        (np.arange(6).reshape(2, 3) % 2 == 0)
+        if dtype == "bool"
+        else np.arange(6, dtype=dtype).reshape(2, 3)
+    )
     tensor = array_to_tensor("x", array)
     assert tensor.dtype == dtype and list(tensor.shape) == [2, 3]
     back = tensor_to_array("x", tensor)
@@ -60,14 +64,17 @@ def test_scalar_tensor():
     assert tensor_to_array("n", tensor).item() == 7
 
 
-@pytest.mark.parametrize("tensor, message", [
-    (node_pb2.Tensor(dtype="float32", shape=[2], raw=b"\x00" * 4), "needs 8 bytes, got 4"),
-    (node_pb2.Tensor(dtype="float32", shape=[-1], raw=b""), "negative dimension"),
-    (node_pb2.Tensor(dtype="complex64", shape=[1], raw=b"\x00" * 8), "is not one of"),
-    (node_pb2.Tensor(dtype="string", shape=[3], strings=["a"]), "needs 3 strings, got 1"),
-    (node_pb2.Tensor(dtype="string", shape=[1], raw=b"a"), "carries `strings`"),
-    (node_pb2.Tensor(dtype="int64", shape=[1], strings=["a"]), "carries `raw`"),
-])
+@pytest.mark.parametrize(
+    "tensor, message",
+    [
+        (node_pb2.Tensor(dtype="float32", shape=[2], raw=b"\x00" * 4), "needs 8 bytes, got 4"),
+        (node_pb2.Tensor(dtype="float32", shape=[-1], raw=b""), "negative dimension"),
+        (node_pb2.Tensor(dtype="complex64", shape=[1], raw=b"\x00" * 8), "is not one of"),
+        (node_pb2.Tensor(dtype="string", shape=[3], strings=["a"]), "needs 3 strings, got 1"),
+        (node_pb2.Tensor(dtype="string", shape=[1], raw=b"a"), "carries `strings`"),
+        (node_pb2.Tensor(dtype="int64", shape=[1], strings=["a"]), "carries `raw`"),
+    ],
+)
 def test_bad_tensors_say_what_is_wrong(tensor, message):
     with pytest.raises(InvalidRequestError, match=message):
         tensor_to_array("x", tensor)
@@ -82,28 +89,48 @@ SPECS = (TensorSpec("text", "string", (-1, 1)), TensorSpec("mask", "int64", (-1,
 
 
 def test_check_inputs_accepts_matching_arrays():
-    check_inputs(SPECS, {"text": np.array([["a"], ["b"]], dtype=object),
-                         "mask": np.zeros((2, 4), dtype=np.int64)})
+    check_inputs(
+        SPECS,
+        {"text": np.array([["a"], ["b"]], dtype=object), "mask": np.zeros((2, 4), dtype=np.int64)},
+    )
 
 
-@pytest.mark.parametrize("arrays, message", [
-    ({"text": np.array([["a"]], dtype=object)}, "missing input"),
-    ({"text": np.array([["a"]], dtype=object), "mask": np.zeros((1, 4), np.int64),
-      "other": np.zeros(1)}, "unknown input"),
-    ({"text": np.array([["a"]], dtype=object), "mask": np.zeros((1, 4), np.int32)},
-     "must be int64, got int32"),
-    ({"text": np.array(["a"], dtype=object), "mask": np.zeros((1, 4), np.int64)},
-     "must have 2 dimensions"),
-    ({"text": np.array([["a"]], dtype=object), "mask": np.zeros((1, 3), np.int64)},
-     "dimension 1 must be 4, got 3"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"text": np.array([["a"]], dtype=object)}, "missing input"),
+        (
+            {
+                "text": np.array([["a"]], dtype=object),
+                "mask": np.zeros((1, 4), np.int64),
+                "other": np.zeros(1),
+            },
+            "unknown input",
+        ),
+        (
+            {"text": np.array([["a"]], dtype=object), "mask": np.zeros((1, 4), np.int32)},
+            "must be int64, got int32",
+        ),
+        (
+            {"text": np.array(["a"], dtype=object), "mask": np.zeros((1, 4), np.int64)},
+            "must have 2 dimensions",
+        ),
+        (
+            {"text": np.array([["a"]], dtype=object), "mask": np.zeros((1, 3), np.int64)},
+            "dimension 1 must be 4, got 3",
+        ),
+    ],
+)
 def test_check_inputs_refuses(arrays, message):
     with pytest.raises(InvalidRequestError, match=message):
         check_inputs(SPECS, arrays)
 
 
 def test_output_names():
-    outputs = (TensorSpec("label", "string", (-1,)), TensorSpec("probabilities", "float32", (-1, 3)))
+    outputs = (
+        TensorSpec("label", "string", (-1,)),
+        TensorSpec("probabilities", "float32", (-1, 3)),
+    )
     assert check_output_names(outputs, []) == ["label", "probabilities"]
     assert check_output_names(outputs, ["probabilities"]) == ["probabilities"]
     with pytest.raises(InvalidRequestError, match="unknown output"):
@@ -123,8 +150,10 @@ def test_spec_from_onnx_keeps_symbolic_dimension_names():
 def test_providers_accelerator_first_cpu_last():
     available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert choose_providers(available) == ["CUDAExecutionProvider", CPU]  # no TensorRT by default
-    assert choose_providers(["CPUExecutionProvider", "OpenVINOExecutionProvider"]) == \
-        ["OpenVINOExecutionProvider", CPU]
+    assert choose_providers(["CPUExecutionProvider", "OpenVINOExecutionProvider"]) == [
+        "OpenVINOExecutionProvider",
+        CPU,
+    ]
     assert choose_providers(["AzureExecutionProvider", "CPUExecutionProvider"]) == [CPU]
 
 
@@ -161,21 +190,34 @@ def test_model_kind_follows_source_and_stays_backward_compatible():
     assert ModelConfig(id="g", source="/m/model.gguf").kind == "gguf"
     assert ModelConfig(id="r", source="bundled:intent-router").kind == "onnx"
     assert ModelConfig(id="n", source="net.onnx").kind == "onnx"
-    upstream = ModelConfig(id="big", base_url="http://127.0.0.1:11434", remote_model="llama3.2",
-                           api_key_env="OLLAMA_KEY")
+    upstream = ModelConfig(
+        id="big",
+        base_url="http://127.0.0.1:11434",
+        remote_model="llama3.2",
+        api_key_env="OLLAMA_KEY",
+    )
     assert upstream.kind == "openai" and upstream.api_key_env == "OLLAMA_KEY"
     assert NodeConfig().router is None  # not loaded unless asked for (memory; BENCHMARKS.md)
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"id": "u", "kind": "openai"}, "base_url: an openai model needs"),
-    ({"id": "u", "base_url": "http://user:secret@host:8000/v1"}, "must not contain credentials"),
-    ({"id": "u", "base_url": "ftp://host/v1"}, "is not an http"),
-    ({"id": "u", "base_url": "http://host/v1", "source": "x.gguf"}, "base_url instead of source"),
-    ({"id": "u", "base_url": "http://host/v1", "api_key_env": "sk-123"}, "api_key_env"),
-    ({"id": "g", "source": "a.gguf", "api_key_env": "KEY"}, "for openai models only"),
-    ({"id": "g"}, "needs a source"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"id": "u", "kind": "openai"}, "base_url: an openai model needs"),
+        (
+            {"id": "u", "base_url": "http://user:secret@host:8000/v1"},
+            "must not contain credentials",
+        ),
+        ({"id": "u", "base_url": "ftp://host/v1"}, "is not an http"),
+        (
+            {"id": "u", "base_url": "http://host/v1", "source": "x.gguf"},
+            "base_url instead of source",
+        ),
+        ({"id": "u", "base_url": "http://host/v1", "api_key_env": "sk-123"}, "api_key_env"),
+        ({"id": "g", "source": "a.gguf", "api_key_env": "KEY"}, "for openai models only"),
+        ({"id": "g"}, "needs a source"),
+    ],
+)
 def test_model_config_errors(fields, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**fields)
@@ -188,7 +230,8 @@ def test_router_config_from_yaml(tmp_path):
         "  - {id: smollm2, source: bundled:smollm2}\n"
         "  - {id: big, base_url: 'http://127.0.0.1:8000/v1', remote_model: qwen, api_key_env: KEY}\n"
         "router: {id: intent-router, source: bundled:intent-router, n_threads: 1}\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     config = load_node_config(str(path))
     assert [m.kind for m in config.models] == ["gguf", "openai"]
     assert config.router is not None and config.router.kind == "onnx"
@@ -203,9 +246,17 @@ def test_daemon_builds_a_backend_per_kind_without_loading(tmp_path):
     from nodes.backends.openai_upstream import OpenAIUpstreamBackend
     from nodes.daemon import build_backends
 
-    config = NodeConfig(models=(ModelConfig(id="big", base_url="http://127.0.0.1:9/v1",
-                                            remote_model="qwen", api_key_env="SOME_KEY"),),
-                        router=default_router_config())
+    config = NodeConfig(
+        models=(
+            ModelConfig(
+                id="big",
+                base_url="http://127.0.0.1:9/v1",
+                remote_model="qwen",
+                api_key_env="SOME_KEY",
+            ),
+        ),
+        router=default_router_config(),
+    )
     backends = build_backends(config)
     assert isinstance(backends["big"], OpenAIUpstreamBackend)
     assert isinstance(backends["intent-router"], OnnxBackend)

@@ -21,8 +21,9 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 @pytest.fixture
 def api():
     mesh = FakeMesh()
-    dispatcher = Dispatcher(DispatcherSettings(queue_timeout_s=0, node_wait_s=0),
-                            connect=mesh.connect)
+    dispatcher = Dispatcher(
+        DispatcherSettings(queue_timeout_s=0, node_wait_s=0), connect=mesh.connect
+    )
     dispatcher.update_nodes([view("a"), view("b")])
     with TestClient(build_openai_app(dispatcher, stream_window_s=0.0)) as client:
         yield client, mesh
@@ -31,13 +32,17 @@ def api():
 def test_models_and_unary_completion(api):
     client, mesh = api
     assert client.get("/v1/models").json()["data"][0]["id"] == "m"
-    reply = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3},
-                        headers={"Idempotency-Key": "k"}).json()
+    reply = client.post(
+        "/v1/chat/completions", json={**CHAT, "max_tokens": 3}, headers={"Idempotency-Key": "k"}
+    ).json()
     assert reply["object"] == "chat.completion"
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": "Paris is the"}
-    assert reply["usage"]["completion_tokens"] == 3 and reply["mesh"]["attempts"][0]["outcome"] == "ok"
-    again = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3},
-                        headers={"Idempotency-Key": "k"}).json()
+    assert (
+        reply["usage"]["completion_tokens"] == 3 and reply["mesh"]["attempts"][0]["outcome"] == "ok"
+    )
+    again = client.post(
+        "/v1/chat/completions", json={**CHAT, "max_tokens": 3}, headers={"Idempotency-Key": "k"}
+    ).json()
     assert again["id"] == reply["id"] and len(mesh.calls.events) == 2  # one start, one end
 
 
@@ -45,9 +50,11 @@ def test_streaming_is_server_sent_events_and_survives_a_broken_node(api):
     client, mesh = api
     mesh.script("a", Fail(UnavailableError("gone"), after_pieces=2))
     mesh.script("b", Fail(UnavailableError("gone"), after_pieces=2))
-    with client.stream("POST", "/v1/chat/completions",
-                       json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}
-                       ) as response:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True, "stream_options": {"include_usage": True}},
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
     assert events[-1] == "[DONE]"
@@ -66,7 +73,8 @@ def test_errors_use_openai_shape_and_status(api):
     streamed = client.post("/v1/chat/completions", json={**CHAT, "model": "nope", "stream": True})
     assert streamed.status_code == 404  # before the first token: an HTTP error, not an event
     assert client.post("/v1/chat/completions", json={**CHAT, "n": 2}).status_code == 400
-    bad = client.post("/v1/chat/completions", content=b"{not json",
-                      headers={"content-type": "application/json"})
+    bad = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert bad.status_code == 400 and "invalid request body" in bad.json()["error"]["message"]
     assert client.post("/v1/chat/completions", json={"model": "m"}).status_code == 400

@@ -34,8 +34,10 @@ def test_data_set_is_balanced_split_and_free_of_leaks():
 
 def test_bad_rows_are_named_by_line(tmp_path):
     path = tmp_path / "bad.csv"
-    path.write_text("text,label,split,difficulty\nhello,customer-service,train,normal\n"
-                    "hi,sales,train,normal\n", encoding="utf-8")
+    path.write_text(
+        "text,label,split,difficulty\nhello,customer-service,train,normal\nhi,sales,train,normal\n",
+        encoding="utf-8",
+    )
     with pytest.raises(ValueError, match="bad.csv:3: label 'sales'"):
         load_examples(path)
 
