@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Self
 
 import grpc
 
@@ -112,3 +113,35 @@ def add_server_port(
 def format_address(host: str, port: int) -> str:
     """`host:port`, with brackets around IPv6 literals."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class ChannelClient:
+    """Base of the client classes: owns (or borrows) one channel; an async context manager."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float,
+        security: ChannelSecurity = PLAINTEXT,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = channel or create_channel(address, security)
+        self._owns_channel = channel is None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The underlying channel, for stubs of other services at the same address."""
+        return self._channel
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close()

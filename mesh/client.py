@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh._grpc_errors import from_grpc_error
-from mesh.channels import PLAINTEXT, ChannelSecurity, create_channel
+from mesh.channels import PLAINTEXT, ChannelClient, ChannelSecurity
 
 DEFAULT_TIMEOUT_S = 120.0
 NODE_SERVICE = "edgemesh.v1.NodeService"
@@ -61,7 +61,7 @@ def build_generate_request(
     return request
 
 
-class NodeClient:
+class NodeClient(ChannelClient):
     """An asyncio client for one node. Use as an async context manager, or call `close()`."""
 
     def __init__(
@@ -72,27 +72,9 @@ class NodeClient:
         security: ChannelSecurity = PLAINTEXT,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
-        self._channel = channel or create_channel(address, security)
-        self._owns_channel = channel is None
+        super().__init__(address, timeout_s=timeout_s, security=security, channel=channel)
         self._stub = node_pb2_grpc.NodeServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    async def __aenter__(self) -> NodeClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self._channel.close()
-
-    @property
-    def channel(self) -> grpc.aio.Channel:
-        """The underlying channel, for stubs of other services on the same node."""
-        return self._channel
 
     async def classify(
         self, text: str, *, model: str = "", timeout_s: float | None = None

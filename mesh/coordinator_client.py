@@ -19,7 +19,7 @@ import grpc
 
 from edgemesh.v1 import mesh_pb2, mesh_pb2_grpc, node_pb2
 from mesh._grpc_errors import from_grpc_error
-from mesh.channels import PLAINTEXT, ChannelSecurity, create_channel
+from mesh.channels import PLAINTEXT, ChannelClient, ChannelSecurity
 from mesh.errors import MeshError, TaskFailedError
 
 DEFAULT_TIMEOUT_S = 130.0  # a little over the default task deadline (120 s)
@@ -78,7 +78,7 @@ def build_submit_request(
     )
 
 
-class MeshClient:
+class MeshClient(ChannelClient):
     """An asyncio client for the coordinator. Use as an async context manager, or `close()`."""
 
     def __init__(
@@ -89,21 +89,8 @@ class MeshClient:
         security: ChannelSecurity = PLAINTEXT,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self.address = address
-        self.timeout_s = timeout_s
-        self._channel = channel or create_channel(address, security)
-        self._owns_channel = channel is None
+        super().__init__(address, timeout_s=timeout_s, security=security, channel=channel)
         self._stub = mesh_pb2_grpc.MeshServiceStub(self._channel)
-
-    async def __aenter__(self) -> MeshClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self._channel.close()
 
     def _timeout(self, request: mesh_pb2.SubmitRequest, timeout_s: float | None) -> float:
         if timeout_s is not None:
