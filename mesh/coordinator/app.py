@@ -1,7 +1,9 @@
 """The coordinator as a Ray Serve application: one node-table owner, N dispatcher replicas.
 
     NodeTableOwner (1 replica)       runs the NodeRegistry (mDNS + static nodes, health watches);
-                                     answers long-polls for snapshots; knows the fast paths.
+                                     answers long-polls for snapshots; knows the fast paths; with
+                                     several replicas, keeps the TaskDirectory they share
+                                     (one run per idempotency key, any task's record).
     MeshIngress (N replicas)         a Dispatcher each; MeshService for Serve's gRPC proxy, the
                                      OpenAI API for Serve's HTTP proxy, and MeshService straight
                                      on grpc.aio (the fast path, no Ray hop).
@@ -29,7 +31,10 @@ from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.openai_api import build_openai_app
 from mesh.coordinator.service import MeshHandlers, start_fast_path
 from mesh.coordinator.settings import CoordinatorConfig
+from mesh.coordinator.shared_tasks import Claim, Outcome, TaskDirectory
+from mesh.coordinator.tasks import TaskRecord
 from mesh.errors import MeshError
+from mesh.ids import TaskId
 from mesh.nodes_view import NodeView
 
 logger = logging.getLogger("mesh.coordinator")
@@ -61,6 +66,7 @@ class NodeTableOwner:
         self.version = 0
         self._changed = asyncio.Event()
         self._fast_paths: dict[str, str] = {}
+        self.tasks = TaskDirectory(config.dispatcher.ledger_size)
         self.registry.subscribe(self._on_event)
         await self.registry.start()
 
@@ -88,8 +94,47 @@ class NodeTableOwner:
     def fast_paths(self) -> list[str]:
         return sorted(self._fast_paths.values())
 
+    # The TaskDirectory, for dispatcher replicas (mesh/coordinator/shared_tasks.py).
+
+    def claim_task(self, key: str, task_id: TaskId, ttl_s: float) -> Claim:
+        return self.tasks.claim(key, task_id, ttl_s)
+
+    def settle_task(self, key: str, task_id: TaskId, outcome: Outcome) -> None:
+        self.tasks.settle(key, task_id, outcome)
+
+    async def task_outcome(self, key: str, task_id: TaskId, wait_s: float) -> Outcome | None:
+        return await self.tasks.outcome(key, task_id, wait_s)
+
+    def publish_tasks(self, records: list[TaskRecord]) -> None:
+        self.tasks.publish(records)
+
+    def task_record(self, task_id: str) -> TaskRecord | None:
+        return self.tasks.record(task_id)
+
     async def __del__(self) -> None:
         await self.registry.stop()
+
+
+class _OwnerDirectory:
+    """The TaskDirectory in the owner, reached through its deployment handle."""
+
+    def __init__(self, owner: DeploymentHandle) -> None:
+        self._owner = owner
+
+    async def claim(self, key: str, task_id: TaskId, ttl_s: float) -> Claim:
+        return await self._owner.claim_task.remote(key, task_id, ttl_s)
+
+    async def settle(self, key: str, task_id: TaskId, outcome: Outcome) -> None:
+        await self._owner.settle_task.remote(key, task_id, outcome)
+
+    async def outcome(self, key: str, task_id: TaskId, wait_s: float) -> Outcome | None:
+        return await self._owner.task_outcome.remote(key, task_id, wait_s)
+
+    async def publish(self, records: list[TaskRecord]) -> None:
+        await self._owner.publish_tasks.remote(records)
+
+    async def record(self, task_id: str) -> TaskRecord | None:
+        return await self._owner.task_record.remote(task_id)
 
 
 def _abort(context: RayServegRPCContext, error: MeshError) -> None:
@@ -103,7 +148,8 @@ class MeshIngress:
     async def __init__(self, owner: DeploymentHandle, config: CoordinatorConfig) -> None:
         self._owner = owner
         self._config = config
-        self.dispatcher = Dispatcher(config.dispatcher_settings())
+        directory = _OwnerDirectory(owner) if config.replicas > 1 else None
+        self.dispatcher = Dispatcher(config.dispatcher_settings(), directory=directory)
         self.handlers = MeshHandlers(self.dispatcher, stream_window_s=config.stream_window_s)
         self._version = -1
         await self._poll_once(wait_s=0.0)
@@ -176,7 +222,7 @@ class MeshIngress:
         self, request: mesh_pb2.DescribeTaskRequest, grpc_context: RayServegRPCContext
     ) -> mesh_pb2.TaskRecord:
         try:
-            return self.handlers.describe_task(request)
+            return await self.handlers.describe_task(request)
         except MeshError as error:
             _abort(grpc_context, error)
             return mesh_pb2.TaskRecord()

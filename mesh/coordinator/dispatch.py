@@ -30,6 +30,7 @@ from mesh.coordinator._agent_run import AgentItem, AgentRun
 from mesh.coordinator._run import TaskRun
 from mesh.coordinator.intent import ClassifierIndex
 from mesh.coordinator.settings import DispatcherSettings
+from mesh.coordinator.shared_tasks import DirectoryClient, SharedTasks
 from mesh.coordinator.tasks import (
     LedgerEntry,
     TaskLedger,
@@ -118,7 +119,9 @@ class Dispatcher:
         *,
         connect: NodeConnector = connect_grpc,
         clock: Callable[[], float] = time.monotonic,
+        directory: DirectoryClient | None = None,
     ) -> None:
+        """`directory`: the task directory shared with other replicas (none with one replica)."""
         self.settings = settings = settings or DispatcherSettings()
         self.clock = clock
         self._connect = connect
@@ -131,6 +134,11 @@ class Dispatcher:
             clock=clock,
         )
         self.ledger = TaskLedger(settings.ledger_size, clock=clock)
+        self.shared = None
+        if directory is not None:
+            self.shared = SharedTasks(
+                directory, self.ledger, default_deadline_s=settings.deadline_s
+            )
         self.classifiers = ClassifierIndex(clock=clock)  # `--agent auto`: who can Classify
         self._raw_views: list[NodeView] = []
         self._views: list[NodeView] = []
@@ -343,6 +351,8 @@ class Dispatcher:
                 if not self._run_again(existing):
                     raise
         entry = self.ledger.begin(task)
+        if self.shared is not None and await self.shared.held_elsewhere(task, entry):
+            return await self._replay(entry)
         run = self._run(task, entry)
         try:
             result = await run.unary()
@@ -371,6 +381,12 @@ class Dispatcher:
             yield result
             return
         entry = self.ledger.begin(task)
+        if self.shared is not None and await self.shared.held_elsewhere(task, entry):
+            result = await self._replay(entry)
+            if result.text:
+                yield result.text
+            yield result
+            return
         run = self._run(task, entry)
         try:
             # Closed as soon as this generator is: the attempt is cancelled and its slot freed
@@ -405,7 +421,10 @@ class Dispatcher:
             raise UnavailableError("the coordinator is shutting down")
         return True
 
-    def describe_task(self, task_id: str) -> TaskRecord:
+    async def describe_task(self, task_id: str) -> TaskRecord:
+        """The task's record, from this replica's ledger or, with several replicas, any's."""
+        if self.shared is not None:
+            return await self.shared.record(task_id)
         return self.ledger.record(task_id)
 
     async def close(self) -> None:
@@ -415,6 +434,8 @@ class Dispatcher:
         await asyncio.gather(
             *(link.close() for link in links), *self._closing, return_exceptions=True
         )
+        if self.shared is not None:
+            await self.shared.close()
         self.ledger.close()
 
 

@@ -261,8 +261,8 @@ class MeshHandlers:
             nodes=[row_to_proto(row) for row in self.dispatcher.node_rows()]
         )
 
-    def describe_task(self, request: mesh_pb2.DescribeTaskRequest) -> mesh_pb2.TaskRecord:
-        return record_to_proto(self.dispatcher.describe_task(request.task_id))
+    async def describe_task(self, request: mesh_pb2.DescribeTaskRequest) -> mesh_pb2.TaskRecord:
+        return record_to_proto(await self.dispatcher.describe_task(request.task_id))
 
 
 class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
@@ -298,7 +298,7 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.DescribeTaskRequest, context: grpc.aio.ServicerContext
     ) -> mesh_pb2.TaskRecord:
         try:
-            return self.handlers.describe_task(request)
+            return await self.handlers.describe_task(request)
         except MeshError as error:
             await context.abort(status_code_for(error), str(error))
             raise

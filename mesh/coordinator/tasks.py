@@ -174,6 +174,15 @@ class TaskLedger:
         self._entries: OrderedDict[TaskId, LedgerEntry] = OrderedDict()
         self._by_key: dict[str, TaskId] = {}
         self._finished = 0
+        self._listeners: list[Callable[[LedgerEntry], None]] = []
+
+    def listen(self, listener: Callable[[LedgerEntry], None]) -> None:
+        """Call `listener(entry)` when a task begins and when it ends (done, failed, cancelled)."""
+        self._listeners.append(listener)
+
+    def _tell(self, entry: LedgerEntry) -> None:
+        for listener in self._listeners:
+            listener(entry)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -192,6 +201,7 @@ class TaskLedger:
         self._entries[task.task_id] = entry
         if entry.key:
             self._by_key[entry.key] = task.task_id
+        self._tell(entry)
         return entry
 
     def note_attempts(self, entry: LedgerEntry, attempts: tuple[AttemptRecord, ...]) -> None:
@@ -232,6 +242,7 @@ class TaskLedger:
     def _finish(self, entry: LedgerEntry) -> None:
         self._entries.move_to_end(entry.task_id)
         self._finished += 1
+        self._tell(entry)
         while self._finished > self.max_finished:
             oldest = next(
                 (e for e in self._entries.values() if e.state is not TaskState.RUNNING), None

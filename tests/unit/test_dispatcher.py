@@ -161,7 +161,7 @@ def test_deadline_exhausted_fails_with_every_attempt_listed():
         assert len(attempts) == 3  # 0 s, 4 s, 8 s: the fourth would start past the deadline
         assert all(a.outcome is AttemptOutcome.UNAVAILABLE for a in attempts)
         assert "deadline" in str(failed.value) and "b down" in str(failed.value)
-        record = dispatcher.describe_task(failed.value.fields["task_id"])
+        record = await dispatcher.describe_task(failed.value.fields["task_id"])
         assert record.state is TaskState.FAILED and len(record.attempts) == 3
         await dispatcher.close()
 
@@ -251,7 +251,7 @@ def test_same_idempotency_key_returns_the_same_answer_without_rerunning():
         assert "".join(pieces) == first.text and streamed is first and mesh.served_by("a") == 1
         other = await dispatcher.submit(build_task("hi", model="m", idempotency_key="k2"))
         assert other.task_id != first.task_id and mesh.served_by("a") == 2
-        assert dispatcher.describe_task(first.task_id).result is first
+        assert (await dispatcher.describe_task(first.task_id)).result is first
         await dispatcher.close()
 
     run(scenario())
@@ -383,7 +383,7 @@ def test_cancelled_caller_cancels_the_attempt():
         with pytest.raises(asyncio.CancelledError):
             await call
         assert mesh.calls.running[task.task_id] == 0 and not dispatcher.outstanding
-        record = dispatcher.describe_task(task.task_id)
+        record = await dispatcher.describe_task(task.task_id)
         assert record.attempts[0].outcome is AttemptOutcome.CANCELLED
         # A cancelled task does not pin its key: the caller may try again.
         assert (
@@ -405,7 +405,7 @@ def test_describe_task_shows_the_attempt_in_progress():
         task = build_task("hi", model="m", task_id="t-1")
         items = dispatcher.stream(task)
         assert await anext(items) == "Paris"
-        record = dispatcher.describe_task("t-1")
+        record = await dispatcher.describe_task("t-1")
         assert record.state is TaskState.RUNNING
         assert [(a.node_id, a.outcome) for a in record.attempts] == [
             ("a", AttemptOutcome.UNAVAILABLE),
@@ -414,7 +414,7 @@ def test_describe_task_shows_the_attempt_in_progress():
         assert record.attempts[-1].completion_tokens == 1
         async for _item in items:
             pass
-        assert dispatcher.describe_task("t-1").attempts[-1].outcome is AttemptOutcome.OK
+        assert (await dispatcher.describe_task("t-1")).attempts[-1].outcome is AttemptOutcome.OK
         await dispatcher.close()
 
     run(scenario())

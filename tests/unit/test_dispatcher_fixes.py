@@ -245,7 +245,7 @@ def test_a_retry_with_the_same_task_id_runs_again_after_a_transient_failure():
             await dispatcher.submit(build_task("hi", model="m", task_id="t-1"))
         again = await dispatcher.submit(build_task("hi", model="m", task_id="t-1"))
         assert again.task_id == "t-1" and again.text == ANSWER
-        record = dispatcher.describe_task("t-1")
+        record = await dispatcher.describe_task("t-1")
         assert record.state is TaskState.DONE and record.result is again
         await dispatcher.close()
 
@@ -500,7 +500,7 @@ def test_closing_a_stream_frees_the_node_at_once_and_records_the_cancel():
         await items.aclose()
         assert dispatcher.outstanding == {}  # not when the garbage collector gets to it
         assert mesh.calls.running[task.task_id] == 0
-        assert dispatcher.describe_task(task.task_id).attempts[-1].outcome is (
+        assert (await dispatcher.describe_task(task.task_id)).attempts[-1].outcome is (
             AttemptOutcome.CANCELLED
         )
         await dispatcher.close()
