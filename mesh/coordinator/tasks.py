@@ -259,7 +259,8 @@ class TaskLedger:
         if entry is None:
             raise NotFoundError(
                 f"task {task_id!r} is not known here: it never ran, was forgotten (the ledger keeps "
-                f"the last {self.max_finished} tasks), or ran on another dispatcher replica"
+                f"the last {self.max_finished} tasks), or ran on another dispatcher replica "
+                "that has not published it yet"
             )
         attempts = entry.attempts
         if entry.state is TaskState.RUNNING and entry.current is not None:
