@@ -96,14 +96,14 @@ class NodeTableOwner:
 
     # The TaskDirectory, for dispatcher replicas (mesh/coordinator/shared_tasks.py).
 
-    def claim_task(self, key: str, task_id: TaskId, ttl_s: float) -> Claim:
-        return self.tasks.claim(key, task_id, ttl_s)
+    def claim_task(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim:
+        return self.tasks.claim(key, token, task_id, ttl_s)
 
-    def settle_task(self, key: str, task_id: TaskId, outcome: Outcome) -> None:
-        self.tasks.settle(key, task_id, outcome)
+    def settle_task(self, key: str, token: str, outcome: Outcome) -> None:
+        self.tasks.settle(key, token, outcome)
 
-    async def task_outcome(self, key: str, task_id: TaskId, wait_s: float) -> Outcome | None:
-        return await self.tasks.outcome(key, task_id, wait_s)
+    async def task_outcome(self, key: str, token: str, wait_s: float) -> Outcome | None:
+        return await self.tasks.outcome(key, token, wait_s)
 
     def publish_tasks(self, records: list[TaskRecord]) -> None:
         self.tasks.publish(records)
@@ -121,14 +121,14 @@ class _OwnerDirectory:
     def __init__(self, owner: DeploymentHandle) -> None:
         self._owner = owner
 
-    async def claim(self, key: str, task_id: TaskId, ttl_s: float) -> Claim:
-        return await self._owner.claim_task.remote(key, task_id, ttl_s)
+    async def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim:
+        return await self._owner.claim_task.remote(key, token, task_id, ttl_s)
 
-    async def settle(self, key: str, task_id: TaskId, outcome: Outcome) -> None:
-        await self._owner.settle_task.remote(key, task_id, outcome)
+    async def settle(self, key: str, token: str, outcome: Outcome) -> None:
+        await self._owner.settle_task.remote(key, token, outcome)
 
-    async def outcome(self, key: str, task_id: TaskId, wait_s: float) -> Outcome | None:
-        return await self._owner.task_outcome.remote(key, task_id, wait_s)
+    async def outcome(self, key: str, token: str, wait_s: float) -> Outcome | None:
+        return await self._owner.task_outcome.remote(key, token, wait_s)
 
     async def publish(self, records: list[TaskRecord]) -> None:
         await self._owner.publish_tasks.remote(records)

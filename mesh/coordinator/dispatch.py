@@ -338,8 +338,21 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ tasks
 
-    def _run(self, task: TaskSpec, entry: LedgerEntry) -> TaskRun:
-        return AgentRun(self, task, entry) if task.agent else TaskRun(self, task, entry)
+    async def _begin(self, task: TaskSpec) -> tuple[LedgerEntry, TaskRun | None]:
+        """The task's ledger entry and the run that will answer it. No run when another replica
+        ran or runs the same key: the entry then holds that run's outcome."""
+        entry = self.ledger.begin(task)
+        if self.shared is not None:
+            runnable = await self.shared.claim_or_wait(task, entry)
+            if runnable is None:
+                return entry, None
+            task = runnable  # its deadline less the time spent waiting for another replica
+        try:
+            run = AgentRun(self, task, entry) if task.agent else TaskRun(self, task, entry)
+        except MeshError as error:  # e.g. an agent task with no user message
+            self.ledger.fail(entry, error, ())
+            raise
+        return entry, run
 
     async def submit(self, task: TaskSpec) -> TaskResult:
         """Run `task` to one answer, retrying elsewhere on failure; raises one MeshError."""
@@ -350,10 +363,9 @@ class Dispatcher:
             except asyncio.CancelledError:
                 if not self._run_again(existing):
                     raise
-        entry = self.ledger.begin(task)
-        if self.shared is not None and await self.shared.held_elsewhere(task, entry):
+        entry, run = await self._begin(task)
+        if run is None:
             return await self._replay(entry)
-        run = self._run(task, entry)
         try:
             result = await run.unary()
         except MeshError as error:
@@ -380,14 +392,13 @@ class Dispatcher:
                 yield result.text
             yield result
             return
-        entry = self.ledger.begin(task)
-        if self.shared is not None and await self.shared.held_elsewhere(task, entry):
+        entry, run = await self._begin(task)
+        if run is None:
             result = await self._replay(entry)
             if result.text:
                 yield result.text
             yield result
             return
-        run = self._run(task, entry)
         try:
             # Closed as soon as this generator is: the attempt is cancelled and its slot freed
             # at once (not when the garbage collector finds it), and recorded as CANCELLED.

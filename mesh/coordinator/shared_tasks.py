@@ -8,10 +8,13 @@ With several, the node-table owner also keeps a `TaskDirectory`, and each dispat
   replica claims the key. The first claim wins. A replica that loses waits for the winner's
   outcome and answers its caller with it, so a retry that lands on another replica (through
   Serve's proxy, or on another fast path) is still answered once, by one run.
-- A claim lapses when its holder's caller went away, when the holder failed for a reason that
-  says nothing about later (the ledger's rule: only the caller's own errors are kept), or when
+- A claim lapses when its holder's caller went away (also while the claim call itself was
+  still on its way), when the holder failed for a reason that says nothing about later (the
+  ledger's rule: only the caller's own errors are kept), when its replica shuts down, or when
   the task's deadline has passed without a word (a replica that died says nothing). A waiter
-  then claims again and runs the task itself.
+  then claims again and runs the task itself, within what is left of its own deadline.
+- A claim is named by a token the claimant makes up, not by the task id: a caller-chosen task
+  id is the same on every replica it is sent to.
 - Every replica publishes its tasks' records (when they start and when they end) in batches,
   so DescribeTask answers wherever it lands.
 
@@ -25,9 +28,10 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from mesh.coordinator.tasks import (
@@ -48,13 +52,15 @@ _T = TypeVar("_T")
 
 _CLAIM_GRACE_S = 5.0  # a claim outlives its task's deadline by this much before it lapses
 _WAIT_S = 1.0  # longest one wait for an outcome at the owner (a long-poll)
+_CALL_TIMEOUT_S = 5.0  # longest the owner may take to answer a call (beyond a long-poll)
 _PUBLISH_EVERY_S = 0.2  # how often a replica sends its batch of task records
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
     granted: bool
-    task_id: TaskId  # the task that holds the key: the claimant's own when granted
+    token: str  # the claim that holds the key: the claimant's own when granted
+    task_id: TaskId  # the task that holds the key
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,16 +81,22 @@ LAPSED = Outcome()
 
 @dataclass
 class _Held:
+    token: str
     task_id: TaskId
     expires_at: float
     outcome: Outcome | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def running(self, now: float) -> bool:
+        return self.outcome is None and now < self.expires_at
+
 
 class TaskDirectory:
     """The owner's side: claims by key, their outcomes, and published records by task id.
 
-    Pure logic on one event loop, with an injected clock; the Ray deployment only forwards."""
+    A claim is named by a token its claimant makes up, never by the task id (a caller-chosen
+    task id is the same on every replica it is sent to). Pure logic on one event loop, with an
+    injected clock; the Ray deployment only forwards."""
 
     def __init__(self, max_tasks: int = 10_000, *, clock: Callable[[], float] = time.monotonic):
         self.max_tasks = max_tasks
@@ -92,18 +104,22 @@ class TaskDirectory:
         self._claims: OrderedDict[str, _Held] = OrderedDict()
         self._records: OrderedDict[TaskId, TaskRecord] = OrderedDict()
 
-    def claim(self, key: str, task_id: TaskId, ttl_s: float) -> Claim:
+    def __len__(self) -> int:
+        """Claims held (running, or finished and kept to answer repeats)."""
+        return len(self._claims)
+
+    def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim:
         held = self._current(key)
         if held is not None:
-            return Claim(granted=False, task_id=held.task_id)
-        self._claims[key] = _Held(task_id, self._clock() + ttl_s)
-        self._trim(self._claims)
-        return Claim(granted=True, task_id=task_id)
+            return Claim(granted=False, token=held.token, task_id=held.task_id)
+        self._claims[key] = _Held(token, task_id, self._clock() + ttl_s)
+        self._trim_claims()
+        return Claim(granted=True, token=token, task_id=task_id)
 
-    def settle(self, key: str, task_id: TaskId, outcome: Outcome) -> None:
+    def settle(self, key: str, token: str, outcome: Outcome) -> None:
         """The holder's word on how its task ended; ignored once its claim has lapsed."""
         held = self._claims.get(key)
-        if held is None or held.task_id != task_id or held.outcome is not None:
+        if held is None or held.token != token or held.outcome is not None:
             return
         held.outcome = outcome
         held.settled.set()
@@ -112,10 +128,10 @@ class TaskDirectory:
         else:
             self._claims.move_to_end(key)
 
-    async def outcome(self, key: str, task_id: TaskId, wait_s: float) -> Outcome | None:
-        """The outcome of `task_id`'s claim on `key`; None while it runs after `wait_s`."""
+    async def outcome(self, key: str, token: str, wait_s: float) -> Outcome | None:
+        """The outcome of claim `token` on `key`; None while it runs after `wait_s`."""
         held = self._current(key)
-        if held is None or held.task_id != task_id:
+        if held is None or held.token != token:
             return LAPSED
         if held.outcome is None:
             remaining = min(wait_s, held.expires_at - self._clock())
@@ -130,7 +146,8 @@ class TaskDirectory:
         for record in records:
             self._records[record.task_id] = record
             self._records.move_to_end(record.task_id)
-        self._trim(self._records)
+        while len(self._records) > self.max_tasks:
+            self._records.popitem(last=False)
 
     def record(self, task_id: str) -> TaskRecord | None:
         return self._records.get(TaskId(task_id))
@@ -139,26 +156,45 @@ class TaskDirectory:
         """The claim on `key`, after letting it lapse if its holder has been silent too long."""
         held = self._claims.get(key)
         if held is not None and held.outcome is None and self._clock() >= held.expires_at:
-            held.outcome = LAPSED
-            held.settled.set()
-            del self._claims[key]
+            self._lapse(key, held)
             return None
         return held
 
-    def _trim(self, table: OrderedDict) -> None:
-        while len(table) > self.max_tasks:
-            oldest_key, oldest = next(iter(table.items()))
-            if isinstance(oldest, _Held) and oldest.outcome is None:
-                break  # never forget a claim whose task still runs
-            del table[oldest_key]
+    def _lapse(self, key: str, held: _Held) -> None:
+        held.outcome = LAPSED
+        held.settled.set()
+        del self._claims[key]
+
+    def _trim_claims(self) -> None:
+        """Forget the oldest finished or lapsed claims beyond `max_tasks`; never a running one."""
+        if len(self._claims) <= self.max_tasks:
+            return
+        now = self._clock()
+        for key, held in list(self._claims.items()):
+            if len(self._claims) <= self.max_tasks:
+                break
+            if held.running(now):
+                continue
+            if held.outcome is None:
+                self._lapse(key, held)
+            else:
+                del self._claims[key]
+
+
+def _kept(outcome: Outcome) -> bool:
+    """Whether an outcome answers later requests with the same key: a result, or an error
+    that is the caller's own (the ledger's rule); not a lapse or a transient failure."""
+    if outcome.result is not None:
+        return True
+    return outcome.error is not None and caller_error(outcome.error)
 
 
 class DirectoryClient(Protocol):
     """How a replica reaches the TaskDirectory (through Ray in the app, directly in tests)."""
 
-    async def claim(self, key: str, task_id: TaskId, ttl_s: float) -> Claim: ...
-    async def settle(self, key: str, task_id: TaskId, outcome: Outcome) -> None: ...
-    async def outcome(self, key: str, task_id: TaskId, wait_s: float) -> Outcome | None: ...
+    async def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim: ...
+    async def settle(self, key: str, token: str, outcome: Outcome) -> None: ...
+    async def outcome(self, key: str, token: str, wait_s: float) -> Outcome | None: ...
     async def publish(self, records: list[TaskRecord]) -> None: ...
     async def record(self, task_id: str) -> TaskRecord | None: ...
 
@@ -171,29 +207,37 @@ class SharedTasks:
         self, directory: DirectoryClient, ledger: TaskLedger, *, default_deadline_s: float
     ) -> None:
         self._directory = directory
-        self._default_deadline_s = default_deadline_s
         self._ledger = ledger
-        self._held: dict[TaskId, str] = {}  # this replica's running tasks that hold a key
-        self._pending: dict[TaskId, LedgerEntry] = {}  # records not yet published
+        self._default_deadline_s = default_deadline_s
+        self._held: dict[int, tuple[str, str]] = {}  # id(entry) -> (key, token): runs here
+        self._waiters: set[int] = set()  # id(entry) of entries that wait on another replica
+        self._pending: dict[TaskId, None] = {}  # task ids whose records are not yet published
         self._publisher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         ledger.listen(self._changed)
 
-    async def held_elsewhere(self, task: TaskSpec, entry: LedgerEntry) -> bool:
-        """Claim `entry`'s key. True when another replica holds it: `entry` is then settled
-        with that run's outcome (the caller replays it). False: this replica runs the task."""
+    async def claim_or_wait(self, task: TaskSpec, entry: LedgerEntry) -> TaskSpec | None:
+        """Claim `entry`'s key. None when another replica ran or runs it: `entry` is then
+        settled with that run's outcome. Else the task to run here, its deadline less the time
+        spent waiting for another replica."""
         if not entry.key:
-            return False
+            return task
         deadline_s = task.deadline_s or self._default_deadline_s
-        ttl_s = deadline_s + _CLAIM_GRACE_S
-        give_up = time.monotonic() + deadline_s
+        began = time.monotonic()
+        waited = False
+        self._waiters.add(id(entry))
         try:
             while True:
-                claim = await self._call(self._directory.claim(entry.key, task.task_id, ttl_s))
+                left = deadline_s - (time.monotonic() - began)
+                claim = await self._claim(entry.key, task, ttl_s=left + _CLAIM_GRACE_S)
                 if claim.granted:
-                    self._held[entry.task_id] = entry.key
-                    return False
-                outcome = await self._wait(entry.key, claim.task_id, give_up)
+                    self._waiters.discard(id(entry))
+                    self._held[id(entry)] = (entry.key, claim.token)
+                    self._pending[entry.task_id] = None  # publish it as running
+                    self._publish_later()
+                    return replace(task, deadline_s=max(left, 0.001)) if waited else task
+                outcome = await self._wait(entry.key, claim, began + deadline_s)
+                waited = True
                 if outcome.lapsed or not _kept(outcome):
                     # Its caller or its replica went away, or it failed for a reason that says
                     # nothing about now: this caller asked again, so run it (one claim wins).
@@ -202,7 +246,7 @@ class SharedTasks:
                     self._ledger.succeed(entry, outcome.result)
                 else:
                     self._ledger.fail(entry, outcome.error or MeshError(""), outcome.attempts)
-                return True
+                return None
         except asyncio.CancelledError:
             self._ledger.abandon(entry, ())
             raise
@@ -221,57 +265,101 @@ class SharedTasks:
             return published
 
     async def close(self) -> None:
+        """Release the keys of tasks still running here, so other replicas need not wait out
+        their deadlines, and send what is left to publish."""
+        releases = [
+            self._directory.settle(key, token, LAPSED) for key, token in self._held.values()
+        ]
+        self._held.clear()
         if self._publisher is not None:
             self._publisher.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CALL_TIMEOUT_S):
+                await asyncio.gather(*releases, *self._background, return_exceptions=True)
 
-    async def _wait(self, key: str, holder: TaskId, give_up: float) -> Outcome:
+    async def _claim(self, key: str, task: TaskSpec, ttl_s: float) -> Claim:
+        """One claim call. Cancelled or timed out after the owner may have granted it: the
+        claim is released as soon as its answer comes, so nobody waits on it."""
+        token = uuid.uuid4().hex
+        call = asyncio.ensure_future(
+            _awaited(self._directory.claim(key, token, task.task_id, ttl_s))
+        )
+        try:
+            return await self._call(asyncio.shield(call))
+        except (asyncio.CancelledError, MeshError):
+            self._spawn(self._release_if_granted(call, key, token))
+            raise
+
+    async def _release_if_granted(self, call: asyncio.Future[Claim], key: str, token: str) -> None:
+        with contextlib.suppress(Exception):  # not granted, or never arrived: nothing to free
+            if (await call).granted:
+                await self._directory.settle(key, token, LAPSED)
+
+    async def _wait(self, key: str, holder: Claim, give_up: float) -> Outcome:
         while True:
             left = give_up - time.monotonic()
             if left <= 0:
                 raise DeadlineExceededError(
-                    f"task {holder} with the same key still runs on another dispatcher replica "
-                    "and this request's deadline has passed",
-                    task_id=holder,
+                    f"task {holder.task_id} with the same key still runs on another dispatcher "
+                    "replica and this request's deadline has passed",
+                    task_id=holder.task_id,
                 )
-            outcome = await self._call(self._directory.outcome(key, holder, min(_WAIT_S, left)))
+            wait_s = min(_WAIT_S, left)
+            outcome = await self._call(self._directory.outcome(key, holder.token, wait_s), wait_s)
             if outcome is not None:
                 return outcome
 
-    async def _call(self, call: Awaitable[_T]) -> _T:
+    async def _call(self, call: Awaitable[_T], wait_s: float = 0.0) -> _T:
         try:
-            return await call
+            async with asyncio.timeout(wait_s + _CALL_TIMEOUT_S):
+                return await call
         except (MeshError, asyncio.CancelledError):
             raise
         except Exception as error:  # Ray raises many kinds while the owner restarts
+            reason = "no answer in time" if isinstance(error, TimeoutError) else str(error)
             raise UnavailableError(
-                f"the coordinator's task directory is not answering ({error}); retry shortly"
+                f"the coordinator's task directory is not answering ({reason}); retry shortly"
             ) from error
 
     # -------------------------------------------------------------- the ledger's events
 
     def _changed(self, entry: LedgerEntry) -> None:
-        # Only the replica that runs a keyed task settles its claim; every replica publishes
-        # the records of what its callers asked (a waiter's record carries the runner's result).
-        key = self._held.pop(entry.task_id, None) if entry.state is not TaskState.RUNNING else None
-        if key is not None:
-            outcome = _outcome_of(entry)
-            self._spawn(self._directory.settle(key, entry.task_id, outcome))
-        self._pending[entry.task_id] = entry
-        if self._publisher is None or self._publisher.done():
-            self._publisher = asyncio.get_running_loop().create_task(self._publish_soon())
+        if entry.state is TaskState.RUNNING:
+            if not entry.key:
+                self._pending[entry.task_id] = None  # keyed tasks: once their claim is granted
+                self._publish_later()
+            return
+        if id(entry) in self._waiters:
+            self._waiters.discard(id(entry))
+            return  # the replica that ran it publishes it
+        held = self._held.pop(id(entry), None)
+        if held is not None:
+            key, token = held
+            self._spawn(self._directory.settle(key, token, _outcome_of(entry)))
+        self._pending[entry.task_id] = None
+        self._publish_later()
 
-    async def _publish_soon(self) -> None:
-        await asyncio.sleep(_PUBLISH_EVERY_S)
-        entries, self._pending = self._pending, {}
-        records = []
-        for task_id in entries:
-            with contextlib.suppress(NotFoundError):  # forgotten already
-                records.append(self._ledger.record(task_id))
-        try:
-            await self._directory.publish(records)
-        except Exception as error:  # Ray raises many kinds while the owner restarts
-            logger.warning("could not publish %d task records: %s", len(records), error)
+    def _publish_later(self) -> None:
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.get_running_loop().create_task(self._publish())
+
+    async def _publish(self) -> None:
+        """Every _PUBLISH_EVERY_S while there is something to send; a failed batch is kept
+        for the next (within the ledger's size)."""
+        while self._pending:
+            await asyncio.sleep(_PUBLISH_EVERY_S)
+            task_ids, self._pending = self._pending, {}
+            records = []
+            for task_id in task_ids:
+                with contextlib.suppress(NotFoundError):  # forgotten already
+                    records.append(self._ledger.record(task_id))
+            try:
+                await self._call(self._directory.publish(records))
+            except UnavailableError as error:
+                logger.warning("could not publish %d task records: %s", len(records), error)
+                self._pending = {**task_ids, **self._pending}
+                while len(self._pending) > self._ledger.max_finished:
+                    del self._pending[next(iter(self._pending))]
 
     def _spawn(self, call: Awaitable[None]) -> None:
         async def report() -> None:
@@ -285,12 +373,8 @@ class SharedTasks:
         task.add_done_callback(self._background.discard)
 
 
-def _kept(outcome: Outcome) -> bool:
-    """Whether an outcome answers later requests with the same key: a result, or an error
-    that is the caller's own (the ledger's rule); not a lapse or a transient failure."""
-    if outcome.result is not None:
-        return True
-    return outcome.error is not None and caller_error(outcome.error)
+async def _awaited(call: Awaitable[_T]) -> _T:
+    return await call
 
 
 def _outcome_of(entry: LedgerEntry) -> Outcome:
@@ -307,14 +391,14 @@ class LocalDirectory:
     def __init__(self, directory: TaskDirectory) -> None:
         self.directory = directory
 
-    async def claim(self, key: str, task_id: TaskId, ttl_s: float) -> Claim:
-        return self.directory.claim(key, task_id, ttl_s)
+    async def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim:
+        return self.directory.claim(key, token, task_id, ttl_s)
 
-    async def settle(self, key: str, task_id: TaskId, outcome: Outcome) -> None:
-        self.directory.settle(key, task_id, outcome)
+    async def settle(self, key: str, token: str, outcome: Outcome) -> None:
+        self.directory.settle(key, token, outcome)
 
-    async def outcome(self, key: str, task_id: TaskId, wait_s: float) -> Outcome | None:
-        return await self.directory.outcome(key, task_id, wait_s)
+    async def outcome(self, key: str, token: str, wait_s: float) -> Outcome | None:
+        return await self.directory.outcome(key, token, wait_s)
 
     async def publish(self, records: list[TaskRecord]) -> None:
         self.directory.publish(records)

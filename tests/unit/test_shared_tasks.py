@@ -9,9 +9,21 @@ import pytest
 
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.settings import DispatcherSettings
-from mesh.coordinator.shared_tasks import LAPSED, LocalDirectory, Outcome, TaskDirectory
-from mesh.coordinator.tasks import TaskResult, TaskState, build_task
-from mesh.errors import InvalidRequestError, NotFoundError, TaskFailedError, UnavailableError
+from mesh.coordinator.shared_tasks import (
+    LAPSED,
+    LocalDirectory,
+    Outcome,
+    SharedTasks,
+    TaskDirectory,
+)
+from mesh.coordinator.tasks import TaskLedger, TaskResult, TaskState, build_task
+from mesh.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NotFoundError,
+    TaskFailedError,
+    UnavailableError,
+)
 from mesh.ids import TaskId
 from tests.coordinator_fakes import ANSWER, Fail, FakeMesh, Hang, ManualClock, Reply, view
 
@@ -160,15 +172,29 @@ def test_a_silent_holders_claim_lapses_after_its_ttl():
         clock = ManualClock()
         directory = TaskDirectory(clock=clock)
         t1, t2 = TaskId("t-1"), TaskId("t-2")
-        assert directory.claim("k", t1, ttl_s=5.0).granted
-        held = directory.claim("k", t2, ttl_s=5.0)
-        assert not held.granted and held.task_id == t1
-        assert await directory.outcome("k", t1, wait_s=0.01) is None  # still running
+        assert directory.claim("k", "c1", t1, ttl_s=5.0).granted
+        held = directory.claim("k", "c2", t2, ttl_s=5.0)
+        assert not held.granted and (held.token, held.task_id) == ("c1", t1)
+        assert await directory.outcome("k", "c1", wait_s=0.01) is None  # still running
         clock.advance(6.0)  # the holder's replica died: no word, ever
-        assert await directory.outcome("k", t1, wait_s=0.01) is LAPSED
-        assert directory.claim("k", t2, ttl_s=5.0).granted
-        directory.settle("k", t1, Outcome(error=UnavailableError("late")))  # ignored
-        assert not directory.claim("k", TaskId("t-3"), ttl_s=5.0).granted
+        assert await directory.outcome("k", "c1", wait_s=0.01) is LAPSED
+        assert directory.claim("k", "c2", t2, ttl_s=5.0).granted
+        directory.settle("k", "c1", Outcome(error=NotFoundError("late")))  # ignored: lapsed
+        assert not directory.claim("k", "c3", TaskId("t-3"), ttl_s=5.0).granted
+        directory.settle("k", "c2", LAPSED)
+        assert directory.claim("k", "c3", TaskId("t-3"), ttl_s=5.0).granted
+
+    run(scenario())
+
+
+def test_claims_of_the_same_task_id_are_told_apart_by_their_tokens():
+    async def scenario():
+        directory = TaskDirectory()
+        same = TaskId("caller-chose-this")
+        assert directory.claim("id:caller-chose-this", "c1", same, ttl_s=30.0).granted
+        assert not directory.claim("id:caller-chose-this", "c2", same, ttl_s=30.0).granted
+        directory.settle("id:caller-chose-this", "c2", LAPSED)  # not the holder: ignored
+        assert await directory.outcome("id:caller-chose-this", "c1", wait_s=0.01) is None
 
     run(scenario())
 
@@ -176,21 +202,143 @@ def test_a_silent_holders_claim_lapses_after_its_ttl():
 def test_a_waiter_is_woken_by_the_holders_outcome():
     async def scenario():
         directory = TaskDirectory()
-        t1 = TaskId("t-1")
-        directory.claim("k", t1, ttl_s=30.0)
-        waiting = asyncio.create_task(directory.outcome("k", t1, wait_s=5.0))
+        directory.claim("k", "c1", TaskId("t-1"), ttl_s=30.0)
+        waiting = asyncio.create_task(directory.outcome("k", "c1", wait_s=5.0))
         await asyncio.sleep(0.01)
-        directory.settle("k", t1, Outcome(error=NotFoundError("no model x")))
+        directory.settle("k", "c1", Outcome(error=NotFoundError("no model x")))
         outcome = await asyncio.wait_for(waiting, 1.0)
         assert isinstance(outcome.error, NotFoundError)
         # The caller's own error is kept: the key stays claimed with that outcome.
-        assert not directory.claim("k", TaskId("t-2"), ttl_s=30.0).granted
+        assert not directory.claim("k", "c2", TaskId("t-2"), ttl_s=30.0).granted
+
+    run(scenario())
+
+
+def test_the_directory_stays_bounded_even_behind_a_dead_holders_claim():
+    async def scenario():
+        clock = ManualClock()
+        directory = TaskDirectory(max_tasks=3, clock=clock)
+        for i in range(10):  # holders that die without a word
+            directory.claim(f"dead-{i}", f"c{i}", TaskId(f"t{i}"), ttl_s=5.0)
+        clock.advance(6.0)
+        for i in range(10):
+            directory.claim(f"k-{i}", f"d{i}", TaskId(f"u{i}"), ttl_s=5.0)
+            directory.settle(f"k-{i}", f"d{i}", Outcome(error=NotFoundError("kept")))
+        assert len(directory) <= 3
+        running = directory.claim("live", "e", TaskId("v"), ttl_s=5.0)
+        for i in range(10):
+            directory.claim(f"more-{i}", f"f{i}", TaskId(f"w{i}"), ttl_s=5.0)
+        assert not directory.claim("live", "g", TaskId("x"), ttl_s=5.0).granted  # never trimmed
+        assert running.granted
+
+    run(scenario())
+
+
+def test_records_published_while_a_batch_is_in_flight_still_arrive():
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", default=Reply(delay_s=0.05))  # runs through several publish batches
+        mesh.script("b", default=Reply(delay_s=0.05))
+        directory = TaskDirectory()
+        one, two = replicas(mesh, directory)
+        result = await one.submit(build_task("hi", model="m"))
+        async with asyncio.timeout(3):
+            while (record := directory.record(result.task_id)) is None or (
+                record.state is not TaskState.DONE
+            ):
+                await asyncio.sleep(0.05)
+        assert record.result is not None and record.result.text == ANSWER
+        await close(one, two)
+
+    run(scenario())
+
+
+def test_a_task_that_cannot_start_frees_its_key_for_an_answer_elsewhere():
+    async def scenario():
+        mesh = FakeMesh()
+        one, two = replicas(mesh, TaskDirectory())
+        no_user = [{"role": "system", "content": "be brief"}]
+        for dispatcher in (one, two):  # the second gets the kept error at once, no hang
+            with pytest.raises(InvalidRequestError, match="needs a prompt or a user message"):
+                await dispatcher.submit(
+                    build_task(messages=no_user, agent="helper", idempotency_key="k1")
+                )
+        assert one.ledger.find("key:k1").state is TaskState.FAILED
+        await close(one, two)
+
+    run(scenario())
+
+
+class _SlowClaims(LocalDirectory):
+    async def claim(self, key, token, task_id, ttl_s):
+        await asyncio.sleep(0.1)  # the owner grants it, but the answer is slow to come back
+        return await super().claim(key, token, task_id, ttl_s)
+
+
+def test_a_caller_cancelled_while_its_claim_is_in_flight_does_not_block_the_key():
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", default=Reply())
+        mesh.script("b", default=Reply())
+        directory = TaskDirectory()
+        settings = DispatcherSettings(policy="round_robin", deadline_s=30.0)
+        one = Dispatcher(settings, connect=mesh.connect, directory=_SlowClaims(directory))
+        two = Dispatcher(settings, connect=mesh.connect, directory=LocalDirectory(directory))
+        for dispatcher in (one, two):
+            dispatcher.update_nodes([view("a"), view("b")])
+        gone = asyncio.create_task(one.submit(build_task("hi", model="m", idempotency_key="k")))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await asyncio.sleep(0.1)  # the grant arrives after the caller left: released at once
+        result = await asyncio.wait_for(
+            two.submit(build_task("hi", model="m", idempotency_key="k")), 2.0
+        )
+        assert result.text == ANSWER  # not a 30 s wait for the claim to lapse
+        await close(one, two)
+
+    run(scenario())
+
+
+def test_a_waiter_that_runs_the_task_itself_keeps_to_its_own_deadline():
+    async def scenario():
+        directory = TaskDirectory()
+        directory.claim("key:k", "someone", TaskId("t-0"), ttl_s=30.0)
+        ledger = TaskLedger()
+        shared = SharedTasks(LocalDirectory(directory), ledger, default_deadline_s=30.0)
+        task = build_task("hi", model="m", idempotency_key="k", deadline_s=10.0)
+        entry = ledger.begin(task)
+
+        async def holder_goes_away():
+            await asyncio.sleep(0.2)
+            directory.settle("key:k", "someone", LAPSED)
+
+        asyncio.create_task(holder_goes_away())
+        runnable = await shared.claim_or_wait(task, entry)
+        assert runnable is not None and runnable.task_id == task.task_id
+        assert runnable.deadline_s is not None and runnable.deadline_s <= 10.0 - 0.2
+        await shared.close()
+
+    run(scenario())
+
+
+def test_a_waiter_gives_up_at_its_own_deadline_with_a_clear_error():
+    async def scenario():
+        directory = TaskDirectory()
+        directory.claim("key:k", "someone", TaskId("t-0"), ttl_s=30.0)  # runs, silent
+        mesh = FakeMesh()
+        dispatcher = Dispatcher(
+            DispatcherSettings(), connect=mesh.connect, directory=LocalDirectory(directory)
+        )
+        task = build_task("hi", model="m", idempotency_key="k", deadline_s=0.3)
+        with pytest.raises(DeadlineExceededError, match="still runs on another dispatcher"):
+            await asyncio.wait_for(dispatcher.submit(task), 2.0)
+        await dispatcher.close()
 
     run(scenario())
 
 
 class _Unreachable(LocalDirectory):
-    async def claim(self, key, task_id, ttl_s):
+    async def claim(self, key, token, task_id, ttl_s):
         raise ConnectionError("actor died")
 
 
