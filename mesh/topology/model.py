@@ -320,10 +320,19 @@ class Topology(FrozenModel):
         return {node.name: node.address for node in self.nodes if node.address is not None}
 
     def summary(self) -> str:
-        return (
-            f"{len(self.nodes)} nodes, {len(self.models)} models, {len(self.agents)} agents, "
-            f"policy {self.routing.policy}"
+        counts = ", ".join(
+            _count(len(items), noun)
+            for items, noun in (
+                (self.nodes, "node"),
+                (self.models, "model"),
+                (self.agents, "agent"),
+            )
         )
+        return f"{counts}, policy {self.routing.policy}"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def default_topology() -> Topology:

@@ -497,7 +497,7 @@ def test_cli_check_reports_every_problem_of_every_bad_file(tmp_path, capsys):
     )
     assert main(["topology", "check", str(good), str(bad)]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"{good}: ok (0 nodes, 1 models, 0 agents, policy least_loaded)"
+    assert out[0] == f"{good}: ok (0 nodes, 1 model, 0 agents, policy least_loaded)"
     assert out[1] == f"{bad}: nodes[0].port: must be 1..65535 (line 4)"
     assert out[2].startswith(f"{bad}: nodes[0].extra: unknown key") and out[2].endswith("(line 5)")
     assert len(out) == 3
