@@ -94,6 +94,7 @@ def node_args(
     delay_ms: float = 0.0,
     model: str = "smollm2",
     reply: str = "",
+    config: pathlib.Path | None = None,
 ) -> list[str]:
     if fake:  # a real NodeDaemon with an instant (or `delay_ms` per word) fake model
         return [
@@ -131,19 +132,27 @@ def node_args(
         str(max_concurrent),
         "--max-queued",
         str(max_queued),
+        *(["--config", str(config)] if config else []),
     ]
 
 
 @contextlib.contextmanager
 def running_nodes(
-    directory: pathlib.Path, names: Sequence[str], *, timeout_s: float = 120.0, **options: object
+    directory: pathlib.Path,
+    names: Sequence[str],
+    *,
+    timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
+    **options: object,
 ) -> Iterator[list[MeshProcess]]:
-    """Start nodes at once (real bundled model unless fake=True); stop them all afterwards."""
+    """Start nodes at once (real bundled model unless fake=True); stop them all afterwards.
+    `env` adds to their environment."""
     started: list[tuple[str, subprocess.Popen[str], pathlib.Path]] = []
     nodes: list[MeshProcess] = []
     try:
         for name in names:
-            process, log = spawn(name, node_args(name, directory, **options), directory)  # type: ignore[arg-type]
+            args = node_args(name, directory, **options)  # type: ignore[arg-type]
+            process, log = spawn(name, args, directory, env)
             started.append((name, process, log))
         for name, process, log in started:
             line = _read_line(process, timeout_s, log, " serving ")

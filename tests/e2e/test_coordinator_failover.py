@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import subprocess
 import sys
 import time
@@ -19,6 +20,8 @@ import pytest
 from mesh.coordinator_client import MeshClient
 from mesh.errors import NotFoundError
 from tests.mesh_processes import ready_line_addresses, running_nodes, start_coordinator_cli
+
+HERE = pathlib.Path(__file__).resolve().parent  # stream_pause_hook
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.timeout(420)]
 
@@ -50,7 +53,14 @@ def run(coro, timeout=300):
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     directory = tmp_path_factory.mktemp("e2e-coordinator")
-    with running_nodes(directory, ["node-a", "node-b", "node-c"]) as nodes:
+    config = directory / "node.yaml"
+    config.write_text("agent_modules: [stream_pause_hook]\n")  # cut- tasks pause mid-answer
+    with running_nodes(
+        directory,
+        ["node-a", "node-b", "node-c"],
+        config=config,
+        env={"PYTHONPATH": str(HERE)},
+    ) as nodes:
         coordinator = start_coordinator_cli(directory, [n.address for n in nodes])
         try:
             addresses = ready_line_addresses(coordinator.line)
@@ -82,12 +92,12 @@ async def _drive(
 ) -> tuple[list, float, list[float]]:
     """Run TASKS tasks at CONCURRENCY; kill `node` after KILL_AFTER answers.
 
-    Unary: the kill comes right after the KILL_AFTER-th answer. Streams: the client lags the
-    nodes (a chunk window and a Ray hop, on 2 busy cores), so the moment is taken from the
-    coordinator instead: DescribeTask shows each running task's attempt in progress, and the
-    kill waits until one on `node` has just begun its answer (1-10 of 40 tokens; a chunk may
-    carry several: even a dispatcher a second behind its node still has most of the answer to
-    receive).
+    Unary: the kill comes right after the KILL_AFTER-th answer. Streams: tasks from the
+    KILL_AFTER-th on are marked `cut-NODE-`, so that `node` pauses a marked task's first attempt
+    after two chunks of text (tests/e2e/stream_pause_hook.py): on 2 busy cores the coordinator
+    may lag its nodes by a whole answer, so only a node held mid-answer makes the kill land
+    there for sure. DescribeTask shows when the coordinator has the first tokens of such a task
+    from `node`; the kill comes then.
     Returns (results, kill time, latencies)."""
     done = 0
     killed_at = 0.0
@@ -106,7 +116,9 @@ async def _drive(
         nonlocal done
         questions = list(references)
         question = questions[index % len(questions)]
-        task_id = f"{prefix}-{index}-{time.monotonic_ns()}"
+        # From the KILL_AFTER-th stream on: held mid-answer if it runs on `node` first.
+        label = f"cut-{node.name}" if stream and index >= KILL_AFTER else prefix
+        task_id = f"{label}-{index}-{time.monotonic_ns()}"
         async with gate:
             began = time.monotonic()
             running.add(task_id)
@@ -145,10 +157,11 @@ async def _drive(
                     continue  # not started on the coordinator yet
                 current = record.attempts[-1] if record.attempts else None
                 if (
-                    current is not None
+                    task_id.startswith(f"cut-{node.name}-")
+                    and current is not None
                     and current.outcome == 0
                     and current.node_name == node.name
-                    and 1 <= current.completion_tokens <= STREAM_TOKENS // 4
+                    and current.completion_tokens >= 1
                 ):
                     cut.append(task_id)
                     kill()
