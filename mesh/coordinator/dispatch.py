@@ -134,7 +134,7 @@ class Dispatcher:
             clock=clock,
         )
         self.ledger = TaskLedger(settings.ledger_size, clock=clock)
-        self.shared = None
+        self.shared: SharedTasks | None = None
         if directory is not None:
             self.shared = SharedTasks(
                 directory, self.ledger, default_deadline_s=settings.deadline_s
