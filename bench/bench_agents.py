@@ -26,7 +26,7 @@ from bench._report import machine_line, median, percentile, write_section
 from edgemesh.v1 import node_pb2
 from mesh.agent_client import run_agent
 from mesh.client import NodeClient
-from mesh.errors import MeshError
+from mesh.core.errors import MeshError
 from nodes.agents import DEMO_AGENTS
 from nodes.config import ModelConfig, NodeConfig
 from nodes.daemon import NodeDaemon

@@ -29,7 +29,7 @@ from bench.fake_openai import REPLY as LONG_REPLY  # 20+ words: both sides gener
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "user", "content": "What is the capital city of France?"},
 ]
 Call = Callable[[], Awaitable[object]]
 

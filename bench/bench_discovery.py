@@ -133,8 +133,8 @@ def bench_lifecycle(runs: int) -> dict[str, list[float]]:
 
 
 def _synthetic_txt(count: int) -> list[tuple[str, dict[bytes, bytes], list[str], int]]:
-    from mesh.discovery.records import NodeRecord
-    from mesh.ids import NodeId
+    from mesh.core.ids import NodeId
+    from mesh.core.records import NodeRecord
 
     rows = []
     for i in range(count):
@@ -168,9 +168,9 @@ def _cpu_per_call(fn: Callable[[], int]) -> float:
 
 
 def bench_registry_cost(count: int) -> dict[str, float]:
+    from mesh.core.ids import NodeId
+    from mesh.core.records import NodeRecord
     from mesh.discovery.browser import DiscoveryEvent, DiscoveryKind
-    from mesh.discovery.records import NodeRecord
-    from mesh.ids import NodeId
     from mesh.node_table import NodeDetails, ProbeResult, ProbeStatus, RegistryTimings
     from mesh.registry import NodeRegistry
 

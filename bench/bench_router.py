@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from bench._report import REPORT, machine_line
 from edgemesh.v1 import node_pb2, node_pb2_grpc
-from mesh.channels import create_channel
+from mesh.core.channels import create_channel
 from nodes.backends import GenerationInput, Message
 from nodes.backends.llama import LlamaBackend
 from nodes.backends.onnx import OnnxBackend

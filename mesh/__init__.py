@@ -3,7 +3,7 @@
 Importing `mesh` pulls in neither Ray nor a model runtime.
 """
 
-from mesh.errors import (
+from mesh.core.errors import (
     CancelledError,
     ConfigError,
     DeadlineExceededError,
@@ -17,9 +17,7 @@ from mesh.errors import (
     TaskFailedError,
     UnavailableError,
 )
-
-__version__ = "0.1.0"
-PROTOCOL_VERSION = 1
+from mesh.core.version import PROTOCOL_VERSION, __version__
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -1,4 +1,4 @@
-"""Running agents on a node: a thin layer over `NodeClient`. Raises `mesh.errors`, never grpc errors.
+"""Running agents on a node: a thin layer over `NodeClient`. Raises `mesh.core.errors`, never grpc errors.
 
     async with NodeClient("127.0.0.1:50051") as node:
         async for event in run_agent(node, "customer-service", "What is the status of order 1042?"):
@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 import grpc
 
 from edgemesh.v1 import node_pb2
-from mesh._grpc_errors import from_grpc_error
 from mesh.client import NodeClient
-from mesh.errors import MeshError
+from mesh.core.errors import MeshError
+from mesh.core.grpc_status import from_grpc_error
 
 DEFAULT_AGENT_TIMEOUT_S = 300.0
 

@@ -1,9 +1,9 @@
-"""Client library for a node's gRPC service. Raises `mesh.errors` exceptions, never grpc ones.
+"""Client library for a node's gRPC service. Raises `mesh.core.errors` exceptions, never grpc ones.
 
 Example (inside a coroutine)::
 
     async with NodeClient("127.0.0.1:50051") as node:
-        reply = await node.generate("What is the capital of France?", temperature=0)
+        reply = await node.generate("What is the capital city of France?", temperature=0)
         async for chunk in node.generate_stream("Tell me a story"):
             print(chunk.text, end="")
 """
@@ -17,8 +17,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
-from mesh._grpc_errors import from_grpc_error
-from mesh.channels import PLAINTEXT, ChannelClient, ChannelSecurity
+from mesh.core.channels import PLAINTEXT, ChannelClient, ChannelSecurity
+from mesh.core.grpc_status import from_grpc_error
 
 DEFAULT_TIMEOUT_S = 120.0
 NODE_SERVICE = "edgemesh.v1.NodeService"

@@ -1,7 +1,7 @@
-"""Client library for the coordinator's MeshService. Raises `mesh.errors` exceptions, never grpc ones.
+"""Client library for the coordinator's MeshService. Raises `mesh.core.errors` exceptions, never grpc ones.
 
     async with MeshClient("127.0.0.1:9000") as mesh:
-        reply = await mesh.submit("What is the capital of France?", model="smollm2")
+        reply = await mesh.submit("What is the capital city of France?", model="smollm2")
         print(reply.text, reply.node_name, [a.outcome for a in reply.attempts])
         async for chunk in mesh.submit_stream("Tell me a story", model="smollm2"):
             print(chunk.text, end="")           # the last chunk carries `result`
@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import grpc
 
 from edgemesh.v1 import mesh_pb2, mesh_pb2_grpc, node_pb2
-from mesh._grpc_errors import from_grpc_error
-from mesh.channels import PLAINTEXT, ChannelClient, ChannelSecurity
-from mesh.errors import MeshError, TaskFailedError
+from mesh.core.channels import PLAINTEXT, ChannelClient, ChannelSecurity
+from mesh.core.errors import MeshError, TaskFailedError
+from mesh.core.grpc_status import from_grpc_error
 
 DEFAULT_TIMEOUT_S = 130.0  # a little over the default task deadline (120 s)
 _MARGIN_S = 5.0  # the RPC outlives the task's own deadline, so the coordinator's error arrives

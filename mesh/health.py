@@ -14,11 +14,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgemesh.v1 import node_pb2
-from mesh.channels import PLAINTEXT, ChannelSecurity, create_channel
 from mesh.client import NodeClient
-from mesh.discovery.records import accelerator_kinds
-from mesh.errors import DeadlineExceededError, MeshError, UnavailableError
-from mesh.ids import NodeId
+from mesh.core.channels import PLAINTEXT, ChannelSecurity, create_channel
+from mesh.core.errors import DeadlineExceededError, MeshError, UnavailableError
+from mesh.core.ids import NodeId
+from mesh.core.records import accelerator_kinds
 from mesh.node_table import NodeDetails, ProbeResult, ProbeStatus
 
 logger = logging.getLogger("mesh.registry")

@@ -17,8 +17,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mesh.discovery.records import PROTOCOL_VERSION, NodeRecord
-from mesh.ids import NodeId
+from mesh.core.ids import NodeId
+from mesh.core.records import PROTOCOL_VERSION, NodeRecord
 from mesh.nodes_view import NodeSource, NodeState, NodeView
 from mesh.registry_types import (
     Action,

@@ -11,8 +11,8 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from mesh._model import FrozenModel
-from mesh.ids import NodeId
+from mesh.core.ids import NodeId
+from mesh.core.model import FrozenModel
 from mesh.nodes_view import NodeView
 
 

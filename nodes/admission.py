@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from mesh.errors import OverloadedError
+from mesh.core.errors import OverloadedError
 
 
 class AdmissionController:

@@ -24,7 +24,9 @@ from zeroconf import IPVersion, NonUniqueNameException
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from edgemesh.v1 import node_pb2
-from mesh.discovery.records import (
+from mesh.core.errors import ConfigError
+from mesh.core.ids import NodeId
+from mesh.core.records import (
     MAX_NAME_CHARS,
     SERVICE_TYPE,
     MalformedRecordError,
@@ -33,8 +35,6 @@ from mesh.discovery.records import (
     coarse_load_percent,
     is_valid_item,
 )
-from mesh.errors import ConfigError
-from mesh.ids import NodeId
 
 if TYPE_CHECKING:
     from nodes.daemon import NodeDaemon

@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from mesh._model import FrozenModel
-from mesh.errors import ConfigError
+from mesh.core.errors import ConfigError
+from mesh.core.model import FrozenModel
 from nodes.agents.spec import AgentSpec
 from nodes.router import ROUTER_ALIAS
 
@@ -27,7 +27,7 @@ def _default_threads() -> int:
 class ModelConfig(FrozenModel):
     """One model the node serves."""
 
-    # Starts with a letter or digit: the form mDNS records carry (mesh/discovery/records.py).
+    # Starts with a letter or digit: the form mDNS records carry (mesh/core/records.py).
     id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
     # "bundled:smollm2", a path to a .gguf file, or a known alias ("smollm2");
     # for kind onnx "bundled:intent-router" or a .onnx path; unused for kind openai.

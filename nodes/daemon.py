@@ -14,7 +14,6 @@ import logging
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TextIO
 
@@ -22,10 +21,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-import mesh
 from edgemesh.v1 import node_pb2, node_pb2_grpc
-from mesh.channels import add_server_port, create_server, format_address
-from mesh.errors import ConfigError
+from mesh.core.channels import add_server_port, create_server, format_address
+from mesh.core.errors import ConfigError
+from mesh.core.ids import new_node_id
+from mesh.core.version import PROTOCOL_VERSION, __version__
 from nodes.admission import AdmissionController
 from nodes.backends import Backend
 from nodes.backends.factory import build_backend
@@ -63,7 +63,7 @@ def load_node_id(config: NodeConfig) -> str:
         pass
     except OSError as error:
         raise ConfigError(f"cannot read node id from {path}: {error.strerror}") from None
-    node_id = uuid.uuid4().hex[:12]
+    node_id = new_node_id()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         path.write_text(node_id + "\n", encoding="utf-8")
@@ -140,8 +140,8 @@ class NodeDaemon:
             node_id=self.node_id,
             name=self.config.name,
             cluster=self.config.cluster,
-            version=mesh.__version__,
-            protocol_version=mesh.PROTOCOL_VERSION,
+            version=__version__,
+            protocol_version=PROTOCOL_VERSION,
             started_at_unix_s=time.time(),
         )
         self.servicer = NodeServicer(identity, self.config, self.backends, None, self.admission)

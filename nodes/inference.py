@@ -1,7 +1,7 @@
 """The Classify and Infer RPCs, and what Describe says about tensor models.
 
 The servicer's CamelCase methods delegate here at once; errors are
-`mesh.errors` exceptions, turned into status codes by the servicer.
+`mesh.core.errors` exceptions, turned into status codes by the servicer.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from edgemesh.v1 import node_pb2
-from mesh.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
+from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
 from nodes.backends import Backend, ModelStatus
 from nodes.backends.onnx import Classification
 from nodes.backends.tensors import TensorSpec, array_to_tensor, tensor_to_array

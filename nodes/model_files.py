@@ -7,7 +7,7 @@ import os
 import pathlib
 from dataclasses import dataclass
 
-from mesh.errors import ModelLoadError
+from mesh.core.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
 

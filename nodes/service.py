@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import grpc
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
-from mesh._grpc_errors import status_code_for
-from mesh.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
+from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
+from mesh.core.grpc_status import status_code_for
 from nodes import inference
 from nodes.admission import AdmissionController
 from nodes.agents import AgentHost

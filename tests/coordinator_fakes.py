@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from edgemesh.v1 import node_pb2
-from mesh.errors import MeshError
-from mesh.ids import NodeId
+from mesh.coordinator.shared_tasks import Claim, Outcome, TaskDirectory
+from mesh.coordinator.tasks import TaskRecord
+from mesh.core.errors import MeshError
+from mesh.core.ids import NodeId, TaskId
 from mesh.nodes_view import NodeSource, NodeState, NodeView
 
 ANSWER = "Paris is the capital of France and a city of art."
@@ -217,6 +219,28 @@ class FakeMesh:
 
 
 def unavailable() -> MeshError:
-    from mesh.errors import UnavailableError
+    from mesh.core.errors import UnavailableError
 
     return UnavailableError("connection reset by peer")
+
+
+class LocalDirectory:
+    """A DirectoryClient over a TaskDirectory in the same event loop (tests, one process)."""
+
+    def __init__(self, directory: TaskDirectory) -> None:
+        self.directory = directory
+
+    async def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim:
+        return self.directory.claim(key, token, task_id, ttl_s)
+
+    async def settle(self, key: str, token: str, outcome: Outcome) -> None:
+        self.directory.settle(key, token, outcome)
+
+    async def outcome(self, key: str, token: str, wait_s: float) -> Outcome | None:
+        return await self.directory.outcome(key, token, wait_s)
+
+    async def publish(self, records: list[TaskRecord]) -> None:
+        self.directory.publish(records)
+
+    async def record(self, task_id: str) -> TaskRecord | None:
+        return self.directory.record(task_id)

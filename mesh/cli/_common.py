@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from mesh.errors import MeshError
+from mesh.core.errors import MeshError
 
 T = TypeVar("T")
 

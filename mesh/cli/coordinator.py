@@ -8,7 +8,7 @@ import sys
 import threading
 
 from mesh.cli._common import EXIT_ERROR
-from mesh.errors import MeshError
+from mesh.core.errors import MeshError
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"
 

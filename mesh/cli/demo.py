@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from mesh.cli._common import EXIT_ERROR, run_async
 
-DEFAULT_QUESTION = "What is the capital of France?"
+DEFAULT_QUESTION = "What is the capital city of France?"
 _SERVING = re.compile(r"serving .* on (\S+)$")
 _COORDINATOR = re.compile(r"coordinator ready: grpc (\S+) .* fast path (\S+) http (\S+)")
 

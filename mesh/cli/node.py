@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from mesh.cli._common import EXIT_ERROR, message_to_dict, print_json, run_async
-from mesh.errors import ConfigError, MeshError
+from mesh.core.errors import ConfigError, MeshError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from mesh.cli._common import EXIT_ERROR, print_json
-from mesh.errors import ConfigError
+from mesh.core.errors import ConfigError
 from mesh.topology import (
     Topology,
     TopologyProblem,

@@ -14,8 +14,9 @@ The Ray Serve application is `mesh.coordinator.app` (imports Ray); start and sto
 Callers use `mesh.coordinator_client.MeshClient` (gRPC) or any OpenAI client (HTTP).
 """
 
-from mesh.coordinator.dispatch import Dispatcher, GrpcNodeLink, NodeLink, NodeRow, connect_grpc
+from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.escalation import AUTO_AGENT, EscalationPolicy
+from mesh.coordinator.pool import GrpcNodeLink, NodeLink, NodePool, NodeRow, connect_grpc
 from mesh.coordinator.settings import CoordinatorConfig, DispatcherSettings
 from mesh.coordinator.tasks import (
     AttemptOutcome,
@@ -37,6 +38,7 @@ __all__ = [
     "EscalationPolicy",
     "GrpcNodeLink",
     "NodeLink",
+    "NodePool",
     "NodeRow",
     "TaskRecord",
     "TaskResult",

@@ -25,16 +25,16 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from edgemesh.v1 import mesh_pb2
-from mesh._grpc_errors import status_code_for
-from mesh.channels import format_address
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.openai_api import build_openai_app
 from mesh.coordinator.service import MeshHandlers, start_fast_path
 from mesh.coordinator.settings import CoordinatorConfig
 from mesh.coordinator.shared_tasks import Claim, Outcome, TaskDirectory
 from mesh.coordinator.tasks import TaskRecord
-from mesh.errors import MeshError
-from mesh.ids import TaskId
+from mesh.core.channels import format_address
+from mesh.core.errors import MeshError
+from mesh.core.grpc_status import status_code_for
+from mesh.core.ids import TaskId
 from mesh.nodes_view import NodeView
 
 logger = logging.getLogger("mesh.coordinator")

@@ -10,7 +10,7 @@ unsure) and moves to the next tier when its result shows the model was not enoug
     if why and next_tier(policy, choice.level) is not None:
         completed = steps_to_keep(result.steps)   # replayed on the next tier, never re-run
 
-The mechanism (which node, retries, replay) is `mesh/coordinator/_agent_run.py`.
+The mechanism (which node, retries, replay) is `mesh/coordinator/agent_run.py`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
-from mesh._model import FrozenModel
-from mesh.errors import InvalidRequestError
+from mesh.core.errors import InvalidRequestError
+from mesh.core.model import FrozenModel
 
 if TYPE_CHECKING:
     from edgemesh.v1 import node_pb2

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from edgemesh.v1 import node_pb2
-from mesh.errors import MeshError
-from mesh.ids import NodeId
+from mesh.core.errors import MeshError
+from mesh.core.ids import NodeId
 from mesh.nodes_view import NodeState, NodeView
 
 logger = logging.getLogger("mesh.coordinator")

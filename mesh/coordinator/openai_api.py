@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mesh.coordinator._agent_run import AgentItem
+from mesh.coordinator.agent_run import AgentItem
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.service import coalesce
 from mesh.coordinator.tasks import (
@@ -28,7 +28,7 @@ from mesh.coordinator.tasks import (
     check_deadline_s,
     check_max_tokens,
 )
-from mesh.errors import InvalidRequestError, MeshError
+from mesh.core.errors import InvalidRequestError, MeshError
 
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": (400, "invalid_request_error"),

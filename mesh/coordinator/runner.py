@@ -21,9 +21,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from mesh.channels import format_address
 from mesh.coordinator.settings import CoordinatorConfig
-from mesh.errors import MeshError, UnavailableError
+from mesh.core.channels import format_address
+from mesh.core.errors import MeshError, UnavailableError
 
 logger = logging.getLogger("mesh.coordinator")
 

@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from edgemesh.v1 import mesh_pb2, mesh_pb2_grpc, node_pb2
-from mesh._grpc_errors import status_code_for
-from mesh.channels import add_server_port, create_server
-from mesh.coordinator._agent_run import AgentItem
-from mesh.coordinator.dispatch import Dispatcher, NodeRow
+from mesh.coordinator.agent_run import AgentItem
+from mesh.coordinator.dispatch import Dispatcher
+from mesh.coordinator.pool import NodeRow
 from mesh.coordinator.tasks import (
     AttemptRecord,
     TaskRecord,
@@ -27,8 +26,10 @@ from mesh.coordinator.tasks import (
     check_deadline_s,
     check_max_tokens,
 )
-from mesh.errors import InvalidRequestError, MeshError, UnavailableError
-from mesh.ids import TaskId, new_task_id
+from mesh.core.channels import add_server_port, create_server
+from mesh.core.errors import InvalidRequestError, MeshError, UnavailableError
+from mesh.core.grpc_status import status_code_for
+from mesh.core.ids import TaskId, new_task_id
 
 logger = logging.getLogger("mesh.coordinator")
 

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
-from mesh._model import FrozenModel
 from mesh.coordinator.escalation import EscalationPolicy
+from mesh.core.model import FrozenModel
 
 if TYPE_CHECKING:
     from mesh.topology import Topology

@@ -44,8 +44,8 @@ from mesh.coordinator.tasks import (
     TaskState,
     caller_error,
 )
-from mesh.errors import DeadlineExceededError, MeshError, NotFoundError, UnavailableError
-from mesh.ids import TaskId
+from mesh.core.errors import DeadlineExceededError, MeshError, NotFoundError, UnavailableError
+from mesh.core.ids import TaskId
 
 logger = logging.getLogger("mesh.coordinator")
 _T = TypeVar("_T")
@@ -383,25 +383,3 @@ def _outcome_of(entry: LedgerEntry) -> Outcome:
     if entry.future.cancelled():
         return LAPSED  # the caller went away: whoever waits runs it
     return Outcome(error=entry.error or MeshError("failed"), attempts=entry.attempts)
-
-
-class LocalDirectory:
-    """A DirectoryClient over a TaskDirectory in the same event loop (tests, one process)."""
-
-    def __init__(self, directory: TaskDirectory) -> None:
-        self.directory = directory
-
-    async def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim:
-        return self.directory.claim(key, token, task_id, ttl_s)
-
-    async def settle(self, key: str, token: str, outcome: Outcome) -> None:
-        self.directory.settle(key, token, outcome)
-
-    async def outcome(self, key: str, token: str, wait_s: float) -> Outcome | None:
-        return await self.directory.outcome(key, token, wait_s)
-
-    async def publish(self, records: list[TaskRecord]) -> None:
-        self.directory.publish(records)
-
-    async def record(self, task_id: str) -> TaskRecord | None:
-        return self.directory.record(task_id)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from edgemesh.v1 import node_pb2
-from mesh.errors import InvalidRequestError, MeshError, NotFoundError
-from mesh.ids import NodeId, TaskId, new_task_id
+from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError
+from mesh.core.ids import NodeId, TaskId, new_task_id
 
 MAX_DEADLINE_S = 86_400.0  # the longest deadline a task may ask for (a day)
 
@@ -203,9 +203,6 @@ class TaskLedger:
             self._by_key[entry.key] = task.task_id
         self._tell(entry)
         return entry
-
-    def note_attempts(self, entry: LedgerEntry, attempts: tuple[AttemptRecord, ...]) -> None:
-        entry.attempts = attempts
 
     def succeed(self, entry: LedgerEntry, result: TaskResult) -> None:
         entry.state, entry.result, entry.attempts = TaskState.DONE, result, result.attempts

@@ -1,6 +1,6 @@
 """Finding nodes on the LAN: the mDNS TXT record schema and the browser."""
 
-from mesh.discovery.records import (
+from mesh.core.records import (
     PROTOCOL_VERSION,
     SERVICE_TYPE,
     MalformedRecordError,

@@ -17,9 +17,9 @@ from enum import StrEnum
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from mesh._model import FrozenModel
-from mesh.discovery.records import SERVICE_TYPE, MalformedRecordError, NodeRecord
-from mesh.errors import ConfigError
+from mesh.core.errors import ConfigError
+from mesh.core.model import FrozenModel
+from mesh.core.records import SERVICE_TYPE, MalformedRecordError, NodeRecord
 
 logger = logging.getLogger("mesh.discovery")
 

@@ -22,15 +22,11 @@ Typical use by a dispatcher (one set of these objects per dispatcher, used from 
 `filter_candidates` enforces capacity: a node is never offered more than the
 `max_concurrent + max_queued` it advertised (counting this dispatcher's own `outstanding`
 requests), so an empty list with `any(serves(view, task) ...)` true means "mesh full": queue or
-refuse with RESOURCE_EXHAUSTED. `choose_node` does filter + choose in one call.
+refuse with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping, Sequence
-
-from mesh.ids import NodeId
-from mesh.nodes_view import NodeView
 from mesh.routing._candidates import (
     Candidate,
     SupportsGet,
@@ -52,25 +48,6 @@ from mesh.routing._policies import (
 )
 from mesh.routing._trackers import CooldownTracker, Ewma, ms_per_token
 
-
-def choose_node(
-    nodes: Sequence[NodeView],
-    task: TaskShape,
-    *,
-    policy: Policy,
-    state: PolicyState,
-    exclude: Container[NodeId] = (),
-    cooling: Container[NodeId] = (),
-    ewma: SupportsGet | None = None,
-    outstanding: Mapping[NodeId, int] | None = None,
-) -> NodeId | None:
-    """`filter_candidates` then `policy`: the node for `task`, or None when none can take it."""
-    candidates = filter_candidates(
-        nodes, task, exclude=exclude, cooling=cooling, ewma=ewma, outstanding=outstanding
-    )
-    return policy(candidates, task, state)
-
-
 __all__ = [
     "POLICIES",
     "Candidate",
@@ -84,7 +61,6 @@ __all__ = [
     "capacity_share",
     "choose_latency_aware",
     "choose_least_loaded",
-    "choose_node",
     "choose_power_of_two",
     "choose_round_robin",
     "filter_candidates",

@@ -6,7 +6,7 @@ from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mesh.ids import NodeId
+from mesh.core.ids import NodeId
 from mesh.nodes_view import NodeState, NodeView
 
 

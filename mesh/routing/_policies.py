@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from mesh.errors import ConfigError
-from mesh.ids import NodeId
+from mesh.core.errors import ConfigError
+from mesh.core.ids import NodeId
 from mesh.routing._candidates import Candidate, TaskShape
 
 

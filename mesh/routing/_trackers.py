@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Callable
 
-from mesh.ids import NodeId
+from mesh.core.ids import NodeId
 
 
 class Ewma:

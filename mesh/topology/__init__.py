@@ -2,7 +2,7 @@
 
 Public API (everything else is internal):
 
-    load_topology(path) -> Topology            # raises mesh.errors.ConfigError listing every problem
+    load_topology(path) -> Topology            # raises mesh.core.errors.ConfigError listing every problem
     parse_topology(text, source="x.yaml") -> Topology
     check_topology_text(text, source=...) -> (Topology | None, [TopologyProblem])
     default_topology() -> Topology             # no file: one local device, bundled smollm2

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from mesh._model import FrozenModel
-from mesh.errors import ConfigError
+from mesh.core.errors import ConfigError
+from mesh.core.model import FrozenModel
 from mesh.topology.model import DEFAULT_MODEL_ALIAS, Topology
 from mesh.topology.references import format_path, reference_problems
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, Strict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from mesh._model import FrozenModel
+from mesh.core.model import FrozenModel
 from mesh.topology.references import format_path, reference_problems
 
 POLICY_NAMES = ("round_robin", "least_loaded", "power_of_two", "latency_aware")

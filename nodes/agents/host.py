@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from edgemesh.v1 import node_pb2
-from mesh.errors import ConfigError, InvalidRequestError, NotFoundError
-from mesh.ids import new_task_id
+from mesh.core.errors import ConfigError, InvalidRequestError, NotFoundError
+from mesh.core.ids import new_task_id
 from nodes.agents.demo import DEMO_AGENTS
 from nodes.agents.records import (
     AgentEventData,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from mesh._model import FrozenModel
+from mesh.core.model import FrozenModel
 from nodes.backends import Message
 
 StepKind = Literal["tool_call", "final", "invalid"]

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.errors import InvalidRequestError, NotFoundError, NotReadyError
+from mesh.core.errors import InvalidRequestError, NotFoundError, NotReadyError
 from nodes.agents.decision import (
     Decision,
     DecisionError,

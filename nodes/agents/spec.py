@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from mesh._model import FrozenModel
+from mesh.core.model import FrozenModel
 from nodes.tools import Tool, ToolRegistry
 
 AgentName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")]

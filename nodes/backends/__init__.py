@@ -81,7 +81,7 @@ class Backend(Protocol):
     error: str
 
     async def load(self) -> None:
-        """Load the model; raise `mesh.errors.ModelLoadError` with a clear message on failure."""
+        """Load the model; raise `mesh.core.errors.ModelLoadError` with a clear message on failure."""
 
     def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
         """Generate; closing the iterator early stops generation and frees the model."""

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mesh.errors import InvalidRequestError, ModelLoadError
+from mesh.core.errors import InvalidRequestError, ModelLoadError
 from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
 from nodes.model_files import resolve_gguf
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh.errors import (
+from mesh.core.errors import (
     InvalidRequestError,
     MeshError,
     ModelLoadError,

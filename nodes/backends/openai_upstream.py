@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.errors import (
+from mesh.core.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     MeshError,

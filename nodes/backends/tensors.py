@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgemesh.v1 import node_pb2
-from mesh.errors import InvalidRequestError
+from mesh.core.errors import InvalidRequestError
 
 # Wire dtype names (numpy's) by ONNX Runtime type string.
 ONNX_TYPES: dict[str, str] = {

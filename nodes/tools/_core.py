@@ -12,8 +12,8 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, get_type_hints
 
-from mesh._model import FrozenModel
-from mesh.errors import ConfigError, NotFoundError
+from mesh.core.errors import ConfigError, NotFoundError
+from mesh.core.model import FrozenModel
 from nodes.tools._schema import SchemaError, parameters_schema
 
 logger = logging.getLogger(__name__)

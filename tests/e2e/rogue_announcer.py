@@ -14,7 +14,7 @@ import socket
 
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from mesh.discovery.records import SERVICE_TYPE
+from mesh.core.records import SERVICE_TYPE
 
 
 def _valid(node_id: str, cluster: str, port: int) -> dict[bytes, bytes]:

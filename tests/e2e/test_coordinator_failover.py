@@ -18,7 +18,7 @@ import time
 import pytest
 
 from mesh.coordinator_client import MeshClient
-from mesh.errors import NotFoundError
+from mesh.core.errors import NotFoundError
 from tests.mesh_processes import ready_line_addresses, running_nodes, start_coordinator_cli
 
 HERE = pathlib.Path(__file__).resolve().parent  # stream_pause_hook
@@ -26,7 +26,7 @@ HERE = pathlib.Path(__file__).resolve().parent  # stream_pause_hook
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.timeout(420)]
 
 QUESTIONS = [
-    "What is the capital of France?",
+    "What is the capital city of France?",
     "Name a primary colour.",
     "What do bees make?",
     "How many days are in a week?",

@@ -12,7 +12,7 @@ import pytest
 from edgemesh.v1 import node_pb2
 from mesh.agent_client import run_agent, run_agent_to_result
 from mesh.client import NodeClient
-from mesh.errors import InvalidRequestError, NotFoundError
+from mesh.core.errors import InvalidRequestError, NotFoundError
 from nodes.config import ModelConfig, NodeConfig
 from nodes.daemon import NodeDaemon
 

@@ -17,12 +17,12 @@ import pytest
 from mesh.coordinator.runner import RunningCoordinator, start_coordinator, stop_coordinator
 from mesh.coordinator.settings import CoordinatorConfig, DispatcherSettings
 from mesh.coordinator_client import MeshClient
-from mesh.errors import InvalidRequestError, NotFoundError
+from mesh.core.errors import InvalidRequestError, NotFoundError
 from tests.mesh_processes import running_nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.timeout(300)]
 
-QUESTION = "What is the capital of France?"
+QUESTION = "What is the capital city of France?"
 TOKENS = 12
 
 

@@ -16,7 +16,7 @@ from mesh.client import NodeClient
 from mesh.coordinator.runner import start_coordinator, stop_coordinator
 from mesh.coordinator.settings import CoordinatorConfig, DispatcherSettings
 from mesh.coordinator_client import MeshClient
-from mesh.errors import NotFoundError
+from mesh.core.errors import NotFoundError
 from tests.mesh_processes import running_nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.timeout(300)]

@@ -12,7 +12,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh.client import NodeClient
-from mesh.errors import DeadlineExceededError, InvalidRequestError, NotFoundError, OverloadedError
+from mesh.core.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+)
 from nodes.config import NodeConfig
 from nodes.daemon import NodeDaemon
 from tests.fakes import FakeBackend

@@ -15,13 +15,13 @@ import time
 import pytest
 
 from mesh.client import NodeClient
-from mesh.errors import InvalidRequestError
+from mesh.core.errors import InvalidRequestError
 from nodes.config import ModelConfig, NodeConfig
 from nodes.daemon import NodeDaemon
 
 pytestmark = pytest.mark.integration
 
-QUESTION = "What is the capital of France?"
+QUESTION = "What is the capital city of France?"
 
 
 @contextlib.asynccontextmanager

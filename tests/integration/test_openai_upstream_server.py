@@ -25,7 +25,7 @@ import time
 import pytest
 
 from mesh.client import NodeClient
-from mesh.errors import ModelLoadError, UnavailableError
+from mesh.core.errors import ModelLoadError, UnavailableError
 from nodes.backends import GenerationInput, Message
 from nodes.config import ModelConfig, NodeConfig
 from nodes.daemon import NodeDaemon
@@ -170,7 +170,7 @@ def test_node_answers_through_the_upstream(tmp_path, upstream, monkeypatch, capl
     async def scenario():
         async with node(tmp_path, upstream) as daemon, NodeClient(daemon.address) as client:
             reply = await client.generate(
-                "What is the capital of France?", temperature=0, max_tokens=24, timeout_s=60
+                "What is the capital city of France?", temperature=0, max_tokens=24, timeout_s=60
             )
             assert "Paris" in reply.text and reply.model == "upstream"
             assert reply.usage.completion_tokens > 0 and reply.finish_reason in ("stop", "length")

@@ -151,9 +151,9 @@ def test_multi_homed_node_is_reached_at_the_address_that_answers(tmp_path: pathl
     registry tries the next one, follows the node there and watches it there."""
 
     async def scenario() -> None:
+        from mesh.core.ids import NodeId
+        from mesh.core.records import NodeRecord
         from mesh.discovery.browser import DiscoveryEvent, DiscoveryKind
-        from mesh.discovery.records import NodeRecord
-        from mesh.ids import NodeId
 
         node = await start_node(tmp_path, "multi")
         port = int(node.address.rsplit(":", 1)[1])

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
-from mesh._grpc_errors import from_grpc_error
-from mesh.channels import create_channel
 from mesh.client import NodeClient
-from mesh.errors import InvalidRequestError, NotFoundError
+from mesh.core.channels import create_channel
+from mesh.core.errors import InvalidRequestError, NotFoundError
+from mesh.core.grpc_status import from_grpc_error
 from nodes.backends.onnx import OnnxBackend
 from nodes.backends.tensors import array_to_tensor, tensor_to_array
 from nodes.config import ModelConfig, NodeConfig, default_router_config

@@ -9,13 +9,13 @@ import json
 import pytest
 
 from edgemesh.v1 import mesh_pb2, node_pb2
-from mesh.coordinator._agent_run import agent_input
+from mesh.coordinator.agent_run import agent_input
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.escalation import EscalationPolicy
 from mesh.coordinator.service import MeshHandlers
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.coordinator.tasks import AttemptOutcome, TaskResult, build_task
-from mesh.errors import InvalidRequestError, NotFoundError, UnavailableError
+from mesh.core.errors import InvalidRequestError, NotFoundError, UnavailableError
 from mesh.nodes_view import NodeState
 from tests.agent_mesh_fakes import (
     ORDER_ANSWER,
@@ -266,7 +266,7 @@ def test_auto_without_a_classifier_or_with_an_unknown_label_is_refused():
             await dispatcher.submit(build_task("hello", agent="auto"))
         mesh.routers = {"a"}
         mesh.classifications = {"book me in": ("scheduling", 0.8)}
-        dispatcher.classifiers.forget("a")
+        dispatcher.pool.classifiers.forget("a")
         with pytest.raises(NotFoundError, match="chose agent 'scheduling'"):
             await dispatcher.submit(build_task("book me in", agent="auto"))
         await dispatcher.close()
@@ -541,7 +541,7 @@ def test_coalesce_never_ends_a_cut_stream_as_if_complete():
 
 
 def test_an_agent_task_past_its_deadline_is_deadline_exceeded():
-    from mesh.errors import DeadlineExceededError
+    from mesh.core.errors import DeadlineExceededError
 
     async def scenario():
         mesh = FakeAgentMesh()

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from edgemesh.v1 import node_pb2
-from mesh.errors import ConfigError, InvalidRequestError, NotFoundError
+from mesh.core.errors import ConfigError, InvalidRequestError, NotFoundError
 from nodes.agents import (
     DEMO_AGENTS,
     Agent,

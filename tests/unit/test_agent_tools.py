@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import pytest
 
-from mesh.errors import ConfigError, NotFoundError
+from mesh.core.errors import ConfigError, NotFoundError
 from nodes.tools import (
     BUILTIN_TOOLS,
     DemoStore,

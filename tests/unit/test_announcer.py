@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from edgemesh.v1 import node_pb2
-from mesh.discovery.records import SERVICE_TYPE, NodeRecord
-from mesh.errors import ConfigError
-from mesh.ids import NodeId
+from mesh.core.errors import ConfigError
+from mesh.core.ids import NodeId
+from mesh.core.records import SERVICE_TYPE, NodeRecord
 from nodes.announcer import (
     DaemonAnnouncement,
     MulticastAnnouncer,

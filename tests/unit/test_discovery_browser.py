@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from zeroconf import ServiceStateChange
 
+from mesh.core.ids import NodeId
+from mesh.core.records import SERVICE_TYPE, NodeRecord
 from mesh.discovery.browser import DiscoveryEvent, DiscoveryKind, MdnsBrowser
-from mesh.discovery.records import SERVICE_TYPE, NodeRecord
-from mesh.ids import NodeId
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 

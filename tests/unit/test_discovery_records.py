@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.discovery.records import (
+from mesh.core.errors import MeshError
+from mesh.core.ids import NodeId
+from mesh.core.records import (
     MAX_TXT_STRING_BYTES,
     MAX_TXT_TOTAL_BYTES,
     PROTOCOL_VERSION,
@@ -13,8 +15,6 @@ from mesh.discovery.records import (
     accelerator_kinds,
     coarse_load_percent,
 )
-from mesh.errors import MeshError
-from mesh.ids import NodeId
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ import pytest
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.coordinator.tasks import AttemptOutcome, TaskResult, TaskState, build_task
-from mesh.errors import (
+from mesh.core.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     NotFoundError,
@@ -134,7 +134,7 @@ def test_repeated_failures_cool_a_node_down_until_it_has_rested():
         )
         for _ in range(2):  # round robin starts at a each time a fails over to b
             assert (await dispatcher.submit(build_task("hi", model="m"))).node_id == "b"
-        assert dispatcher.cooldowns.is_cooling("a")
+        assert dispatcher.pool.cooldowns.is_cooling("a")
         served = [(await dispatcher.submit(build_task("hi", model="m"))).node_id for _ in range(3)]
         assert served == ["b", "b", "b"] and mesh.served_by("a") == 2
         assert next(r for r in dispatcher.node_rows() if r.view.node_id == "a").cooling_down
@@ -268,7 +268,7 @@ def test_beyond_the_mesh_capacity_is_refused_and_no_node_is_overfilled():
             asyncio.create_task(dispatcher.submit(build_task("hi", model="m"))) for _ in range(2)
         ]
         await asyncio.sleep(0.01)
-        assert dispatcher.outstanding["a"] == 2
+        assert dispatcher.pool.outstanding["a"] == 2
         with pytest.raises(OverloadedError, match="capacity"):
             await dispatcher.submit(build_task("hi", model="m"))
         await asyncio.gather(*running)
@@ -362,7 +362,7 @@ def test_channels_of_gone_nodes_are_closed_and_latency_is_recorded():
         mesh = FakeMesh()
         dispatcher = make(mesh, view("a"), clock=asyncio.get_running_loop().time)
         await dispatcher.submit(build_task("hi", model="m"))
-        assert dispatcher.ewma.get("a") is not None
+        assert dispatcher.pool.ewma.get("a") is not None
         dispatcher.update_nodes([view("a", state=NodeState.GONE)])
         await asyncio.sleep(0)
         assert mesh.links["a"].closed
@@ -382,7 +382,7 @@ def test_cancelled_caller_cancels_the_attempt():
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        assert mesh.calls.running[task.task_id] == 0 and not dispatcher.outstanding
+        assert mesh.calls.running[task.task_id] == 0 and not dispatcher.pool.outstanding
         record = await dispatcher.describe_task(task.task_id)
         assert record.attempts[0].outcome is AttemptOutcome.CANCELLED
         # A cancelled task does not pin its key: the caller may try again.

@@ -19,7 +19,7 @@ from mesh.coordinator.escalation import (
 )
 from mesh.coordinator.intent import ClassifierIndex, classifier_models, routed_by
 from mesh.coordinator.settings import DispatcherSettings
-from mesh.errors import InvalidRequestError, UnavailableError
+from mesh.core.errors import InvalidRequestError, UnavailableError
 from mesh.topology import check_topology_text, parse_topology
 from tests.coordinator_fakes import ManualClock, view
 

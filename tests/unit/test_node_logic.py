@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from edgemesh.v1 import node_pb2
-from mesh.errors import (
+from mesh.core.errors import (
     ConfigError,
     InvalidRequestError,
     ModelLoadError,

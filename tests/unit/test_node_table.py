@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from mesh.discovery.records import NodeRecord
-from mesh.ids import NodeId
+from mesh.core.ids import NodeId
+from mesh.core.records import NodeRecord
 from mesh.node_table import (
     Discard,
     EventKind,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgemesh.v1 import node_pb2
-from mesh.errors import ConfigError, InvalidRequestError, ModelLoadError
+from mesh.core.errors import ConfigError, InvalidRequestError, ModelLoadError
 from nodes.backends.onnx import (
     CPU,
     choose_providers,

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.openai_api import build_openai_app
 from mesh.coordinator.settings import DispatcherSettings
-from mesh.errors import UnavailableError
+from mesh.core.errors import UnavailableError
 from tests.coordinator_fakes import ANSWER, Fail, FakeMesh, view
 
 pytestmark = pytest.mark.unit

@@ -10,7 +10,7 @@ import logging
 import httpx
 import pytest
 
-from mesh.errors import (
+from mesh.core.errors import (
     InvalidRequestError,
     ModelLoadError,
     NotFoundError,

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from mesh.cli import discover
-from mesh.errors import ConfigError
+from mesh.core.errors import ConfigError
+from mesh.core.ids import NodeId
 from mesh.health import probe_in_order
-from mesh.ids import NodeId
 from mesh.node_table import (
     EventKind,
     NodeDetails,
@@ -238,8 +238,8 @@ def test_when_no_address_answers_as_the_node_the_most_alive_failure_is_reported(
 
 def test_the_registry_probes_a_multi_homed_node_with_the_short_per_address_deadline() -> None:
     async def scenario() -> None:
+        from mesh.core.records import NodeRecord
         from mesh.discovery.browser import DiscoveryEvent, DiscoveryKind
-        from mesh.discovery.records import NodeRecord
 
         record = NodeRecord(
             node_id=NodeId("n1"),

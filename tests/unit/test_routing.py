@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from mesh.errors import ConfigError
-from mesh.ids import NodeId
+from mesh.core.errors import ConfigError
+from mesh.core.ids import NodeId
 from mesh.nodes_view import NodeSource, NodeState, NodeView
 from mesh.routing import (
     POLICIES,
@@ -19,7 +19,6 @@ from mesh.routing import (
     TaskShape,
     choose_latency_aware,
     choose_least_loaded,
-    choose_node,
     choose_power_of_two,
     choose_round_robin,
     filter_candidates,
@@ -243,12 +242,12 @@ def test_dispatching_until_full_fills_every_node_to_exactly_its_capacity():
         view("c", max_concurrent=1, max_queued=0),
     ]
     for name, policy in POLICIES.items():
-        state, outstanding = PolicyState(seed=5), collections.Counter()
+        state, outstanding = PolicyState(seed=5), collections.Counter[NodeId]()
         ewma = Ewma()
         ewma.update(NodeId("a"), 10.0)
         while (
-            node_id := choose_node(
-                nodes, TASK, policy=policy, state=state, ewma=ewma, outstanding=outstanding
+            node_id := policy(
+                filter_candidates(nodes, TASK, ewma=ewma, outstanding=outstanding), TASK, state
             )
         ) is not None:
             outstanding[node_id] += 1

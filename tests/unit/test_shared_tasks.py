@@ -11,21 +11,29 @@ from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.coordinator.shared_tasks import (
     LAPSED,
-    LocalDirectory,
     Outcome,
     SharedTasks,
     TaskDirectory,
 )
 from mesh.coordinator.tasks import TaskLedger, TaskResult, TaskState, build_task
-from mesh.errors import (
+from mesh.core.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     NotFoundError,
     TaskFailedError,
     UnavailableError,
 )
-from mesh.ids import TaskId
-from tests.coordinator_fakes import ANSWER, Fail, FakeMesh, Hang, ManualClock, Reply, view
+from mesh.core.ids import TaskId
+from tests.coordinator_fakes import (
+    ANSWER,
+    Fail,
+    FakeMesh,
+    Hang,
+    LocalDirectory,
+    ManualClock,
+    Reply,
+    view,
+)
 
 pytestmark = pytest.mark.unit
 

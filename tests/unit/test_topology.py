@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from mesh.cli import main
-from mesh.errors import ConfigError
+from mesh.core.errors import ConfigError
 from mesh.topology import (
     DEFAULT_MODEL_PACKAGE,
     AgentSpec,

@@ -25,12 +25,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from pydantic import Field, ValidationError
 
-from mesh._model import FrozenModel
-from mesh.errors import MeshError
-from mesh.ids import NodeId
+from mesh.core.errors import MeshError
+from mesh.core.ids import NodeId
+from mesh.core.model import FrozenModel
+from mesh.core.version import PROTOCOL_VERSION
 
 SERVICE_TYPE = "_edgemesh._tcp.local."
-PROTOCOL_VERSION = 1
 
 MAX_TXT_STRING_BYTES = 255  # one "key=value" string (RFC 6763 6.1)
 MAX_TXT_TOTAL_BYTES = 900  # whole record; well under a 1300-byte mDNS packet with the SRV/A records

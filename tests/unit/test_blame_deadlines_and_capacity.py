@@ -1,4 +1,4 @@
-"""Regression tests for the coordinator review (issue 4): whose fault an error is, the task's own
+"""Whose fault an error is (and so what is retried and what cools down), the task's own
 deadline, what the idempotency ledger remembers, capacity shared by replicas, limits checked at
 the ingresses, streams released at once, and `mesh coordinator start` failing in one line."""
 
@@ -14,14 +14,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from edgemesh.v1 import mesh_pb2, node_pb2
-from mesh._grpc_errors import status_code_for
 from mesh.coordinator import runner
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.openai_api import build_openai_app, error_body
 from mesh.coordinator.service import coalesce, task_from_submit
 from mesh.coordinator.settings import CoordinatorConfig, DispatcherSettings
 from mesh.coordinator.tasks import AttemptOutcome, TaskLedger, TaskResult, TaskState, build_task
-from mesh.errors import (
+from mesh.core.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     NotFoundError,
@@ -29,6 +28,7 @@ from mesh.errors import (
     TaskFailedError,
     UnavailableError,
 )
+from mesh.core.grpc_status import status_code_for
 from mesh.nodes_view import NodeState
 from mesh.routing import TaskShape, capacity_share, filter_candidates
 from mesh.topology import default_topology
@@ -78,8 +78,8 @@ def test_a_callers_error_from_a_node_cools_nothing_and_is_not_retried(error):
         with pytest.raises(type(error)):
             await dispatcher.submit(build_task("hi", model="m"))
         assert mesh.served_by("b") == 0
-        assert not dispatcher.cooldowns.is_cooling("a")
-        assert dispatcher.cooldowns.consecutive_failures("a") == 0
+        assert not dispatcher.pool.cooldowns.is_cooling("a")
+        assert dispatcher.pool.cooldowns.consecutive_failures("a") == 0
         await dispatcher.close()
 
     run(scenario())
@@ -151,7 +151,7 @@ def test_the_tasks_own_deadline_is_deadline_exceeded_and_not_the_nodes_fault():
         attempts = error.fields["attempts"]
         assert [a.outcome for a in attempts] == [AttemptOutcome.TIMEOUT]
         assert "deadline" in attempts[0].detail and error.fields["task_id"]
-        assert not dispatcher.cooldowns.is_cooling("a")  # the node did nothing wrong
+        assert not dispatcher.pool.cooldowns.is_cooling("a")  # the node did nothing wrong
         assert mesh.served_by("b") == 0
         await dispatcher.close()
 
@@ -172,7 +172,7 @@ def test_a_stream_that_outlives_its_deadline_is_deadline_exceeded():
         )
         with pytest.raises(DeadlineExceededError):
             await collect(dispatcher.stream(build_task("hi", model="m", deadline_s=0.05)))
-        assert not dispatcher.cooldowns.is_cooling("a") and mesh.served_by("b") == 0
+        assert not dispatcher.pool.cooldowns.is_cooling("a") and mesh.served_by("b") == 0
         await dispatcher.close()
 
     run(scenario())
@@ -193,7 +193,7 @@ def test_the_node_saying_deadline_exceeded_after_the_deadline_blames_the_deadlin
         )
         with pytest.raises(DeadlineExceededError):
             await dispatcher.submit(build_task("hi", model="m", deadline_s=5))
-        assert not dispatcher.cooldowns.is_cooling("a")
+        assert not dispatcher.pool.cooldowns.is_cooling("a")
         await dispatcher.close()
 
     run(scenario())
@@ -213,7 +213,7 @@ def test_a_per_attempt_timeout_still_fails_over_and_counts_against_the_node():
         )
         result = await dispatcher.submit(build_task("hi", model="m", deadline_s=5))
         assert result.node_id == "b" and result.attempts[0].outcome is AttemptOutcome.TIMEOUT
-        assert dispatcher.cooldowns.is_cooling("a")
+        assert dispatcher.pool.cooldowns.is_cooling("a")
         await dispatcher.close()
 
     run(scenario())
@@ -496,9 +496,9 @@ def test_closing_a_stream_frees_the_node_at_once_and_records_the_cancel():
         task = build_task("hi", model="m")
         items = dispatcher.stream(task)
         assert await anext(items) == "Paris"
-        assert dispatcher.outstanding == {"a": 1}
+        assert dispatcher.pool.outstanding == {"a": 1}
         await items.aclose()
-        assert dispatcher.outstanding == {}  # not when the garbage collector gets to it
+        assert dispatcher.pool.outstanding == {}  # not when the garbage collector gets to it
         assert mesh.calls.running[task.task_id] == 0
         assert (await dispatcher.describe_task(task.task_id)).attempts[-1].outcome is (
             AttemptOutcome.CANCELLED
@@ -516,7 +516,7 @@ def test_closing_an_unbatched_stream_closes_the_dispatcher_stream_too():
         items = coalesce(dispatcher.stream(build_task("hi", model="m")), 0.0)
         assert await anext(items) == "Paris"
         await items.aclose()
-        assert dispatcher.outstanding == {}
+        assert dispatcher.pool.outstanding == {}
         await dispatcher.close()
 
     run(scenario())
@@ -561,9 +561,13 @@ def test_what_was_measured_about_a_node_is_forgotten_when_it_is_gone():
         )
         await dispatcher.submit(build_task("hi", model="m"))  # a answers
         await dispatcher.submit(build_task("hi", model="m"))  # b fails, a answers
-        assert dispatcher.ewma.get("a") is not None and dispatcher.cooldowns.is_cooling("b")
+        assert dispatcher.pool.ewma.get("a") is not None and dispatcher.pool.cooldowns.is_cooling(
+            "b"
+        )
         dispatcher.update_nodes([view("b", state=NodeState.GONE)])
-        assert dispatcher.ewma.get("a") is None and not dispatcher.cooldowns.is_cooling("b")
+        assert dispatcher.pool.ewma.get("a") is None and not dispatcher.pool.cooldowns.is_cooling(
+            "b"
+        )
         await dispatcher.close()
 
     run(scenario())

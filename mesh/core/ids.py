@@ -6,8 +6,6 @@ import uuid
 from typing import NewType
 
 NodeId = NewType("NodeId", str)
-ModelId = NewType("ModelId", str)
-AgentId = NewType("AgentId", str)
 TaskId = NewType("TaskId", str)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from mesh.errors import MeshError, error_for_code_name
+from mesh.core.errors import MeshError, error_for_code_name
 
 
 def status_code_for(error: MeshError) -> grpc.StatusCode:

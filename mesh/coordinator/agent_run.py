@@ -15,14 +15,11 @@ why. `--agent auto` first asks a node's intent router (Classify) which agent to 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import AsyncGenerator
 
 from edgemesh.v1 import node_pb2
-from mesh.coordinator._run import TaskRun, cancelled_by_caller, channel_closed, classify
+from mesh.coordinator.attempts import Attempt, Attempts
 from mesh.coordinator.escalation import (
     AUTO_AGENT,
     escalated_max_steps,
@@ -33,37 +30,16 @@ from mesh.coordinator.escalation import (
     tier_name,
 )
 from mesh.coordinator.intent import routed_by
-from mesh.coordinator.tasks import AttemptOutcome, TaskResult
-from mesh.errors import (
-    DeadlineExceededError,
-    InvalidRequestError,
-    MeshError,
-    NotFoundError,
-    UnavailableError,
-)
-from mesh.nodes_view import NodeState, NodeView
-from mesh.routing import TaskShape, serves
-
-if TYPE_CHECKING:
-    from mesh.coordinator.dispatch import Dispatcher
-    from mesh.coordinator.tasks import LedgerEntry, TaskSpec
+from mesh.coordinator.pool import NodeLink, NodePool
+from mesh.coordinator.settings import DispatcherSettings
+from mesh.coordinator.tasks import AttemptOutcome, LedgerEntry, TaskResult, TaskSpec
+from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError, UnavailableError
+from mesh.core.ids import NodeId
+from mesh.nodes_view import NodeView
+from mesh.routing import TaskShape
 
 AgentItem = str | node_pb2.AgentStep | TaskResult
 _CLASSIFY_TRIES = 2  # classifier nodes asked before `--agent auto` gives up
-
-
-class AgentLink(Protocol):
-    """What an agent task needs from a node, beyond `NodeLink`."""
-
-    def run_agent(
-        self, request: node_pb2.AgentRequest, *, timeout_s: float | None = None
-    ) -> AsyncIterator[node_pb2.AgentEvent]: ...
-
-    async def classify(
-        self, text: str, *, model: str = "", timeout_s: float | None = None
-    ) -> node_pb2.ClassifyResponse: ...
-
-    async def describe(self, *, timeout_s: float | None = None) -> node_pb2.DescribeResponse: ...
 
 
 def agent_input(request: node_pb2.GenerateRequest) -> tuple[str, list[node_pb2.ChatMessage]]:
@@ -77,18 +53,25 @@ def agent_input(request: node_pb2.GenerateRequest) -> tuple[str, list[node_pb2.C
     return messages[last_user].content, messages[:last_user] + messages[last_user + 1 :]
 
 
-class AgentRun(TaskRun):
-    def __init__(self, dispatcher: Dispatcher, task: TaskSpec, entry: LedgerEntry) -> None:
-        super().__init__(dispatcher, task, entry)
-        self.policy = dispatcher.settings.escalation
+class AgentRun:
+    """One agent task: `unary()` or `stream()`, each called at most once."""
+
+    def __init__(
+        self, pool: NodePool, settings: DispatcherSettings, task: TaskSpec, entry: LedgerEntry
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.task = task
+        self.policy = settings.escalation
         self.agent = task.agent or ""
         self.routed_by = "request"
         self.input, self.history = agent_input(task.request)
         self.steps: list[node_pb2.AgentStep] = []  # this tier's steps, replayed ones included
         self.prompt_tokens = 0  # of tier runs that were escalated
-        self._tier_first_attempt = 0
         self._answer: tuple[node_pb2.AgentResult, NodeView] | None = None
-        self.shape = TaskShape(agent=self.agent, labels=task.labels)
+        self.attempts = Attempts(
+            pool, settings, task, entry, TaskShape(agent=self.agent, labels=task.labels)
+        )
 
     # ------------------------------------------------------------------ entry points
 
@@ -100,7 +83,7 @@ class AgentRun(TaskRun):
         assert result is not None  # stream() ends with the result or raises
         return result
 
-    async def stream(self) -> AsyncIterator[AgentItem]:  # type: ignore[override]
+    async def stream(self) -> AsyncGenerator[AgentItem, None]:  # type: ignore[override]
         """Each step as it completes, the answer text, then the TaskResult."""
         confidence = None
         if self.agent == AUTO_AGENT:
@@ -160,13 +143,13 @@ class AgentRun(TaskRun):
 
     async def _route(self) -> float:
         """Ask a classifier which agent the request is for; returns the confidence."""
-        dispatcher = self.dispatcher
-        asked: set[str] = set()
+        pool = self.pool
+        asked: set[NodeId] = set()
         last_error: MeshError | None = None
         for _ in range(_CLASSIFY_TRIES):
-            found = await dispatcher.classifiers.find(
-                dispatcher.views(),
-                dispatcher.link,
+            found = await pool.classifiers.find(
+                pool.views(),
+                pool.link,
                 model=self.policy.router_model,  # type: ignore[arg-type]
                 exclude=asked,
             )
@@ -174,25 +157,21 @@ class AgentRun(TaskRun):
                 break
             view, model = found
             asked.add(view.node_id)
-            link: AgentLink = dispatcher.link(view)  # type: ignore[assignment]
-            timeout_s = min(dispatcher.settings.classify_timeout_s, self.remaining_s())
+            link = pool.link(view)
+            timeout_s = min(self.settings.classify_timeout_s, self.attempts.remaining_s())
             try:
                 reply = await link.classify(self.input, model=model, timeout_s=timeout_s)
             except MeshError as error:
                 last_error = error
-                dispatcher.classifiers.forget(view.node_id)
+                pool.classifiers.forget(view.node_id)
                 continue
-            if not any(
-                serves(v, TaskShape(agent=reply.label))
-                for v in dispatcher.views()
-                if v.state is NodeState.READY
-            ):
+            if not pool.serves_ready(TaskShape(agent=reply.label)):
                 raise NotFoundError(
                     f"the intent router chose agent {reply.label!r} "
                     f"(confidence {reply.confidence:.2f}), which no ready node offers"
                 )
             self.agent = reply.label
-            self.shape = TaskShape(agent=self.agent, labels=self.task.labels)
+            self.attempts.shape = TaskShape(agent=self.agent, labels=self.task.labels)
             self.routed_by = routed_by(reply.model or model, reply.confidence)
             return reply.confidence
         if last_error is not None:
@@ -206,121 +185,71 @@ class AgentRun(TaskRun):
 
     def _tier_served(self, model: str) -> bool:
         shape = TaskShape(agent=self.agent, model=model or None, labels=self.task.labels)
-        return any(v.state is NodeState.READY and serves(v, shape) for v in self.dispatcher.views())
+        return self.pool.serves_ready(shape)
 
     # ------------------------------------------------------------------ one tier
 
-    def _agent_request(self, model: str, max_steps: int) -> node_pb2.AgentRequest:
-        deadline_ms = int((time.time() + self.remaining_s()) * 1000)
+    def _agent_request(self, attempt: Attempt, model: str, max_steps: int) -> node_pb2.AgentRequest:
+        context = node_pb2.TaskContext()
+        context.CopyFrom(attempt.context)
+        context.agent = self.agent
         return node_pb2.AgentRequest(
             agent=self.agent,
             input=self.input,
             history=self.history,
-            task=node_pb2.TaskContext(
-                task_id=self.task.task_id,
-                idempotency_key=self.task.idempotency_key,
-                attempt=len(self.attempts) + 1,
-                deadline_unix_ms=deadline_ms,
-                agent=self.agent,
-            ),
+            task=context,
             completed_steps=self.steps,
             model=model,
             max_steps=max_steps,
         )
 
-    async def _next_node(self) -> NodeView:
-        if len(self.attempts) - self._tier_first_attempt >= self.max_attempts:
-            raise self.failure(f"all {self.max_attempts} attempts on this tier failed")
-        if self.remaining_s() <= 0:
-            raise self.deadline_exceeded()
-        return await self.dispatcher.choose(self)
-
-    def _failed_attempt(
-        self, view: NodeView, error: BaseException, began: float, tokens: int = 0
-    ) -> None:
-        """Record a failed attempt; the steps received are replayed on the next node. Unlike a
-        model task, a node's NOT_FOUND (its agent list changed since the registry read it) is
-        retried elsewhere; only an invalid request ends the task."""
-        outcome, node_fault = classify(error)
-        self._record(
-            view, outcome, began, detail=(str(error) or type(error).__name__)[:300], tokens=tokens
-        )
-        self.tried.add(view.node_id)
-        if node_fault:
-            self.dispatcher.cooldowns.record_failure(view.node_id)
-        if isinstance(error, InvalidRequestError):
-            raise error  # the request itself is wrong: no other node will take it either
+    @staticmethod
+    def _fatal(error: BaseException) -> bool:
+        """Unlike a model task, a node's NOT_FOUND (its agent list changed since the registry
+        read it) is retried elsewhere; only an invalid request ends the task."""
+        return isinstance(error, InvalidRequestError)
 
     async def _run_tier(
         self, model: str, kept: list[node_pb2.AgentStep], max_steps: int
-    ) -> AsyncIterator[node_pb2.AgentStep]:
+    ) -> AsyncGenerator[node_pb2.AgentStep, None]:
         """Run the agent on `model` (empty: its own) until a node returns a result, which is
-        left in `self._answer`; yields each new step."""
-        dispatcher = self.dispatcher
-        self.shape = TaskShape(agent=self.agent, model=model or None, labels=self.task.labels)
+        left in `self._answer`; yields each new step. The steps received are replayed on the
+        next node when an attempt fails."""
+        self.attempts.new_round(
+            TaskShape(agent=self.agent, model=model or None, labels=self.task.labels)
+        )
         self.steps = list(kept)
-        self.tried.clear()
-        self._tier_first_attempt = len(self.attempts)
-        while True:
-            view = await self._next_node()
-            request = self._agent_request(model, max_steps)
-            link: AgentLink = dispatcher.link(view)  # type: ignore[assignment]
-            began = self.clock()
-            tokens = 0
-            result = None
-            deadline_bound = False
-            self.entry.current = (view.node_id, view.name, began, 0)
-            dispatcher.acquire(view.node_id)
+
+        async def call(
+            link: NodeLink, attempt: Attempt
+        ) -> AsyncGenerator[node_pb2.AgentStep, None]:
+            request = self._agent_request(attempt, model, max_steps)
+            events = link.run_agent(request, timeout_s=attempt.rpc_timeout_s)
             try:
-                events = link.run_agent(request, timeout_s=max(0.001, self.remaining_s()))
-                try:
-                    while True:
-                        remaining_s = self.remaining_s()
-                        silence_s = min(dispatcher.settings.attempt_timeout_s, remaining_s)
-                        deadline_bound = silence_s >= remaining_s
-                        async with asyncio.timeout(silence_s):
-                            event = await anext(events, None)
-                        if event is None:
-                            raise UnavailableError("the node ended the agent task without a result")
-                        if event.HasField("result"):
-                            result = event.result
-                            break
-                        if event.HasField("step"):
-                            self.steps.append(event.step)
-                            tokens += event.step.tokens
-                            self.entry.current = (view.node_id, view.name, began, tokens)
-                            if self.first_token_at is None:
-                                self.first_token_at = self.clock()
-                            yield event.step
-                        # `text` events repeat the answer, which the result carries too.
-                finally:
-                    await events.aclose()  # type: ignore[attr-defined]
-            except (asyncio.CancelledError, GeneratorExit) as error:
-                if isinstance(error, GeneratorExit) or cancelled_by_caller():
-                    self._record(view, AttemptOutcome.CANCELLED, began, tokens=tokens)
-                    raise
-                self._failed_attempt(view, channel_closed(), began, tokens)
-                continue
-            except (MeshError, TimeoutError) as error:
-                # The call's gRPC deadline is the task's: a DEADLINE_EXCEEDED is the task's.
-                if self._deadline_fired(
-                    error, deadline_bound or isinstance(error, DeadlineExceededError)
-                ):
-                    raise self._out_of_time(view, began, tokens) from error
-                self._failed_attempt(view, error, began, tokens)
-                continue
+                async for event in events:
+                    if event.HasField("result"):
+                        self._answer = (event.result, attempt.view)
+                        attempt.answered = True
+                        return
+                    if event.HasField("step"):
+                        self.steps.append(event.step)
+                        attempt.progress(event.step.tokens)
+                        yield event.step
+                    # `text` events repeat the answer, which the result carries too.
             finally:
-                dispatcher.release(view.node_id)
-                self.entry.current = None
-            self._record(view, AttemptOutcome.OK, began, tokens=tokens)
-            dispatcher.cooldowns.record_success(view.node_id)
-            self._answer = (result, view)
-            return
+                await events.aclose()  # type: ignore[attr-defined]
+
+        steps = self.attempts.run(call, fatal=self._fatal, measure=False)
+        async with contextlib.aclosing(steps):
+            async for step in steps:
+                yield step
 
     def _task_result(
         self, view: NodeView, result: node_pb2.AgentResult, tier: str, reason: str
     ) -> TaskResult:
         steps = tuple(result.steps)
+        attempts = self.attempts
+        records = attempts.records
         return TaskResult(
             task_id=self.task.task_id,
             text=result.answer,
@@ -330,11 +259,11 @@ class AgentRun(TaskRun):
             model=result.model,
             agent=self.agent,
             prompt_tokens=self.prompt_tokens + result.usage.prompt_tokens,
-            completion_tokens=sum(a.completion_tokens for a in self.attempts),
-            attempts=tuple(self.attempts),
-            failed_over=any(a.outcome is not AttemptOutcome.OK for a in self.attempts),
-            total_ms=(self.clock() - self.started_at) * 1000.0,
-            time_to_first_token_ms=self._first_ms(),
+            completion_tokens=sum(a.completion_tokens for a in records),
+            attempts=tuple(records),
+            failed_over=any(a.outcome is not AttemptOutcome.OK for a in records),
+            total_ms=(attempts.clock() - attempts.started_at) * 1000.0,
+            time_to_first_token_ms=attempts.first_ms(),
             steps=steps,
             tier=tier,
             escalation_reason=reason,

@@ -1,0 +1,158 @@
+"""Model tasks through the mesh: a unary answer, or a stream that continues on another node.
+
+Both are thin clients of the one attempt loop (`attempts.Attempts.run`): each says how one
+attempt calls a node and what the caller sees of it. Agent tasks are `agent_run.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+
+from edgemesh.v1 import node_pb2
+from mesh.coordinator.attempts import Attempt, Attempts
+from mesh.coordinator.pool import NodeLink, NodePool
+from mesh.coordinator.settings import DispatcherSettings
+from mesh.coordinator.tasks import LedgerEntry, TaskResult, TaskSpec
+from mesh.routing import TaskShape
+
+_HAS_TOKEN_COUNT = "tokens" in node_pb2.GenerateChunk.DESCRIPTOR.fields_by_name
+
+
+def chunk_tokens(chunk: node_pb2.GenerateChunk) -> int:
+    """Tokens a chunk carries (`GenerateChunk.tokens`: a node merges several tokens into one
+    chunk when its reader is slow). A continued stream asks the next node for exactly the
+    tokens still missing. A node too old to say counts one per chunk: a lower bound, so such a
+    continuation may run a few tokens past max_tokens but never stops short."""
+    if _HAS_TOKEN_COUNT:
+        return int(getattr(chunk, "tokens", 0)) or 1
+    return 1
+
+
+class TaskRun:
+    """One model task (no agent): `unary()` or `stream()`, each called at most once."""
+
+    def __init__(
+        self, pool: NodePool, settings: DispatcherSettings, task: TaskSpec, entry: LedgerEntry
+    ) -> None:
+        self.task = task
+        self.settings = settings
+        self.attempts = Attempts(
+            pool, settings, task, entry, TaskShape(model=task.model or None, labels=task.labels)
+        )
+        self._sent: list[str] = []  # streams: text the caller already has
+        self._produced = 0  # streams: tokens of that text
+        self._final: tuple[Attempt, node_pb2.GenerateResponse] | None = None
+        self._broken: Attempt | None = None  # streams: the last attempt that broke
+
+    def _request(self, attempt: Attempt) -> node_pb2.GenerateRequest:
+        request = node_pb2.GenerateRequest()
+        request.CopyFrom(self.task.request)
+        request.task.CopyFrom(attempt.context)
+        if self._sent:
+            request.continuation = self.task.request.continuation + "".join(self._sent)
+        if self._produced and request.sampling.HasField("max_tokens"):
+            request.sampling.max_tokens = request.sampling.max_tokens - self._produced
+        return request
+
+    def _result(
+        self,
+        attempt: Attempt,
+        final: node_pb2.GenerateResponse,
+        text: str,
+        tokens: int,
+        first_ms: float,
+    ) -> TaskResult:
+        """The answer; `attempt`'s node gave its last part."""
+        attempts = self.attempts
+        return TaskResult(
+            task_id=self.task.task_id,
+            text=text,
+            finish_reason=final.finish_reason,
+            node_id=attempt.view.node_id,
+            node_name=attempt.view.name,
+            model=final.model or self.task.model or "",
+            agent=self.task.agent or "",
+            prompt_tokens=final.usage.prompt_tokens,
+            completion_tokens=tokens,
+            attempts=tuple(attempts.records),
+            failed_over=len(attempts.records) > 1,
+            total_ms=(attempts.clock() - attempts.started_at) * 1000.0,
+            time_to_first_token_ms=first_ms,
+        )
+
+    # ------------------------------------------------------------------ unary
+
+    async def _call_unary(
+        self, link: NodeLink, attempt: Attempt
+    ) -> AsyncGenerator[node_pb2.GenerateResponse, None]:
+        reply = await link.generate_request(self._request(attempt), timeout_s=attempt.rpc_timeout_s)
+        attempt.tokens = reply.usage.completion_tokens
+        attempt.answered = True
+        self._final = (attempt, reply)
+        yield reply
+
+    async def unary(self) -> TaskResult:
+        async with contextlib.aclosing(self.attempts.run(self._call_unary)) as replies:
+            async for _reply in replies:
+                pass
+        assert self._final is not None  # run() ends with an answered attempt or raises
+        attempt, reply = self._final
+        # Time to first token: until the answering attempt began, plus the node's own TTFT.
+        first_ms = (attempt.began - self.attempts.started_at) * 1000.0
+        first_ms += reply.timing.time_to_first_token_ms
+        return self._result(attempt, reply, reply.text, attempt.tokens, first_ms)
+
+    # ------------------------------------------------------------------ streaming
+
+    async def _call_stream(self, link: NodeLink, attempt: Attempt) -> AsyncGenerator[str, None]:
+        chunks = link.stream_request(self._request(attempt), timeout_s=attempt.rpc_timeout_s)
+        try:
+            async for chunk in chunks:
+                if chunk.HasField("final"):
+                    attempt.tokens = chunk.final.usage.completion_tokens or attempt.tokens
+                    self._final = (attempt, chunk.final)
+                    attempt.answered = True
+                    return
+                if chunk.text:
+                    self._sent.append(chunk.text)
+                    attempt.progress(chunk_tokens(chunk))
+                    yield chunk.text
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    def _after_failure(self, attempt: Attempt) -> bool:
+        if attempt.tokens and not self.settings.resume_streams:
+            raise self.attempts.failure(
+                f"the stream broke after {attempt.tokens} tokens and resuming is off"
+            )
+        self._produced += attempt.tokens
+        self._broken = attempt
+        # Go on unless the broken attempt sent every token asked for.
+        return not (self._produced and self._tokens_left() == 0)
+
+    async def stream(self) -> AsyncGenerator[str | TaskResult, None]:
+        """Text pieces, then the result. After a failure mid-answer the next node continues from
+        the text already sent, with max_tokens reduced by the tokens already produced."""
+        # Closed with this generator, so a caller that goes away frees the node at once.
+        pieces = self.attempts.run(self._call_stream, after_failure=self._after_failure)
+        async with contextlib.aclosing(pieces):
+            async for piece in pieces:
+                yield piece
+        text, first_ms = "".join(self._sent), self.attempts.first_ms()
+        if self._final is None:
+            # The broken attempt sent every token asked for: the answer is complete, and the
+            # node that sent its end is the one that answered (no other is needed).
+            assert self._broken is not None  # run() ended after a failure, not an answer
+            final = node_pb2.GenerateResponse(finish_reason="length")
+            yield self._result(self._broken, final, text, self._produced, first_ms)
+            return
+        attempt, final = self._final
+        yield self._result(attempt, final, text, self._produced + attempt.tokens, first_ms)
+
+    def _tokens_left(self) -> int | None:
+        """Tokens still to generate; None: no limit (the node's default)."""
+        sampling = self.task.request.sampling
+        if not sampling.HasField("max_tokens"):
+            return None
+        return max(0, sampling.max_tokens - self._produced)
