@@ -90,6 +90,7 @@ def main() -> int:
         max_queued=args.max_queued,
         grace_s=0.5,
         models=(ModelConfig(id=args.model, source="memory", n_threads=1),),
+        router=None,  # a fake node serves only its fake model
     )
     backend = InstantBackend(args.model, args.reply, args.delay_ms / 1000)
     daemon = NodeDaemon(config, backends={args.model: backend}, progress=io.StringIO())

@@ -1,12 +1,12 @@
 """Tasks through the coordinator: `mesh.coordinator_client.MeshClient`.
 
 A model task, an agent task with its steps, and an agent task streamed with `agent="auto"`
-(the coordinator asks a node's intent router which agent to run). Start a node with the router
-(`--router`, or `examples/node.yaml`) and a coordinator that knows it, then run this script
+(the coordinator asks a node's intent router which agent to run). Start a node (it serves the
+intent router unless started with `--no-router`) and a coordinator that knows it, then run this script
 with either of the coordinator's gRPC addresses (Ray Serve's proxy, default port 9000, or the
 direct fast path; `mesh coordinator start` prints both):
 
-    .venv/bin/mesh node start --host 127.0.0.1 --port 50051 --no-advertise --router
+    .venv/bin/mesh node start --host 127.0.0.1 --port 50051 --no-advertise
     .venv/bin/mesh coordinator start --node 127.0.0.1:50051 --no-mdns
     .venv/bin/python examples/mesh_submit.py 127.0.0.1:9000
 """

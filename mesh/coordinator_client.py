@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import grpc
 
 from edgemesh.v1 import mesh_pb2, mesh_pb2_grpc, node_pb2
-from mesh.core.channels import PLAINTEXT, ChannelClient, ChannelSecurity
+from mesh.core.channels import PLAINTEXT, ChannelClient, ChannelSecurity, Keepalive
 from mesh.core.errors import MeshError, TaskFailedError
 from mesh.core.grpc_status import from_grpc_error
 
@@ -89,7 +89,14 @@ class MeshClient(ChannelClient):
         security: ChannelSecurity = PLAINTEXT,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        super().__init__(address, timeout_s=timeout_s, security=security, channel=channel)
+        # The ingress may be Ray Serve's gRPC proxy, which allows few pings (Keepalive).
+        super().__init__(
+            address,
+            timeout_s=timeout_s,
+            security=security,
+            channel=channel,
+            keepalive=Keepalive.INGRESS,
+        )
         self._stub = mesh_pb2_grpc.MeshServiceStub(self._channel)
 
     def _timeout(self, request: mesh_pb2.SubmitRequest, timeout_s: float | None) -> float:

@@ -6,7 +6,7 @@ import os
 import pathlib
 import socket
 import urllib.parse
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -96,6 +96,17 @@ def _is_onnx_source(source: str) -> bool:
     return source.removeprefix("bundled:") == ROUTER_ALIAS or source.lower().endswith(".onnx")
 
 
+def _is_bundled_router(model: object) -> bool:
+    """Whether a `models` entry (a ModelConfig or its mapping) is the bundled intent router."""
+    if isinstance(model, ModelConfig):
+        model_id, source = model.id, model.source
+    elif isinstance(model, dict):
+        model_id, source = model.get("id"), model.get("source")
+    else:
+        return False
+    return model_id == ROUTER_ALIAS or source == f"bundled:{ROUTER_ALIAS}"
+
+
 def default_router_config() -> ModelConfig:
     """The bundled intent router: one thread, CPU (a string model gains nothing from a GPU)."""
     return ModelConfig(
@@ -139,10 +150,21 @@ class NodeConfig(FrozenModel):
     datasets: tuple[str, ...] | None = None
     data_dir: str | None = None  # the agents' SQLite store; None: <state_dir>/data
     # ---- intent router (nodes/router): the classifier Classify uses by default and
-    # `--agent auto` relies on. Off by default: it costs ~43 MB RSS (onnxruntime +
-    # session; docs/BENCHMARKS.md); enable with `router: {id: intent-router,
-    # source: bundled:intent-router}` or default_router_config().
+    # `--agent auto` relies on. On by default (688 KiB model, ~0.2 ms an answer, ~43 MB RSS
+    # for onnxruntime and its session: docs/BENCHMARKS.md), so intent routing works out of
+    # the box; `router: null` (or `mesh node start --no-router`) turns it off. Left out when
+    # a model of the node already is the bundled router.
     router: ModelConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_router(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "router" in data:
+            return data
+        models = data.get("models", ())
+        if any(_is_bundled_router(model) for model in models or ()):
+            return data
+        return {**data, "router": default_router_config()}
 
     @model_validator(mode="after")
     def _check_models(self) -> NodeConfig:

@@ -18,7 +18,7 @@ from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
 from mesh.core.grpc_status import status_code_for
 from nodes import inference
-from nodes.admission import AdmissionController
+from nodes.admission import AdmissionController, Ticket
 from nodes.agents import AgentHost
 from nodes.backends import Backend, Completion, GenerationInput, Message, ModelStatus
 from nodes.config import NodeConfig
@@ -122,6 +122,20 @@ def to_generation_input(
     )
 
 
+MIN_WAITING_REPORT_S = 0.05  # the most often a queued request says it still waits
+
+
+async def _wait_reporting(ticket: Ticket, report_ms: int) -> AsyncIterator[None]:
+    """Until `ticket` runs: one item on arrival and then every `report_ms` (0: none)."""
+    if not report_ms:
+        await ticket.wait()
+        return
+    every_s = max(MIN_WAITING_REPORT_S, report_ms / 1000)
+    while not ticket.running:
+        yield None
+        await ticket.wait(every_s)
+
+
 class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     def __init__(
         self,
@@ -185,7 +199,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     ) -> AsyncIterator[node_pb2.AgentEvent]:
         # Agents (nodes/agents): a whole agent task holds one admission slot.
         try:
-            async with self.admission.slot():
+            async with self.admission.ticket() as ticket:
+                async for _ in _wait_reporting(ticket, request.report_waiting_ms):
+                    yield node_pb2.AgentEvent(waiting=True)
                 async for event in self.agents.run(request):
                     yield event
         except MeshError as error:
@@ -306,7 +322,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         backend, generation = to_generation_input(request, self.config, self.backends)
         arrived = time.perf_counter()
         index = 0
-        async with self.admission.slot():
+        async with self.admission.ticket() as ticket:
+            async for _ in _wait_reporting(ticket, request.report_waiting_ms):
+                yield node_pb2.GenerateChunk(waiting=True)
             started = time.perf_counter()
             first_token_at = 0.0
             completion = Completion()

@@ -76,6 +76,15 @@ class Stall:
     after: int = 0
 
 
+@dataclass
+class Queued:
+    """Wait `wait_s` in the node's queue, saying so every `report_s` when the request asks for
+    it (as a real node does), then run the plan."""
+
+    wait_s: float
+    report_s: float = 0.02
+
+
 class FakeAgentLink:
     def __init__(self, node_id: str, mesh: FakeAgentMesh) -> None:
         self.node_id = node_id
@@ -119,6 +128,14 @@ class FakeAgentLink:
         self.requests.append(request)
         script = self.mesh.scripts.get(self.node_id, [])
         behaviour = script.pop(0) if script else None
+        if isinstance(behaviour, Queued):
+            loop = asyncio.get_running_loop()
+            until = loop.time() + behaviour.wait_s
+            while loop.time() < until:
+                if request.report_waiting_ms:
+                    yield node_pb2.AgentEvent(waiting=True)
+                await asyncio.sleep(behaviour.report_s)
+            behaviour = None
         plan = self._plan(request.model)
         completed = list(request.completed_steps)
         planned: list[Step | None] = list(plan.steps) + ([None] if plan.finish == "answer" else [])

@@ -74,6 +74,16 @@ class Hang:
 
 
 @dataclass
+class Queued:
+    """Wait `wait_s` in the node's queue (saying so every `report_s` when the request asks for
+    it, as a real node does), then answer like `Reply`."""
+
+    wait_s: float
+    report_s: float = 0.02
+    text: str = ANSWER
+
+
+@dataclass
 class Calls:
     """Everything every fake saw, in order: ("start"|"end", node, task_id) events."""
 
@@ -172,6 +182,15 @@ class FakeLink:
     async def stream_request(
         self, request: node_pb2.GenerateRequest, *, timeout_s: float | None = None
     ) -> AsyncIterator[node_pb2.GenerateChunk]:
+        if self.script and isinstance(self.script[0], Queued):
+            queued = self.script[0]
+            self.script[0] = Reply(queued.text)
+            loop = asyncio.get_running_loop()
+            until = loop.time() + queued.wait_s
+            while loop.time() < until:
+                if request.report_waiting_ms:
+                    yield node_pb2.GenerateChunk(waiting=True)
+                await asyncio.sleep(queued.report_s)
         task_id = self._start(request)
         try:
             index = 0

@@ -222,7 +222,7 @@ class TaskContext(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., agent: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "sampling", "task", "continuation", "raw")
+    __slots__ = ("model", "prompt", "messages", "sampling", "task", "continuation", "raw", "report_waiting_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +230,7 @@ class GenerateRequest(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    REPORT_WAITING_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -237,7 +238,8 @@ class GenerateRequest(_message.Message):
     task: TaskContext
     continuation: str
     raw: bool
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., continuation: _Optional[str] = ..., raw: _Optional[bool] = ...) -> None: ...
+    report_waiting_ms: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., continuation: _Optional[str] = ..., raw: _Optional[bool] = ..., report_waiting_ms: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -280,19 +282,21 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., node_id: _Optional[str] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "index", "final", "tokens")
+    __slots__ = ("text", "index", "final", "tokens", "waiting")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     text: str
     index: int
     final: GenerateResponse
     tokens: int
-    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ..., tokens: _Optional[int] = ...) -> None: ...
+    waiting: bool
+    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ..., tokens: _Optional[int] = ..., waiting: _Optional[bool] = ...) -> None: ...
 
 class AgentRequest(_message.Message):
-    __slots__ = ("agent", "input", "history", "task", "completed_steps", "model", "max_steps")
+    __slots__ = ("agent", "input", "history", "task", "completed_steps", "model", "max_steps", "report_waiting_ms")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +304,7 @@ class AgentRequest(_message.Message):
     COMPLETED_STEPS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_WAITING_MS_FIELD_NUMBER: _ClassVar[int]
     agent: str
     input: str
     history: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -307,7 +312,8 @@ class AgentRequest(_message.Message):
     completed_steps: _containers.RepeatedCompositeFieldContainer[AgentStep]
     model: str
     max_steps: int
-    def __init__(self, agent: _Optional[str] = ..., input: _Optional[str] = ..., history: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., completed_steps: _Optional[_Iterable[_Union[AgentStep, _Mapping]]] = ..., model: _Optional[str] = ..., max_steps: _Optional[int] = ...) -> None: ...
+    report_waiting_ms: int
+    def __init__(self, agent: _Optional[str] = ..., input: _Optional[str] = ..., history: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., completed_steps: _Optional[_Iterable[_Union[AgentStep, _Mapping]]] = ..., model: _Optional[str] = ..., max_steps: _Optional[int] = ..., report_waiting_ms: _Optional[int] = ...) -> None: ...
 
 class ToolCall(_message.Message):
     __slots__ = ("tool", "arguments_json")
@@ -366,14 +372,16 @@ class AgentResult(_message.Message):
     def __init__(self, agent: _Optional[str] = ..., answer: _Optional[str] = ..., finish_reason: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[AgentStep, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., total_ms: _Optional[float] = ..., model: _Optional[str] = ..., node_id: _Optional[str] = ..., tier: _Optional[str] = ..., escalation_reason: _Optional[str] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
-    __slots__ = ("step", "text", "result")
+    __slots__ = ("step", "text", "result", "waiting")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     step: AgentStep
     text: str
     result: AgentResult
-    def __init__(self, step: _Optional[_Union[AgentStep, _Mapping]] = ..., text: _Optional[str] = ..., result: _Optional[_Union[AgentResult, _Mapping]] = ...) -> None: ...
+    waiting: bool
+    def __init__(self, step: _Optional[_Union[AgentStep, _Mapping]] = ..., text: _Optional[str] = ..., result: _Optional[_Union[AgentResult, _Mapping]] = ..., waiting: _Optional[bool] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("model", "text")

@@ -34,8 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     start.add_argument(
         "--router",
-        action="store_true",
-        help="also serve the bundled ONNX intent router (Classify; ~40 MB)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve the bundled ONNX intent router for Classify and `--agent auto` "
+        "(on unless the config says `router: null`; --no-router saves ~40 MB)",
     )
     start.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
     start.add_argument("--interface", help="IP of the interface to advertise on")
@@ -82,6 +84,8 @@ def _start(args: argparse.Namespace) -> int:
             interface=args.interface,
             router=default_router_config() if args.router else None,
         )
+        if args.router is False:
+            config = config.model_copy(update={"router": None})
         if args.n_threads and not args.model:
             config = config.model_copy(
                 update={

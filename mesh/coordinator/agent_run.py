@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 
 from edgemesh.v1 import node_pb2
-from mesh.coordinator.attempts import Attempt, Attempts
+from mesh.coordinator.attempts import WAITING, Attempt, Attempts
 from mesh.coordinator.escalation import (
     AUTO_AGENT,
     escalated_max_steps,
@@ -180,7 +180,8 @@ class AgentRun:
             )
         raise NotFoundError(
             "--agent auto needs a node serving a text-classification model "
-            "(start one with `mesh node start --router`); none is ready"
+            "(every node serves the bundled intent router unless started with --no-router); "
+            "none is ready"
         )
 
     def _tier_served(self, model: str) -> bool:
@@ -201,6 +202,7 @@ class AgentRun:
             completed_steps=self.steps,
             model=model,
             max_steps=max_steps,
+            report_waiting_ms=self.attempts.waiting_report_ms(),
         )
 
     @staticmethod
@@ -227,6 +229,9 @@ class AgentRun:
             events = link.run_agent(request, timeout_s=attempt.rpc_timeout_s)
             try:
                 async for event in events:
+                    if event.waiting:
+                        yield WAITING  # queued behind other work on the node: not silent
+                        continue
                     if event.HasField("result"):
                         self._answer = (event.result, attempt.view)
                         attempt.answered = True

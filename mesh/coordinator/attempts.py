@@ -6,9 +6,11 @@ says which failures end the task. Attempts of one task are strictly sequential: 
 cancelled, and its cancellation has reached the channel, before the next one starts, so no two
 nodes (nor one node twice) ever run the same task at once.
 
-A node is silent for too long when no item arrives for `attempt_timeout_s` (a unary call's one
-item is its answer); the call's own gRPC deadline is the task's, so a DEADLINE_EXCEEDED from it
-is the task running out of time, not the node's fault.
+A node is silent for too long when nothing arrives for `attempt_timeout_s`: no text, no step,
+and no word that the request still waits in the node's queue (a call yields `WAITING` for that:
+waiting behind other work is not a failure, and a slow node that keeps producing is never cut).
+The call's own gRPC deadline is the task's, so a DEADLINE_EXCEEDED from it is the task running
+out of time, not the node's fault.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from edgemesh.v1 import node_pb2
 from mesh.coordinator.pool import NodeLink, NodePool, NoNodeError, NoNodeReason
@@ -46,6 +48,16 @@ T = TypeVar("T")
 
 _RETRY_PAUSE_S = 0.05  # per attempt made, before trying nodes that already failed this task
 _END = object()
+
+
+class _Waiting:
+    """What a call yields when the node says the request waits in its queue (not passed on)."""
+
+    def __repr__(self) -> str:
+        return "WAITING"
+
+
+WAITING: Any = _Waiting()
 
 
 def cancelled_by_caller() -> bool:
@@ -180,6 +192,11 @@ class Attempts:
         )
         self.entry.attempts = tuple(self.records)
 
+    def waiting_report_ms(self) -> int:
+        """How often a node is asked to say that the task still waits in its queue: well
+        within the per-attempt timeout, so that waiting is never taken for silence."""
+        return max(1, int(min(1.0, self.settings.attempt_timeout_s / 3) * 1000))
+
     def context(self) -> node_pb2.TaskContext:
         """The TaskContext of the next attempt (its number, what is left of the deadline)."""
         return node_pb2.TaskContext(
@@ -260,7 +277,8 @@ class Attempts:
                                 item = await anext(items, _END)
                             if item is _END:
                                 break
-                            yield item  # type: ignore[misc]
+                            if item is not WAITING:
+                                yield item  # type: ignore[misc]
                     finally:
                         await items.aclose()
                     if not attempt.answered:

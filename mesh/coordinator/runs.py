@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 
 from edgemesh.v1 import node_pb2
-from mesh.coordinator.attempts import Attempt, Attempts
+from mesh.coordinator.attempts import WAITING, Attempt, Attempts
 from mesh.coordinator.pool import NodeLink, NodePool
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.coordinator.tasks import LedgerEntry, TaskResult, TaskSpec
@@ -49,6 +49,7 @@ class TaskRun:
         request = node_pb2.GenerateRequest()
         request.CopyFrom(self.task.request)
         request.task.CopyFrom(attempt.context)
+        request.report_waiting_ms = self.attempts.waiting_report_ms()
         if self._sent:
             request.continuation = self.task.request.continuation + "".join(self._sent)
         if self._produced and request.sampling.HasField("max_tokens"):
@@ -83,25 +84,17 @@ class TaskRun:
 
     # ------------------------------------------------------------------ unary
 
-    async def _call_unary(
-        self, link: NodeLink, attempt: Attempt
-    ) -> AsyncGenerator[node_pb2.GenerateResponse, None]:
-        reply = await link.generate_request(self._request(attempt), timeout_s=attempt.rpc_timeout_s)
-        attempt.tokens = reply.usage.completion_tokens
-        attempt.answered = True
-        self._final = (attempt, reply)
-        yield reply
-
     async def unary(self) -> TaskResult:
-        async with contextlib.aclosing(self.attempts.run(self._call_unary)) as replies:
-            async for _reply in replies:
-                pass
-        assert self._final is not None  # run() ends with an answered attempt or raises
-        attempt, reply = self._final
-        # Time to first token: until the answering attempt began, plus the node's own TTFT.
-        first_ms = (attempt.began - self.attempts.started_at) * 1000.0
-        first_ms += reply.timing.time_to_first_token_ms
-        return self._result(attempt, reply, reply.text, attempt.tokens, first_ms)
+        """The whole answer. It is streamed from the node all the same, so that a node that
+        keeps producing (or says it still queues the request) is never cut off as silent,
+        and an answer broken halfway continues on another node from what was produced."""
+        result = None
+        async with contextlib.aclosing(self.stream()) as items:
+            async for item in items:
+                if isinstance(item, TaskResult):
+                    result = item
+        assert result is not None  # stream() ends with the result or raises
+        return result
 
     # ------------------------------------------------------------------ streaming
 
@@ -109,6 +102,9 @@ class TaskRun:
         chunks = link.stream_request(self._request(attempt), timeout_s=attempt.rpc_timeout_s)
         try:
             async for chunk in chunks:
+                if chunk.waiting:
+                    yield WAITING  # queued behind other work on the node: not silent
+                    continue
                 if chunk.HasField("final"):
                     attempt.tokens = chunk.final.usage.completion_tokens or attempt.tokens
                     self._final = (attempt, chunk.final)

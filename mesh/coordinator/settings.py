@@ -32,7 +32,7 @@ class DispatcherSettings(FrozenModel):
     node_wait_s: Annotated[float, Field(ge=0)] = 5.0  # wait for a ready node when none is
     # How many dispatchers share each node's advertised capacity (the replica count): each one
     # sends a node at most its share, so together they never exceed what the node accepts (a
-    # node with fewer slots than dispatchers is refused, not overfilled: dispatch._share).
+    # node with fewer slots than dispatchers is refused, not overfilled: pool._share).
     # CoordinatorConfig sets it from its final `replicas`.
     capacity_share: Annotated[int, Field(ge=1)] = 1
     ledger_size: Annotated[int, Field(ge=1)] = 10_000  # finished tasks kept for DescribeTask

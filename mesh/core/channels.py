@@ -6,6 +6,7 @@ for every channel. Today channels are plaintext; `ChannelSecurity` is the seam.
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 from typing import Self
@@ -35,11 +36,7 @@ _SERVICE_CONFIG = json.dumps(
     }
 )
 
-_CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
+_COMMON_CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.enable_retries", 1),
     ("grpc.service_config", _SERVICE_CONFIG),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -48,9 +45,36 @@ _CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )
 
+
+class Keepalive(enum.Enum):
+    """How often a channel pings its server, chosen by what that server allows.
+
+    A server answers pings more frequent than its policy allows with GOAWAY (too_many_pings),
+    which kills every call on the connection. gRPC's default server policy, which Ray Serve's
+    gRPC proxy keeps (it takes no server options), allows a ping only every 5 minutes, and
+    none while no call is open. The project's own servers (`create_server`: nodes and the
+    coordinator's fast path) allow one every 5 s, with or without calls.
+    """
+
+    # To a node (our server): a dead peer is noticed within ~15 s even on an idle connection.
+    NODE = (10_000, 5_000, True)
+    # To the coordinator's ingress, which may be Serve's proxy: within its default policy.
+    INGRESS = (330_000, 20_000, False)
+
+    def options(self) -> tuple[tuple[str, object], ...]:
+        every_ms, timeout_ms, without_calls = self.value
+        return (
+            ("grpc.keepalive_time_ms", every_ms),
+            ("grpc.keepalive_timeout_ms", timeout_ms),
+            ("grpc.keepalive_permit_without_calls", int(without_calls)),
+            ("grpc.http2.max_pings_without_data", 0),
+        )
+
+
 _SERVER_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # The pings our servers accept (see Keepalive): every 5 s at most, also without calls.
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -85,11 +109,15 @@ def _credentials(security: ChannelSecurity) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root, key, cert)
 
 
-def create_channel(address: str, security: ChannelSecurity = PLAINTEXT) -> grpc.aio.Channel:
-    """An asyncio channel to `address` ("host:port")."""
+def create_channel(
+    address: str, security: ChannelSecurity = PLAINTEXT, keepalive: Keepalive = Keepalive.NODE
+) -> grpc.aio.Channel:
+    """An asyncio channel to `address` ("host:port"), pinging as `keepalive` says its server
+    allows."""
+    options = _COMMON_CHANNEL_OPTIONS + keepalive.options()
     if security.enabled:
-        return grpc.aio.secure_channel(address, _credentials(security), options=_CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(address, _credentials(security), options=options)
+    return grpc.aio.insecure_channel(address, options=options)
 
 
 def create_server(max_concurrent_rpcs: int | None = None) -> grpc.aio.Server:
@@ -125,10 +153,11 @@ class ChannelClient:
         timeout_s: float,
         security: ChannelSecurity = PLAINTEXT,
         channel: grpc.aio.Channel | None = None,
+        keepalive: Keepalive = Keepalive.NODE,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = channel or create_channel(address, security)
+        self._channel = channel or create_channel(address, security, keepalive)
         self._owns_channel = channel is None
 
     @property

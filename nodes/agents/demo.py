@@ -2,7 +2,7 @@
 
 They are tuned for the bundled SmolLM2-135M: each request is offered only its most
 relevant tool, the first step must call it, and the answer is written from the
-tool's result (see notes/agents-readme.md for what that model can and cannot do).
+tool's result (see docs/agents.md for what that model can and cannot do).
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ async def wait_ready_nodes(address: str, count: int, timeout_s: float = 30.0) ->
 
 
 SLOW_REPLY = " ".join(f"word{i}" for i in range(40))
+# One answer that takes longer than a minute: a word a second.
+LONG_REPLY = " ".join(f"long{i}" for i in range(66))
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +59,19 @@ def mesh(tmp_path_factory):
             reply=SLOW_REPLY,
             max_concurrent=4,
         ) as slow,
+        running_nodes(
+            directory,
+            ["long-1"],
+            fake=True,
+            delay_ms=1000,
+            model="long",
+            reply=LONG_REPLY,
+            max_concurrent=4,
+        ) as long,
     ):
         config = CoordinatorConfig(
             cluster="default",
-            static_nodes=tuple(n.address for n in [*nodes, *slow]),
+            static_nodes=tuple(n.address for n in [*nodes, *slow, *long]),
             mdns=False,
             grpc_port=0,
             http_port=0,
@@ -71,8 +82,8 @@ def mesh(tmp_path_factory):
         )
         try:
             running = start_coordinator(config)
-            run(wait_ready_nodes(running.grpc_address, 5))
-            yield running, {n.name: n for n in [*nodes, *slow]}
+            run(wait_ready_nodes(running.grpc_address, 6))
+            yield running, {n.name: n for n in [*nodes, *slow, *long]}
         finally:
             stop_coordinator()
 
@@ -89,12 +100,71 @@ def test_list_nodes_shows_both_ready(mesh):
         for address in both_paths(running):
             async with MeshClient(address) as client:
                 listed = {n.name: n for n in await client.list_nodes()}
-            assert set(listed) == {"node-a", "node-b", "slow-1", "slow-2", "slow-3"}
+            assert set(listed) == {"node-a", "node-b", "slow-1", "slow-2", "slow-3", "long-1"}
             assert all(n.state == "ready" and n.source == "static" for n in listed.values())
-            assert listed["node-a"].models == ["smollm2"] and listed["slow-1"].models == ["slow"]
+            # A node started with no flags also serves the bundled intent router.
+            assert listed["node-a"].models == ["smollm2", "intent-router"]
+            assert listed["slow-1"].models == ["slow"]
             assert listed["node-a"].capacity.max_concurrent == 1
 
     run(scenario())
+
+
+def test_tasks_longer_than_a_minute_and_a_queued_burst_are_all_answered(mesh):
+    """No GOAWAY (too_many_pings) from Serve's gRPC proxy: a unary task silent on the client's
+    connection for over a minute, a stream as long, both on the proxy and on the fast path,
+    and a burst of more tasks than the nodes run at once, sent in the middle of it."""
+    running, _nodes = mesh
+    words = len(LONG_REPLY.split(" "))
+
+    async def long_unary(client: MeshClient) -> str:
+        reply = await client.submit("go", model="long", deadline_s=110)
+        return reply.text
+
+    async def long_stream(client: MeshClient) -> str:
+        pieces = []
+        async for chunk in client.submit_stream("go", model="long", deadline_s=110):
+            pieces.append(chunk.text)
+        return "".join(pieces)
+
+    async def burst(client: MeshClient) -> list[str]:
+        await asyncio.sleep(45)  # when the proxy would have sent GOAWAY for 10 s pings
+        tasks = [client.submit(f"b{i}", model="slow", deadline_s=50) for i in range(30)]
+        return [reply.text for reply in await asyncio.gather(*tasks)]
+
+    async def scenario():
+        async with (
+            MeshClient(running.grpc_address) as proxy,
+            MeshClient(running.fast_paths[0]) as fast,
+        ):
+            return await asyncio.gather(
+                long_unary(proxy), long_stream(proxy), long_unary(fast), burst(proxy)
+            )
+
+    *longs, burst_texts = run(scenario(), timeout=150)
+    assert longs == [LONG_REPLY] * 3, [len(text.split(" ")) for text in longs]
+    assert burst_texts == [SLOW_REPLY] * 30
+    assert words > 60  # a word a second: each long task took over a minute
+
+
+def test_agent_auto_works_on_nodes_started_with_no_flags(mesh):
+    """The embedded default: `mesh node start` with no flags serves the intent router, so
+    `--agent auto` picks the agent and the request is answered by it."""
+    running, _nodes = mesh
+
+    async def scenario():
+        async with MeshClient(running.grpc_address) as client:
+            return await client.submit(
+                "My laptop crashes on boot",
+                agent="auto",
+                model="smollm2",  # the real nodes' model: the fake ones offer the agents too
+                deadline_s=50,
+            )
+
+    result = run(scenario())
+    assert result.agent == "technical-support"
+    assert "intent-router" in result.routed_by
+    assert result.node_name in {"node-a", "node-b"} and result.text
 
 
 def test_unary_and_streaming_through_serve_proxy_and_fast_path(mesh):
@@ -175,7 +245,7 @@ def test_openai_client_unary_and_streaming(mesh):
     client = openai.OpenAI(
         base_url=running.openai_base_url, api_key="unused", max_retries=0, timeout=60
     )
-    assert [m.id for m in client.models.list().data] == ["slow", "smollm2"]
+    assert [m.id for m in client.models.list().data] == ["intent-router", "long", "slow", "smollm2"]
     messages = [{"role": "user", "content": QUESTION}]
     reply = client.chat.completions.create(
         model="smollm2", messages=messages, temperature=0, max_tokens=TOKENS

@@ -200,3 +200,57 @@ def test_graceful_stop_finishes_in_flight_request(tmp_path):
             assert reply.usage.completion_tokens == 20
 
     run(scenario())
+
+
+def test_a_queued_stream_says_it_waits_until_it_runs(tmp_path):
+    """With report_waiting, a request queued behind another says so on arrival and then
+    periodically, so a caller can tell waiting from silence; its answer is then whole."""
+
+    async def scenario():
+        backend = FakeBackend("smollm2", reply=SLOW_REPLY, delay_s=0.01)
+        async with (
+            running_node(tmp_path, backend, max_concurrent=1, max_queued=1) as d,
+            NodeClient(d.address) as client,
+        ):
+            first = asyncio.create_task(
+                collect_chunks(client, node_pb2.GenerateRequest(prompt="a"))
+            )
+            while backend.active == 0:
+                await asyncio.sleep(0.01)
+            request = node_pb2.GenerateRequest(
+                prompt="b", report_waiting_ms=100, sampling=node_pb2.Sampling(max_tokens=5)
+            )
+            second = await collect_chunks(client, request)
+            await first
+        waiting = [c for c in second if c.waiting]
+        text = [c for c in second if not c.waiting]
+        assert len(waiting) >= 3  # ~1 s behind 200 words at 10 ms, reported every 0.1 s
+        assert second[0].waiting and not any(c.waiting for c in second[len(waiting) :])
+        assert [c.index for c in text] == list(range(len(text)))
+        assert "".join(c.text for c in text) == " ".join(SLOW_REPLY.split(" ")[:5])
+        assert text[-1].final.usage.completion_tokens == 5
+
+    run(scenario())
+
+
+def test_a_stream_that_does_not_ask_gets_no_waiting_chunks(tmp_path):
+    async def scenario():
+        backend = FakeBackend("smollm2", reply=SLOW_REPLY, delay_s=0.002)
+        async with (
+            running_node(tmp_path, backend, max_concurrent=1, max_queued=1) as d,
+            NodeClient(d.address) as client,
+        ):
+            first = asyncio.create_task(
+                collect_chunks(client, node_pb2.GenerateRequest(prompt="a"))
+            )
+            while backend.active == 0:
+                await asyncio.sleep(0.01)
+            second = await collect_chunks(client, node_pb2.GenerateRequest(prompt="b"))
+            await first
+        assert not any(c.waiting for c in second) and second[-1].HasField("final")
+
+    run(scenario())
+
+
+async def collect_chunks(client: NodeClient, request: node_pb2.GenerateRequest) -> list:
+    return [chunk async for chunk in client.stream_request(request, timeout_s=20)]

@@ -23,6 +23,7 @@ from tests.agent_mesh_fakes import (
     Die,
     FakeAgentMesh,
     Plan,
+    Queued,
     Stall,
     Step,
     agent_view,
@@ -179,6 +180,27 @@ def test_node_dying_after_a_side_effect_continues_elsewhere_without_running_it_a
     run(scenario())
 
 
+def test_an_agent_task_waiting_in_a_busy_nodes_queue_is_not_failed_as_silent():
+    async def scenario():
+        mesh = FakeAgentMesh()
+        mesh.plans = {"a": {"": TICKET_PLAN}, "b": {"": TICKET_PLAN}}
+        mesh.scripts["a"] = [Queued(wait_s=1.0)]
+        dispatcher = make(
+            mesh,
+            agent_view("a"),
+            agent_view("b"),
+            clock=asyncio.get_running_loop().time,
+            attempt_timeout_s=0.25,
+        )
+        result = await dispatcher.submit(build_task("broken", agent="customer-service"))
+        assert [a.outcome for a in result.attempts] == [AttemptOutcome.OK]
+        assert result.node_id == "a" and not mesh.links.get("b")
+        assert not dispatcher.pool.cooldowns.is_cooling("a")
+        await dispatcher.close()
+
+    run(scenario())
+
+
 def test_a_silent_node_times_out_and_the_task_replays_elsewhere():
     async def scenario():
         mesh = FakeAgentMesh()
@@ -262,7 +284,7 @@ def test_auto_without_a_classifier_or_with_an_unknown_label_is_refused():
     async def scenario():
         mesh = FakeAgentMesh()
         dispatcher = make(mesh, agent_view("a"))
-        with pytest.raises(NotFoundError, match="--router"):
+        with pytest.raises(NotFoundError, match="--no-router"):
             await dispatcher.submit(build_task("hello", agent="auto"))
         mesh.routers = {"a"}
         mesh.classifications = {"book me in": ("scheduling", 0.8)}

@@ -19,7 +19,16 @@ from mesh.core.errors import (
     UnavailableError,
 )
 from mesh.nodes_view import NodeState
-from tests.coordinator_fakes import ANSWER, Fail, FakeMesh, Hang, ManualClock, Reply, view
+from tests.coordinator_fakes import (
+    ANSWER,
+    Fail,
+    FakeMesh,
+    Hang,
+    ManualClock,
+    Queued,
+    Reply,
+    view,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -48,6 +57,53 @@ async def collect(dispatcher: Dispatcher, task) -> tuple[list[str], TaskResult]:
             pieces.append(item)
     assert result is not None
     return pieces, result
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_task_waiting_in_a_busy_nodes_queue_is_not_failed_as_silent(streamed):
+    """Queued behind other work for ten times the per-attempt timeout: the node says it still
+    waits, so the task is answered there, once, and the busy node is not cooled down."""
+
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", Queued(wait_s=1.0))
+        dispatcher = make(
+            mesh,
+            view("a"),
+            view("b"),
+            attempt_timeout_s=0.25,
+            clock=asyncio.get_running_loop().time,
+        )
+        task = build_task("hi", model="m")
+        if streamed:
+            _pieces, result = await collect(dispatcher, task)
+        else:
+            result = await dispatcher.submit(task)
+        assert result.text == ANSWER and result.node_id == "a"
+        assert [a.outcome for a in result.attempts] == [AttemptOutcome.OK]
+        assert mesh.served_by("b") == 0 and not dispatcher.pool.cooldowns.is_cooling("a")
+        await dispatcher.close()
+
+    run(scenario())
+
+
+def test_a_node_silent_past_the_attempt_timeout_still_fails_over():
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", Hang())
+        dispatcher = make(
+            mesh,
+            view("a"),
+            view("b"),
+            attempt_timeout_s=0.05,
+            clock=asyncio.get_running_loop().time,
+        )
+        result = await dispatcher.submit(build_task("hi", model="m"))
+        assert result.node_id == "b"
+        assert [a.outcome for a in result.attempts] == [AttemptOutcome.TIMEOUT, AttemptOutcome.OK]
+        await dispatcher.close()
+
+    run(scenario())
 
 
 def test_unavailable_node_is_retried_on_another():

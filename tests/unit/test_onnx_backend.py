@@ -197,7 +197,12 @@ def test_model_kind_follows_source_and_stays_backward_compatible():
         api_key_env="OLLAMA_KEY",
     )
     assert upstream.kind == "openai" and upstream.api_key_env == "OLLAMA_KEY"
-    assert NodeConfig().router is None  # not loaded unless asked for (memory; BENCHMARKS.md)
+    # The intent router is served by default (`--agent auto` works out of the box), off with
+    # `router: null`, and not added twice when a model already is the bundled router.
+    assert NodeConfig().router == default_router_config()
+    assert NodeConfig(router=None).router is None
+    listed = {"id": "intent-router", "source": "bundled:intent-router", "kind": "onnx"}
+    assert NodeConfig.model_validate({"models": [listed]}).router is None
 
 
 @pytest.mark.parametrize(
