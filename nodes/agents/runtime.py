@@ -312,7 +312,7 @@ def _to_json(value: Any) -> str:
 async def _generate(backend: Backend, request: GenerationInput) -> tuple[str, Completion]:
     pieces: list[str] = []
     completion = Completion()
-    async with contextlib.aclosing(backend.stream(request)) as stream:  # type: ignore[type-var]
+    async with contextlib.aclosing(backend.stream(request)) as stream:
         async for piece in stream:
             pieces.append(piece.text)
             if piece.completion is not None:
