@@ -165,8 +165,8 @@ async def coalesce(
     """
     if window_s <= 0:
         async with contextlib.aclosing(items):  # closed with us: its slot freed at once
-            async for item in items:
-                yield item
+            async for passed in items:
+                yield passed
         return
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
