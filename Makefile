@@ -4,8 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+LINT_PATHS := mesh nodes tests bench scripts
+TYPED_PATHS := mesh nodes
+# $(call gate,NAME,COMMAND,HINT): run COMMAND; if it fails, say which gate and what to do,
+# and exit with COMMAND's status.
+gate = @echo "== $(1): $(2)"; $(2) || { status=$$?; echo "*** gate '$(1)' failed: $(3)" >&2; exit $$status; }
 
-.PHONY: setup run test test-unit test-integration test-e2e lint proto bench clean
+.PHONY: setup run check check-static test test-unit test-integration test-e2e lint typecheck \
+  proto proto-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +26,14 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mesh demo
 
-test: $(STAMP)
-	$(PY) -m pytest
+# The house habits before any test: lint, formatting, types, stubs that match proto/.
+check-static: lint typecheck proto-check
+
+# Every gate, then every test. `make test` (the README's, and CI's via .ci/run) is this.
+check: check-static
+	$(call gate,tests,$(PY) -m pytest,see the failures above)
+
+test: check
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m unit
@@ -33,11 +45,17 @@ test-e2e: $(STAMP)
 	$(PY) -m pytest -m e2e
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mesh nodes tests bench
-	$(VENV)/bin/ruff format --check mesh nodes tests bench
+	$(call gate,ruff check,$(VENV)/bin/ruff check $(LINT_PATHS),fix the findings (many: ruff check --fix))
+	$(call gate,ruff format,$(VENV)/bin/ruff format --check $(LINT_PATHS),run ruff format $(LINT_PATHS))
+
+typecheck: $(STAMP)
+	$(call gate,mypy,$(VENV)/bin/mypy $(TYPED_PATHS),fix the type errors above)
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
+
+proto-check: $(STAMP)
+	$(call gate,stub drift,$(PY) scripts/gen_proto.py --check,run make proto and commit edgemesh/)
 
 bench: $(STAMP)
 	$(PY) -m bench

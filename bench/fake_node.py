@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import io
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
 from nodes.config import ModelConfig, NodeConfig
@@ -41,7 +41,7 @@ class InstantBackend:
     async def load(self) -> None:
         self.status = ModelStatus.READY
 
-    async def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
+    async def stream(self, request: GenerationInput) -> AsyncGenerator[Piece, None]:
         pieces = [w if i == 0 else " " + w for i, w in enumerate(self.reply.split(" "))]
         done = ""
         while (

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict
 
 from mesh.core.ids import NodeId
 from mesh.core.records import PROTOCOL_VERSION, NodeRecord
@@ -449,7 +450,7 @@ class NodeTable:
 
     def _view(self, entry: _Entry) -> NodeView:
         d, r = entry.details, entry.record
-        common = {
+        common: _CommonView = {
             "node_id": entry.node_id or NodeId(""),
             "address": entry.address,
             "state": entry.state,
@@ -488,6 +489,17 @@ class NodeTable:
                 accelerators=r.accelerators,
             )
         return NodeView(**common, name=entry.address)
+
+
+class _CommonView(TypedDict):
+    """The NodeView fields every view has, whatever the registry knows of the node."""
+
+    node_id: NodeId
+    address: str
+    state: NodeState
+    source: NodeSource
+    state_since_s: float
+    last_seen_s: float
 
 
 def _candidates(address: str, record: NodeRecord | None) -> tuple[str, ...]:

@@ -37,9 +37,11 @@ unwatched or unprobed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from typing import Any
 
 from mesh.discovery.browser import DiscoveryEvent, DiscoveryKind, MdnsBrowser
 from mesh.health import GrpcProber, Prober, probe_in_order
@@ -196,7 +198,7 @@ class NodeRegistry:
                 self._cancel_watch(action.key)
                 task = asyncio.get_running_loop().create_task(self._run_watch(action))
                 self._watches[action.key] = task
-                task.add_done_callback(lambda t, key=action.key: self._watch_done(key, t))
+                task.add_done_callback(functools.partial(self._watch_done, action.key))
             elif isinstance(action, StopWatch):
                 self._cancel_watch(action.key)
             elif isinstance(action, Discard):
@@ -287,8 +289,8 @@ class NodeRegistry:
                     "handling discovery event %s for %s failed", event.kind, event.name
                 )
 
-    def _spawn(self, coroutine: object, what: str) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._task_done(t, what))
 

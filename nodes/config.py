@@ -204,8 +204,9 @@ def model_config_from_flag(value: str, *, n_threads: int | None = None) -> Model
     model_id = pathlib.Path(value).stem.lower() if value.endswith(".gguf") else value
     model_id = "".join(c if c.isalnum() or c in "._:-" else "-" for c in model_id)
     model_id = model_id.lstrip("._:-")[:64] or "model"
-    extra = {"n_threads": n_threads} if n_threads else {}
-    return ModelConfig(id=model_id, source=value, **extra)
+    if n_threads:
+        return ModelConfig(id=model_id, source=value, n_threads=n_threads)
+    return ModelConfig(id=model_id, source=value)
 
 
 def _format_validation_error(path: str, error: ValidationError) -> str:

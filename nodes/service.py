@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -317,7 +317,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
 
     async def generate(
         self, request: node_pb2.GenerateRequest
-    ) -> AsyncIterator[node_pb2.GenerateChunk]:
+    ) -> AsyncGenerator[node_pb2.GenerateChunk, None]:
         """Chunks of new text, then one chunk whose `final` carries usage and timing."""
         backend, generation = to_generation_input(request, self.config, self.backends)
         arrived = time.perf_counter()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
@@ -28,7 +28,7 @@ class ScriptedBackend:
     async def load(self) -> None:
         self.status = ModelStatus.READY
 
-    async def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
+    async def stream(self, request: GenerationInput) -> AsyncGenerator[Piece, None]:
         self.requests.append(request)
         if not self.replies:
             raise AssertionError("the model was asked more often than the script allows")

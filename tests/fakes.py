@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
 
@@ -39,7 +39,7 @@ class FakeBackend:
     async def load(self) -> None:
         self.status = ModelStatus.READY
 
-    async def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
+    async def stream(self, request: GenerationInput) -> AsyncGenerator[Piece, None]:
         self.requests.append(request)
         self.active += 1
         try:

@@ -50,6 +50,7 @@ class ChildProcess:
     """A child `mesh` process whose ready line is awaited with a timeout."""
 
     def __init__(self, args: list[str], ready: re.Pattern[str], timeout_s: float) -> None:
+        self.args = args
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mesh.cli", *args], stdout=subprocess.PIPE, text=True
         )
@@ -71,7 +72,7 @@ class ChildProcess:
                     return match
         self.stop()
         raise RuntimeError(
-            f"`mesh {' '.join(self.process.args[3:5])}` did not get ready "  # type: ignore[index]
+            f"`mesh {' '.join(self.args[:2])}` did not get ready "
             f"(exit code {self.process.returncode})"
         )
 

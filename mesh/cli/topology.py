@@ -76,6 +76,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    topology: Topology | None
     if args.file is None:
         topology = default_topology()
     else:

@@ -48,7 +48,8 @@ _POLL_RETRY_S = 0.2  # pause after a failed poll (the owner restarting)
 class NodeTableOwner:
     """The one owner of the node table: a NodeRegistry, and a version bumped on every event."""
 
-    async def __init__(self, config: CoordinatorConfig) -> None:
+    # Ray Serve awaits an async constructor of a deployment; mypy allows only a plain one.
+    async def __init__(self, config: CoordinatorConfig) -> None:  # type: ignore[misc]
         from mesh.node_table import RegistryTimings
         from mesh.registry import NodeRegistry
 
@@ -145,7 +146,8 @@ def _abort(context: RayServegRPCContext, error: MeshError) -> None:
 class MeshIngress:
     """One dispatcher replica: MeshService (Serve gRPC proxy and fast path) and the OpenAI API."""
 
-    async def __init__(self, owner: DeploymentHandle, config: CoordinatorConfig) -> None:
+    # Ray Serve awaits an async constructor of a deployment; mypy allows only a plain one.
+    async def __init__(self, owner: DeploymentHandle, config: CoordinatorConfig) -> None:  # type: ignore[misc]
         self._owner = owner
         self._config = config
         directory = _OwnerDirectory(owner) if config.replicas > 1 else None
@@ -250,11 +252,12 @@ class MeshIngress:
 
 def build_app(config: CoordinatorConfig) -> serve.Application:
     """The Serve application: bind the owner into the ingress replicas."""
-    owner = serve.deployment(NodeTableOwner, name="NodeTableOwner").options(
+    # The decorator form: Ray annotates `serve.deployment` only as a decorator factory.
+    owner = serve.deployment(name="NodeTableOwner")(NodeTableOwner).options(
         num_replicas=1, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0}
     )
     ingress_class = serve.ingress()(MeshIngress)
-    ingress = serve.deployment(ingress_class, name="MeshIngress").options(
+    ingress = serve.deployment(name="MeshIngress")(ingress_class).options(
         num_replicas=config.replicas,
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},

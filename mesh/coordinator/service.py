@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
@@ -155,7 +155,9 @@ def row_to_proto(row: NodeRow) -> mesh_pb2.NodeEntry:
 # ---------------------------------------------------------------------- chunking
 
 
-async def coalesce(items: AsyncIterator[AgentItem], window_s: float) -> AsyncIterator[AgentItem]:
+async def coalesce(
+    items: AsyncGenerator[AgentItem, None], window_s: float
+) -> AsyncGenerator[AgentItem, None]:
     """Merge text pieces that arrive within `window_s` into one piece (other items pass as they are).
 
     The first piece goes out at once (time to first token is what users feel); later pieces are
@@ -163,8 +165,8 @@ async def coalesce(items: AsyncIterator[AgentItem], window_s: float) -> AsyncIte
     """
     if window_s <= 0:
         async with contextlib.aclosing(items):  # closed with us: its slot freed at once
-            async for item in items:
-                yield item
+            async for passed in items:
+                yield passed
         return
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()

@@ -136,7 +136,7 @@ class MdnsBrowser:
             return
         task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
         self._resolving[name] = task
-        task.add_done_callback(lambda t, n=name: self._forget_task(n, t))
+        task.add_done_callback(lambda t: self._forget_task(name, t))
 
     def _forget_task(self, name: str, task: asyncio.Task[None]) -> None:
         if self._resolving.get(name) is task:

@@ -82,7 +82,7 @@ def decision_schema(
         for t in tools
     ]
     if allow_final or not branches:
-        answer = dict(output_schema) if output_schema else {"type": "string"}
+        answer: dict[str, Any] = dict(output_schema) if output_schema else {"type": "string"}
         if max_answer_chars and not output_schema:
             answer["maxLength"] = max_answer_chars
         branches.append(_strict({FINAL_KEY: answer}, [FINAL_KEY]))

@@ -13,7 +13,7 @@ import logging
 import pathlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from edgemesh.v1 import node_pb2
 from mesh.core.errors import ConfigError, InvalidRequestError, NotFoundError
@@ -25,6 +25,7 @@ from nodes.agents.records import (
     AgentTask,
     AnswerEvent,
     StepEvent,
+    StepKind,
     StepRecord,
 )
 from nodes.agents.runtime import AgentRuntime
@@ -203,8 +204,8 @@ def step_from_proto(step: node_pb2.AgentStep) -> StepRecord:
             ) from None
     return StepRecord(
         index=step.index,
-        kind=step.kind,
-        tool=step.call.tool,  # type: ignore[arg-type]
+        kind=cast(StepKind, step.kind),  # one of StepKind's values: checked above
+        tool=step.call.tool,
         arguments_json=step.call.arguments_json,
         result_json=step.result_json,
         idempotent=step.idempotent,

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from mesh.core.errors import InvalidRequestError, NotFoundError, NotReadyError
 from nodes.agents.decision import (
@@ -51,6 +51,15 @@ from nodes.backends import Backend, Completion, GenerationInput, Message, ModelS
 from nodes.tools import Tool, ToolContext, ToolError, ToolRegistry
 
 logger = logging.getLogger(__name__)
+
+
+class _StepFields(TypedDict):
+    """The StepRecord fields that every kind of step fills the same way."""
+
+    index: int
+    tokens: int
+    model: str
+    node_id: str
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,7 @@ class AgentRuntime:
             attempt = await self._decide(backend, spec, messages, offered, allow_final)
             prompt_tokens += attempt.prompt_tokens
             completion_tokens += attempt.completion_tokens
-            common = dict(
+            common = _StepFields(
                 index=index, tokens=attempt.completion_tokens, model=model_id, node_id=self.node_id
             )
             decision = attempt.decision
@@ -312,7 +321,7 @@ def _to_json(value: Any) -> str:
 async def _generate(backend: Backend, request: GenerationInput) -> tuple[str, Completion]:
     pieces: list[str] = []
     completion = Completion()
-    async with contextlib.aclosing(backend.stream(request)) as stream:  # type: ignore[type-var]
+    async with contextlib.aclosing(backend.stream(request)) as stream:
         async for piece in stream:
             pieces.append(piece.text)
             if piece.completion is not None:

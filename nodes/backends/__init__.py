@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -83,7 +83,7 @@ class Backend(Protocol):
     async def load(self) -> None:
         """Load the model; raise `mesh.core.errors.ModelLoadError` with a clear message on failure."""
 
-    def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
+    def stream(self, request: GenerationInput) -> AsyncGenerator[Piece, None]:
         """Generate; closing the iterator early stops generation and frees the model."""
         ...
 

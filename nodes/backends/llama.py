@@ -16,7 +16,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -171,7 +171,7 @@ class LlamaBackend:
 
     # ------------------------------------------------------------------ generation
 
-    async def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
+    async def stream(self, request: GenerationInput) -> AsyncGenerator[Piece, None]:
         if self._free is None:
             raise ModelLoadError(f"model {self.descriptor.model_id} is not loaded")
         instance = await self._free.get()

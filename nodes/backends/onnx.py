@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import pathlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -308,7 +308,7 @@ class OnnxBackend:
             f"its {len(self.labels)} labels"
         )
 
-    async def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
+    async def stream(self, request: GenerationInput) -> AsyncGenerator[Piece, None]:
         raise InvalidRequestError(
             f"model {self.descriptor.model_id!r} is an ONNX Runtime {self.task} model and does "
             "not generate text; use Classify or Infer"

@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,7 +329,7 @@ class OpenAIUpstreamBackend:
             return {"type": "json_object", "schema": schema}
         return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
-    async def stream(self, request: GenerationInput) -> AsyncIterator[Piece]:
+    async def stream(self, request: GenerationInput) -> AsyncGenerator[Piece, None]:
         if self._client is None or self.status is not ModelStatus.READY:
             raise UnavailableError(f"model {self.descriptor.model_id!r} is not connected")
         import httpx

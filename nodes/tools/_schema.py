@@ -100,7 +100,7 @@ def type_schema(hint: Any) -> dict[str, Any]:
         return type_schema(Literal[tuple(values)])  # type: ignore[valid-type]
     if origin in (list, tuple, Sequence, set, frozenset) or hint in (list, tuple):
         args = [a for a in get_args(hint) if a is not Ellipsis]
-        schema: dict[str, Any] = {"type": "array"}
+        schema = {"type": "array"}
         if args:
             schema["items"] = type_schema(args[0])
         return schema
