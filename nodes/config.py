@@ -99,12 +99,10 @@ def _is_onnx_source(source: str) -> bool:
 def _is_bundled_router(model: object) -> bool:
     """Whether a `models` entry (a ModelConfig or its mapping) is the bundled intent router."""
     if isinstance(model, ModelConfig):
-        model_id, source = model.id, model.source
-    elif isinstance(model, dict):
-        model_id, source = model.get("id"), model.get("source")
-    else:
+        model = {"id": model.id, "source": model.source}
+    if not isinstance(model, dict):
         return False
-    return model_id == ROUTER_ALIAS or source == f"bundled:{ROUTER_ALIAS}"
+    return model.get("id") == ROUTER_ALIAS or model.get("source") == f"bundled:{ROUTER_ALIAS}"
 
 
 def default_router_config() -> ModelConfig:
