@@ -4,7 +4,9 @@
 
 Prints `node NAME (ID) serving fake on 127.0.0.1:PORT` once serving, like `mesh node start`.
 Every answer is the words of `--reply`, one per token, generated instantly (or `--delay-ms`
-apart), so what is measured is gRPC, routing and Ray, not inference.
+apart), so what is measured is gRPC, routing and Ray, not inference. With `--busy-marker TEXT`,
+a prompt containing TEXT is refused as if the node were full (RESOURCE_EXHAUSTED): a failure
+that is no node's fault, which a coordinator retries elsewhere without cooling a node down.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import io
 import tempfile
 from collections.abc import AsyncGenerator
 
+from mesh.core.errors import OverloadedError
 from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
 from nodes.config import ModelConfig, NodeConfig
 from nodes.daemon import NodeDaemon, run_daemon
@@ -25,7 +28,13 @@ DEFAULT_REPLY = "Paris is the capital of France."
 class InstantBackend:
     """A Backend whose answer is `reply`, one word per token, continuing from `continuation`."""
 
-    def __init__(self, model_id: str, reply: str = DEFAULT_REPLY, delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        reply: str = DEFAULT_REPLY,
+        delay_s: float = 0.0,
+        busy_marker: str = "",
+    ) -> None:
         self.descriptor = ModelDescriptor(
             model_id=model_id,
             backend="fake",
@@ -37,11 +46,17 @@ class InstantBackend:
         self.error = ""
         self.reply = reply
         self.delay_s = delay_s
+        self.busy_marker = busy_marker
 
     async def load(self) -> None:
         self.status = ModelStatus.READY
 
     async def stream(self, request: GenerationInput) -> AsyncGenerator[Piece, None]:
+        if self.busy_marker and any(
+            self.busy_marker in text
+            for text in (request.prompt, *(m.content for m in request.messages))
+        ):
+            raise OverloadedError(f"fake node: busy for prompts with {self.busy_marker!r}")
         pieces = [w if i == 0 else " " + w for i, w in enumerate(self.reply.split(" "))]
         done = ""
         while (
@@ -78,6 +93,7 @@ def main() -> int:
     parser.add_argument("--max-queued", type=int, default=1000)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="between tokens")
     parser.add_argument("--reply", default=DEFAULT_REPLY)
+    parser.add_argument("--busy-marker", default="", help="refuse prompts containing it as busy")
     args = parser.parse_args()
     state_dir = tempfile.mkdtemp(prefix="fake-node-")
     config = NodeConfig(
@@ -92,7 +108,7 @@ def main() -> int:
         models=(ModelConfig(id=args.model, source="memory", n_threads=1),),
         router=None,  # a fake node serves only its fake model
     )
-    backend = InstantBackend(args.model, args.reply, args.delay_ms / 1000)
+    backend = InstantBackend(args.model, args.reply, args.delay_ms / 1000, args.busy_marker)
     daemon = NodeDaemon(config, backends={args.model: backend}, progress=io.StringIO())
     return asyncio.run(run_daemon(daemon))
 

@@ -19,19 +19,10 @@ import grpc
 
 from edgemesh.v1 import mesh_pb2, mesh_pb2_grpc, node_pb2
 from mesh.core.channels import PLAINTEXT, ChannelClient, ChannelSecurity, Keepalive
-from mesh.core.errors import MeshError, TaskFailedError
-from mesh.core.grpc_status import from_grpc_error
+from mesh.core.grpc_status import error_from_detail, from_grpc_error
 
 DEFAULT_TIMEOUT_S = 130.0  # a little over the default task deadline (120 s)
 _MARGIN_S = 5.0  # the RPC outlives the task's own deadline, so the coordinator's error arrives
-
-
-def mesh_error(error: grpc.RpcError) -> MeshError:
-    """The project's exception for a coordinator error; "every attempt failed" keeps its type."""
-    translated = from_grpc_error(error)
-    if translated.grpc_code_name == "UNAVAILABLE" and "; attempts: " in translated.message:
-        return TaskFailedError(translated.message, grpc_code="UNAVAILABLE")
-    return translated
 
 
 def build_submit_request(
@@ -110,19 +101,27 @@ class MeshClient(ChannelClient):
         try:
             return await self._stub.Submit(request, timeout=self._timeout(request, timeout_s))
         except grpc.RpcError as error:
-            raise mesh_error(error) from None
+            raise from_grpc_error(error) from None
 
     async def stream_request(
         self, request: mesh_pb2.SubmitRequest, *, timeout_s: float | None = None
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
         call = self._stub.SubmitStream(request, timeout=self._timeout(request, timeout_s))
+        failure = None  # through Serve's proxy, a failing stream's last chunk carries its error
         try:
             async for chunk in call:
+                if chunk.HasField("error"):
+                    failure = chunk.error
+                    continue
                 yield chunk
         except grpc.RpcError as error:
-            raise mesh_error(error) from None
+            raise from_grpc_error(error, detail=failure) from None
         finally:
             call.cancel()  # leaving early cancels the task on the mesh
+        if failure is not None:  # an error chunk, then a stream ended as if it had succeeded
+            raise error_from_detail(
+                "UNKNOWN", "the stream ended after its error, without the error's status", failure
+            )
 
     async def submit(
         self, prompt: str = "", *, timeout_s: float | None = None, **options: object
@@ -145,7 +144,7 @@ class MeshClient(ChannelClient):
         try:
             reply = await self._stub.ListNodes(mesh_pb2.ListNodesRequest(), timeout=timeout_s)
         except grpc.RpcError as error:
-            raise mesh_error(error) from None
+            raise from_grpc_error(error) from None
         return list(reply.nodes)
 
     async def describe_task(self, task_id: str, *, timeout_s: float = 10.0) -> mesh_pb2.TaskRecord:
@@ -154,4 +153,4 @@ class MeshClient(ChannelClient):
                 mesh_pb2.DescribeTaskRequest(task_id=task_id), timeout=timeout_s
             )
         except grpc.RpcError as error:
-            raise mesh_error(error) from None
+            raise from_grpc_error(error) from None

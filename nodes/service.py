@@ -16,7 +16,7 @@ import grpc
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
-from mesh.core.grpc_status import status_code_for
+from mesh.core.grpc_status import abort_with_error
 from nodes import inference
 from nodes.admission import AdmissionController, Ticket
 from nodes.agents import AgentHost
@@ -181,8 +181,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             final.text = "".join(text)
             return final
         except MeshError as error:
-            await context.abort(status_code_for(error), str(error))
-            raise  # unreachable: abort raises
+            await abort_with_error(context, error)
 
     async def GenerateStream(
         self, request: node_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -192,7 +191,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 async for chunk in chunks:
                     yield chunk
         except MeshError as error:
-            await context.abort(status_code_for(error), str(error))
+            await abort_with_error(context, error)
 
     async def RunAgent(
         self, request: node_pb2.AgentRequest, context: grpc.aio.ServicerContext
@@ -205,7 +204,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 async for event in self.agents.run(request):
                     yield event
         except MeshError as error:
-            await context.abort(status_code_for(error), str(error))
+            await abort_with_error(context, error)
 
     # Classifiers and tensor models (nodes/inference.py): no admission slot, the
     # ONNX backend bounds its own runs (a sub-millisecond route must not queue
@@ -217,8 +216,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             router = self.config.router.id if self.config.router is not None else None
             return await inference.classify(request, self.backends, router)
         except MeshError as error:
-            await context.abort(status_code_for(error), str(error))
-            raise  # unreachable: abort raises
+            await abort_with_error(context, error)
 
     async def Infer(
         self, request: node_pb2.InferRequest, context: grpc.aio.ServicerContext
@@ -226,8 +224,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         try:
             return await inference.infer(request, self.backends)
         except MeshError as error:
-            await context.abort(status_code_for(error), str(error))
-            raise  # unreachable: abort raises
+            await abort_with_error(context, error)
 
     # ------------------------------------------------------------------ behaviour
 

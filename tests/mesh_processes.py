@@ -94,6 +94,7 @@ def node_args(
     delay_ms: float = 0.0,
     model: str = "smollm2",
     reply: str = "",
+    busy_marker: str = "",
     config: pathlib.Path | None = None,
 ) -> list[str]:
     if fake:  # a real NodeDaemon with an instant (or `delay_ms` per word) fake model
@@ -111,6 +112,7 @@ def node_args(
             "--model",
             model,
             *(["--reply", reply] if reply else []),
+            *(["--busy-marker", busy_marker] if busy_marker else []),
         ]
     return [
         "-m",

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from edgemesh.v1 import errors_pb2 as edgemesh_dot_v1_dot_errors__pb2
 from edgemesh.v1 import node_pb2 as edgemesh_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x64gemesh/v1/mesh.proto\x12\x0b\x65\x64gemesh.v1\x1a\x16\x65\x64gemesh/v1/node.proto\"\xc5\x02\n\rSubmitRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12*\n\x08messages\x18\x06 \x03(\x0b\x32\x18.edgemesh.v1.ChatMessage\x12\'\n\x08sampling\x18\x07 \x01(\x0b\x32\x15.edgemesh.v1.Sampling\x12\x12\n\ndeadline_s\x18\x08 \x01(\x01\x12\x36\n\x06labels\x18\t \x03(\x0b\x32&.edgemesh.v1.SubmitRequest.LabelsEntry\x12\x0c\n\x04tier\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9b\x01\n\x07\x41ttempt\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12,\n\x07outcome\x18\x03 \x01(\x0e\x32\x1b.edgemesh.v1.AttemptOutcome\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\"\xfd\x02\n\x0eSubmitResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tnode_name\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05\x61gent\x18\x07 \x01(\t\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.edgemesh.v1.Usage\x12&\n\x08\x61ttempts\x18\t \x03(\x0b\x32\x14.edgemesh.v1.Attempt\x12\x13\n\x0b\x66\x61iled_over\x18\n \x01(\x08\x12\x10\n\x08total_ms\x18\x0b \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x0c \x01(\x01\x12%\n\x05steps\x18\r \x03(\x0b\x32\x16.edgemesh.v1.AgentStep\x12\x0c\n\x04tier\x18\x0e \x01(\t\x12\x19\n\x11\x65scalation_reason\x18\x0f \x01(\t\x12\x11\n\trouted_by\x18\x10 \x01(\t\"}\n\x0bSubmitChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x1b.edgemesh.v1.SubmitResponse\x12$\n\x04step\x18\x04 \x01(\x0b\x32\x16.edgemesh.v1.AgentStep\"\x12\n\x10ListNodesRequest\"\x81\x03\n\tNodeEntry\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x0e\n\x06models\x18\x06 \x03(\t\x12\x0e\n\x06\x61gents\x18\x07 \x03(\t\x12\x1f\n\x04load\x18\x08 \x01(\x0b\x32\x11.edgemesh.v1.Load\x12\'\n\x08\x63\x61pacity\x18\t \x01(\x0b\x32\x15.edgemesh.v1.Capacity\x12\x32\n\x06labels\x18\n \x03(\x0b\x32\".edgemesh.v1.NodeEntry.LabelsEntry\x12\x19\n\x11\x65wma_ms_per_token\x18\x0b \x01(\x01\x12\x14\n\x0c\x63ooling_down\x18\x0c \x01(\x08\x12\'\n\x08hardware\x18\r \x01(\x0b\x32\x15.edgemesh.v1.Hardware\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x11ListNodesResponse\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.edgemesh.v1.NodeEntry\"&\n\x13\x44\x65scribeTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x90\x01\n\nTaskRecord\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x1b.edgemesh.v1.SubmitResponse\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12&\n\x08\x61ttempts\x18\x05 \x03(\x0b\x32\x14.edgemesh.v1.Attempt*\xe1\x01\n\x0e\x41ttemptOutcome\x12\x1f\n\x1b\x41TTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41TTEMPT_OUTCOME_OK\x10\x01\x12\x1f\n\x1b\x41TTEMPT_OUTCOME_UNAVAILABLE\x10\x02\x12\x1b\n\x17\x41TTEMPT_OUTCOME_TIMEOUT\x10\x03\x12\x1e\n\x1a\x41TTEMPT_OUTCOME_OVERLOADED\x10\x04\x12\x19\n\x15\x41TTEMPT_OUTCOME_ERROR\x10\x05\x12\x1d\n\x19\x41TTEMPT_OUTCOME_CANCELLED\x10\x06\x32\xaf\x02\n\x0bMeshService\x12\x41\n\x06Submit\x12\x1a.edgemesh.v1.SubmitRequest\x1a\x1b.edgemesh.v1.SubmitResponse\x12\x46\n\x0cSubmitStream\x12\x1a.edgemesh.v1.SubmitRequest\x1a\x18.edgemesh.v1.SubmitChunk0\x01\x12J\n\tListNodes\x12\x1d.edgemesh.v1.ListNodesRequest\x1a\x1e.edgemesh.v1.ListNodesResponse\x12I\n\x0c\x44\x65scribeTask\x12 .edgemesh.v1.DescribeTaskRequest\x1a\x17.edgemesh.v1.TaskRecordb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x64gemesh/v1/mesh.proto\x12\x0b\x65\x64gemesh.v1\x1a\x18\x65\x64gemesh/v1/errors.proto\x1a\x16\x65\x64gemesh/v1/node.proto\"\xc5\x02\n\rSubmitRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12*\n\x08messages\x18\x06 \x03(\x0b\x32\x18.edgemesh.v1.ChatMessage\x12\'\n\x08sampling\x18\x07 \x01(\x0b\x32\x15.edgemesh.v1.Sampling\x12\x12\n\ndeadline_s\x18\x08 \x01(\x01\x12\x36\n\x06labels\x18\t \x03(\x0b\x32&.edgemesh.v1.SubmitRequest.LabelsEntry\x12\x0c\n\x04tier\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9b\x01\n\x07\x41ttempt\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12,\n\x07outcome\x18\x03 \x01(\x0e\x32\x1b.edgemesh.v1.AttemptOutcome\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\"\xfd\x02\n\x0eSubmitResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tnode_name\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05\x61gent\x18\x07 \x01(\t\x12!\n\x05usage\x18\x08 \x01(\x0b\x32\x12.edgemesh.v1.Usage\x12&\n\x08\x61ttempts\x18\t \x03(\x0b\x32\x14.edgemesh.v1.Attempt\x12\x13\n\x0b\x66\x61iled_over\x18\n \x01(\x08\x12\x10\n\x08total_ms\x18\x0b \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x0c \x01(\x01\x12%\n\x05steps\x18\r \x03(\x0b\x32\x16.edgemesh.v1.AgentStep\x12\x0c\n\x04tier\x18\x0e \x01(\t\x12\x19\n\x11\x65scalation_reason\x18\x0f \x01(\t\x12\x11\n\trouted_by\x18\x10 \x01(\t\"\xa6\x01\n\x0bSubmitChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x1b.edgemesh.v1.SubmitResponse\x12$\n\x04step\x18\x04 \x01(\x0b\x32\x16.edgemesh.v1.AgentStep\x12\'\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x18.edgemesh.v1.ErrorDetail\"\x12\n\x10ListNodesRequest\"\x81\x03\n\tNodeEntry\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x0e\n\x06models\x18\x06 \x03(\t\x12\x0e\n\x06\x61gents\x18\x07 \x03(\t\x12\x1f\n\x04load\x18\x08 \x01(\x0b\x32\x11.edgemesh.v1.Load\x12\'\n\x08\x63\x61pacity\x18\t \x01(\x0b\x32\x15.edgemesh.v1.Capacity\x12\x32\n\x06labels\x18\n \x03(\x0b\x32\".edgemesh.v1.NodeEntry.LabelsEntry\x12\x19\n\x11\x65wma_ms_per_token\x18\x0b \x01(\x01\x12\x14\n\x0c\x63ooling_down\x18\x0c \x01(\x08\x12\'\n\x08hardware\x18\r \x01(\x0b\x32\x15.edgemesh.v1.Hardware\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x11ListNodesResponse\x12%\n\x05nodes\x18\x01 \x03(\x0b\x32\x16.edgemesh.v1.NodeEntry\"&\n\x13\x44\x65scribeTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x90\x01\n\nTaskRecord\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12+\n\x06result\x18\x03 \x01(\x0b\x32\x1b.edgemesh.v1.SubmitResponse\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12&\n\x08\x61ttempts\x18\x05 \x03(\x0b\x32\x14.edgemesh.v1.Attempt*\xe1\x01\n\x0e\x41ttemptOutcome\x12\x1f\n\x1b\x41TTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41TTEMPT_OUTCOME_OK\x10\x01\x12\x1f\n\x1b\x41TTEMPT_OUTCOME_UNAVAILABLE\x10\x02\x12\x1b\n\x17\x41TTEMPT_OUTCOME_TIMEOUT\x10\x03\x12\x1e\n\x1a\x41TTEMPT_OUTCOME_OVERLOADED\x10\x04\x12\x19\n\x15\x41TTEMPT_OUTCOME_ERROR\x10\x05\x12\x1d\n\x19\x41TTEMPT_OUTCOME_CANCELLED\x10\x06\x32\xaf\x02\n\x0bMeshService\x12\x41\n\x06Submit\x12\x1a.edgemesh.v1.SubmitRequest\x1a\x1b.edgemesh.v1.SubmitResponse\x12\x46\n\x0cSubmitStream\x12\x1a.edgemesh.v1.SubmitRequest\x1a\x18.edgemesh.v1.SubmitChunk0\x01\x12J\n\tListNodes\x12\x1d.edgemesh.v1.ListNodesRequest\x1a\x1e.edgemesh.v1.ListNodesResponse\x12I\n\x0c\x44\x65scribeTask\x12 .edgemesh.v1.DescribeTaskRequest\x1a\x17.edgemesh.v1.TaskRecordb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_NODEENTRY_LABELSENTRY']._loaded_options = None
   _globals['_NODEENTRY_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ATTEMPTOUTCOME']._serialized_start=1716
-  _globals['_ATTEMPTOUTCOME']._serialized_end=1941
-  _globals['_SUBMITREQUEST']._serialized_start=64
-  _globals['_SUBMITREQUEST']._serialized_end=389
-  _globals['_SUBMITREQUEST_LABELSENTRY']._serialized_start=344
-  _globals['_SUBMITREQUEST_LABELSENTRY']._serialized_end=389
-  _globals['_ATTEMPT']._serialized_start=392
-  _globals['_ATTEMPT']._serialized_end=547
-  _globals['_SUBMITRESPONSE']._serialized_start=550
-  _globals['_SUBMITRESPONSE']._serialized_end=931
-  _globals['_SUBMITCHUNK']._serialized_start=933
-  _globals['_SUBMITCHUNK']._serialized_end=1058
-  _globals['_LISTNODESREQUEST']._serialized_start=1060
-  _globals['_LISTNODESREQUEST']._serialized_end=1078
-  _globals['_NODEENTRY']._serialized_start=1081
-  _globals['_NODEENTRY']._serialized_end=1466
-  _globals['_NODEENTRY_LABELSENTRY']._serialized_start=344
-  _globals['_NODEENTRY_LABELSENTRY']._serialized_end=389
-  _globals['_LISTNODESRESPONSE']._serialized_start=1468
-  _globals['_LISTNODESRESPONSE']._serialized_end=1526
-  _globals['_DESCRIBETASKREQUEST']._serialized_start=1528
-  _globals['_DESCRIBETASKREQUEST']._serialized_end=1566
-  _globals['_TASKRECORD']._serialized_start=1569
-  _globals['_TASKRECORD']._serialized_end=1713
-  _globals['_MESHSERVICE']._serialized_start=1944
-  _globals['_MESHSERVICE']._serialized_end=2247
+  _globals['_ATTEMPTOUTCOME']._serialized_start=1784
+  _globals['_ATTEMPTOUTCOME']._serialized_end=2009
+  _globals['_SUBMITREQUEST']._serialized_start=90
+  _globals['_SUBMITREQUEST']._serialized_end=415
+  _globals['_SUBMITREQUEST_LABELSENTRY']._serialized_start=370
+  _globals['_SUBMITREQUEST_LABELSENTRY']._serialized_end=415
+  _globals['_ATTEMPT']._serialized_start=418
+  _globals['_ATTEMPT']._serialized_end=573
+  _globals['_SUBMITRESPONSE']._serialized_start=576
+  _globals['_SUBMITRESPONSE']._serialized_end=957
+  _globals['_SUBMITCHUNK']._serialized_start=960
+  _globals['_SUBMITCHUNK']._serialized_end=1126
+  _globals['_LISTNODESREQUEST']._serialized_start=1128
+  _globals['_LISTNODESREQUEST']._serialized_end=1146
+  _globals['_NODEENTRY']._serialized_start=1149
+  _globals['_NODEENTRY']._serialized_end=1534
+  _globals['_NODEENTRY_LABELSENTRY']._serialized_start=370
+  _globals['_NODEENTRY_LABELSENTRY']._serialized_end=415
+  _globals['_LISTNODESRESPONSE']._serialized_start=1536
+  _globals['_LISTNODESRESPONSE']._serialized_end=1594
+  _globals['_DESCRIBETASKREQUEST']._serialized_start=1596
+  _globals['_DESCRIBETASKREQUEST']._serialized_end=1634
+  _globals['_TASKRECORD']._serialized_start=1637
+  _globals['_TASKRECORD']._serialized_end=1781
+  _globals['_MESHSERVICE']._serialized_start=2012
+  _globals['_MESHSERVICE']._serialized_end=2315
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from edgemesh.v1 import errors_pb2 as _errors_pb2
 from edgemesh.v1 import node_pb2 as _node_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -109,16 +110,18 @@ class SubmitResponse(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., model: _Optional[str] = ..., agent: _Optional[str] = ..., usage: _Optional[_Union[_node_pb2.Usage, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., failed_over: _Optional[bool] = ..., total_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., steps: _Optional[_Iterable[_Union[_node_pb2.AgentStep, _Mapping]]] = ..., tier: _Optional[str] = ..., escalation_reason: _Optional[str] = ..., routed_by: _Optional[str] = ...) -> None: ...
 
 class SubmitChunk(_message.Message):
-    __slots__ = ("text", "index", "result", "step")
+    __slots__ = ("text", "index", "result", "step", "error")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     text: str
     index: int
     result: SubmitResponse
     step: _node_pb2.AgentStep
-    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., result: _Optional[_Union[SubmitResponse, _Mapping]] = ..., step: _Optional[_Union[_node_pb2.AgentStep, _Mapping]] = ...) -> None: ...
+    error: _errors_pb2.ErrorDetail
+    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., result: _Optional[_Union[SubmitResponse, _Mapping]] = ..., step: _Optional[_Union[_node_pb2.AgentStep, _Mapping]] = ..., error: _Optional[_Union[_errors_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

@@ -33,7 +33,7 @@ from mesh.coordinator.shared_tasks import Claim, Outcome, TaskDirectory
 from mesh.coordinator.tasks import TaskRecord
 from mesh.core.channels import format_address
 from mesh.core.errors import MeshError
-from mesh.core.grpc_status import status_code_for
+from mesh.core.grpc_status import error_detail, set_error
 from mesh.core.ids import TaskId
 from mesh.nodes_view import NodeView
 
@@ -138,11 +138,6 @@ class _OwnerDirectory:
         return await self._owner.task_record.remote(task_id)
 
 
-def _abort(context: RayServegRPCContext, error: MeshError) -> None:
-    context.set_code(status_code_for(error))
-    context.set_details(str(error))
-
-
 class MeshIngress:
     """One dispatcher replica: MeshService (Serve gRPC proxy and fast path) and the OpenAI API."""
 
@@ -201,19 +196,24 @@ class MeshIngress:
         try:
             return await self.handlers.submit(request)
         except MeshError as error:
-            _abort(grpc_context, error)
+            set_error(grpc_context, error)  # the proxy sends code, message and trailer
             return mesh_pb2.SubmitResponse()
 
     async def SubmitStream(
         self, request: mesh_pb2.SubmitRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
+        sent = 0
         try:
             async for chunk in self.handlers.submit_stream(request):
                 yield chunk
+                sent += 1
         except MeshError as error:
-            # A streaming method must raise for the proxy to end the call with the code set.
-            _abort(grpc_context, error)
-            raise
+            # The proxy takes a stream's status (code, message, trailer) from the context that
+            # comes with a message; raising instead would keep the code and message but drop
+            # the trailer, and with it the ErrorDetail. So one last chunk goes out with the
+            # status, carrying the error itself as well; the stream then ends with its code.
+            set_error(grpc_context, error)
+            yield mesh_pb2.SubmitChunk(index=sent, error=error_detail(error))
 
     async def ListNodes(
         self, request: mesh_pb2.ListNodesRequest, grpc_context: RayServegRPCContext
@@ -226,7 +226,7 @@ class MeshIngress:
         try:
             return await self.handlers.describe_task(request)
         except MeshError as error:
-            _abort(grpc_context, error)
+            set_error(grpc_context, error)
             return mesh_pb2.TaskRecord()
 
     # -------------------------------------------------------------- HTTP (Serve's proxy)

@@ -28,7 +28,7 @@ from mesh.coordinator.tasks import (
 )
 from mesh.core.channels import add_server_port, create_server
 from mesh.core.errors import InvalidRequestError, MeshError, UnavailableError
-from mesh.core.grpc_status import status_code_for
+from mesh.core.grpc_status import abort_with_error
 from mesh.core.ids import TaskId, new_task_id
 
 logger = logging.getLogger("mesh.coordinator")
@@ -280,8 +280,7 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
         try:
             return await self.handlers.submit(request)
         except MeshError as error:
-            await context.abort(status_code_for(error), str(error))
-            raise  # unreachable: abort raises
+            await abort_with_error(context, error)
 
     async def SubmitStream(
         self, request: mesh_pb2.SubmitRequest, context: grpc.aio.ServicerContext
@@ -290,7 +289,7 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
             async for chunk in self.handlers.submit_stream(request):
                 yield chunk
         except MeshError as error:
-            await context.abort(status_code_for(error), str(error))
+            await abort_with_error(context, error)
 
     async def ListNodes(
         self, request: mesh_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
@@ -303,8 +302,7 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
         try:
             return await self.handlers.describe_task(request)
         except MeshError as error:
-            await context.abort(status_code_for(error), str(error))
-            raise
+            await abort_with_error(context, error)
 
 
 async def start_fast_path(handlers: MeshHandlers, address: str) -> tuple[grpc.aio.Server, int]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from edgemesh.v1 import node_pb2
+from mesh.core.attempts import AttemptOutcome, AttemptRecord  # in the core: errors carry them
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError
 from mesh.core.ids import NodeId, TaskId, new_task_id
 
@@ -42,16 +43,6 @@ def check_max_tokens(max_tokens: int | None, name: str = "max_tokens") -> None:
     """InvalidRequestError unless `max_tokens` is None (the node's default) or at least 1."""
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequestError(f"{name} must be at least 1, got {max_tokens}")
-
-
-class AttemptOutcome(StrEnum):
-    OK = "ok"
-    UNAVAILABLE = "unavailable"  # connection lost, node down, not serving
-    TIMEOUT = "timeout"  # exceeded the per-attempt timeout
-    OVERLOADED = "overloaded"  # the node answered RESOURCE_EXHAUSTED
-    ERROR = "error"  # the node answered another error
-    CANCELLED = "cancelled"  # the caller went away
-    RUNNING = "running"  # still in progress (DescribeTask of a running task)
 
 
 class TaskState(StrEnum):
@@ -87,16 +78,6 @@ class TaskSpec:
         if self.idempotency_key:
             return f"key:{self.idempotency_key}"
         return f"id:{self.task_id}" if self.caller_task_id else ""
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptRecord:
-    node_id: NodeId
-    node_name: str
-    outcome: AttemptOutcome
-    duration_ms: float
-    detail: str = ""
-    completion_tokens: int = 0  # tokens this attempt contributed to the answer
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,10 @@
 `nodes/` imports this package and the generated stubs (`edgemesh.v1`), nothing else of `mesh`.
 Nothing here imports Ray, zeroconf or a model runtime.
 
-    errors       the one exception hierarchy, and its structured form on the wire
-    grpc_status  exceptions <-> gRPC status (with `google.rpc.Status` details), one abort helper
+    errors       the one exception hierarchy
+    attempts     what one attempt at a task did (errors of failed tasks carry them)
+    grpc_status  exceptions <-> gRPC status (`google.rpc.Status` with an `ErrorDetail`): one
+                 abort helper for servers, one reader for clients
     channels     every gRPC channel and server port (keepalive, limits, transport security)
     ids          distinct id types and their constructors
     model        the frozen base model of every config and record

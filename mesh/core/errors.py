@@ -1,13 +1,16 @@
 """One exception hierarchy for the whole project.
 
-Servicers translate these to gRPC status codes at the edge (`to_grpc_status`);
-the client library translates status codes back (`from_grpc_error`), so callers
-never import grpc.
+Servicers answer them as a gRPC status with the error's kind, task and attempts in its details
+(`mesh.core.grpc_status.abort_with_error`); the client library turns that status back into the
+same exception (`from_grpc_error`), so callers never import grpc.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mesh.core.attempts import AttemptRecord
 
 
 class MeshError(Exception):
@@ -22,6 +25,16 @@ class MeshError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    @property
+    def task_id(self) -> str:
+        """The task this error ended ("" when none)."""
+        return str(self.fields.get("task_id") or "")
+
+    @property
+    def attempts(self) -> tuple[AttemptRecord, ...]:
+        """Every attempt at the task, in order (TaskFailedError, DeadlineExceededError)."""
+        return tuple(self.fields.get("attempts") or ())
 
 
 class InvalidRequestError(MeshError):
@@ -49,7 +62,7 @@ class UnavailableError(MeshError):
 
 
 class DeadlineExceededError(MeshError):
-    """The request ran out of time."""
+    """The request ran out of time; a task's says which attempts it made (`attempts`)."""
 
     grpc_code_name = "DEADLINE_EXCEEDED"
 
@@ -104,7 +117,42 @@ _BY_CODE_NAME: dict[str, type[MeshError]] = {
 }
 
 
-def error_for_code_name(code_name: str, message: str) -> MeshError:
-    """The project's exception for a gRPC status code name (e.g. "NOT_FOUND")."""
-    cls = _BY_CODE_NAME.get(code_name, MeshError)
-    return cls(message, grpc_code=code_name)
+# The kinds an error has on the wire (`ErrorDetail.kind`): the classes of this module.
+_BY_KIND: dict[str, type[MeshError]] = {
+    cls.__name__: cls
+    for cls in (
+        MeshError,
+        InvalidRequestError,
+        NotFoundError,
+        OverloadedError,
+        UnavailableError,
+        DeadlineExceededError,
+        CancelledError,
+        NotReadyError,
+        PermissionDeniedError,
+        ConfigError,
+        ModelLoadError,
+        TaskFailedError,
+    )
+}
+
+
+def kind_of(error: MeshError) -> str:
+    """The name `error` goes by on the wire: its class, or the nearest one of this module."""
+    for cls in type(error).__mro__:
+        if _BY_KIND.get(cls.__name__) is cls:
+            return cls.__name__
+    return MeshError.__name__  # unreachable: every MeshError has MeshError in its MRO
+
+
+def error_for_code_name(
+    code_name: str, message: str, *, kind: str = "", **fields: Any
+) -> MeshError:
+    """The project's exception for a gRPC status code name (e.g. "NOT_FOUND").
+
+    `kind` (the error's class name, from the wire) picks the exact class when it is one of
+    this module's and goes with the code; otherwise the code alone decides."""
+    cls = _BY_KIND.get(kind)
+    if cls is None or cls.grpc_code_name != code_name:
+        cls = _BY_CODE_NAME.get(code_name, MeshError)
+    return cls(message, grpc_code=code_name, **fields)

@@ -1,10 +1,55 @@
-"""Translation between the project's exceptions and gRPC status codes."""
+"""The project's exceptions on the wire and back: one way out, one way back.
+
+Out: a servicer answers a MeshError with `abort_with_error` (grpc.aio), or with `set_error`
+where the context cannot abort (Ray Serve's gRPC context). Both send one `google.rpc.Status`:
+the code, the message, and an `edgemesh.v1.ErrorDetail` (kind, task, attempts) in its details,
+in the standard `grpc-status-details-bin` trailer (proto/edgemesh/v1/errors.proto), so any gRPC
+client can read it.
+
+Back: `from_grpc_error` turns code, message and detail into the same exception, attempts
+included. A detail that is missing, of another type or garbled never fails it: the code and
+message alone still make an exception.
+
+Trailers are small (grpc's default limit on received metadata is 8 KiB, and the message travels
+twice: as grpc-message and inside the Status), so the message is cut at `MAX_MESSAGE_BYTES` and
+the detail at `MAX_DETAIL_BYTES` (attempts' texts shortened, then the earliest attempts left out).
+"""
 
 from __future__ import annotations
 
-import grpc
+import inspect
+import logging
+from typing import Any, NoReturn, Protocol
 
-from mesh.core.errors import MeshError, error_for_code_name
+import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from edgemesh.v1 import errors_pb2
+from mesh.core.attempts import AttemptOutcome, AttemptRecord
+from mesh.core.errors import MeshError, error_for_code_name, kind_of
+from mesh.core.ids import NodeId, TaskId
+
+logger = logging.getLogger("mesh.core")
+
+DETAILS_KEY = "grpc-status-details-bin"  # where gRPC carries a google.rpc.Status
+MAX_MESSAGE_BYTES = 1024
+MAX_DETAIL_BYTES = 2048
+_SHORT_DETAIL_CHARS = 80  # an attempt's text, when the detail is over its size
+_MAX_TASK_ID_CHARS = 128
+_CUT = " [...]"
+
+
+class StatusContext(Protocol):
+    """A servicer context that sets the status a call ends with (Ray Serve's gRPC context)."""
+
+    def set_code(self, code: grpc.StatusCode) -> None: ...
+    def set_details(self, details: str) -> None: ...
+    def set_trailing_metadata(self, trailing_metadata: list[tuple[str, Any]]) -> None: ...
+
+
+# ---------------------------------------------------------------------- out
 
 
 def status_code_for(error: MeshError) -> grpc.StatusCode:
@@ -12,9 +57,143 @@ def status_code_for(error: MeshError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.grpc_code_name, grpc.StatusCode.INTERNAL)
 
 
-def from_grpc_error(error: grpc.RpcError) -> MeshError:
-    """The project's exception for an error raised by a grpc call."""
-    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-    details = error.details() if hasattr(error, "details") else str(error)
-    name = code.name if code is not None else "UNKNOWN"
-    return error_for_code_name(name, details or name.lower())
+def attempt_detail(attempt: AttemptRecord) -> errors_pb2.AttemptDetail:
+    return errors_pb2.AttemptDetail(
+        node_id=attempt.node_id,
+        node_name=attempt.node_name,
+        outcome=attempt.outcome.value,
+        duration_ms=attempt.duration_ms,
+        detail=attempt.detail,
+        completion_tokens=max(0, attempt.completion_tokens),
+    )
+
+
+def error_detail(error: MeshError) -> errors_pb2.ErrorDetail:
+    """What `error` says beyond code and message, within `MAX_DETAIL_BYTES`."""
+    detail = errors_pb2.ErrorDetail(
+        kind=kind_of(error),
+        task_id=error.task_id[:_MAX_TASK_ID_CHARS],
+        attempts=[attempt_detail(a) for a in error.attempts],
+    )
+    if detail.ByteSize() > MAX_DETAIL_BYTES:
+        for attempt in detail.attempts:
+            if len(attempt.detail) > _SHORT_DETAIL_CHARS:
+                attempt.detail = attempt.detail[: _SHORT_DETAIL_CHARS - len(_CUT)] + _CUT
+        while detail.ByteSize() > MAX_DETAIL_BYTES and detail.attempts:
+            del detail.attempts[0]
+            detail.omitted_attempts += 1
+    return detail
+
+
+def _message(error: MeshError) -> str:
+    message = str(error) or type(error).__name__
+    encoded = message.encode()
+    if len(encoded) <= MAX_MESSAGE_BYTES:
+        return message
+    return encoded[: MAX_MESSAGE_BYTES - len(_CUT)].decode(errors="ignore") + _CUT
+
+
+def grpc_status_for(error: MeshError) -> grpc.Status:
+    """The status a call that failed with `error` ends with: code, message, rich details."""
+    code = status_code_for(error)
+    status = status_pb2.Status(code=code.value[0], message=_message(error))
+    status.details.add().Pack(error_detail(error))
+    return rpc_status.to_status(status)
+
+
+async def abort_with_error(context: grpc.aio.ServicerContext, error: MeshError) -> NoReturn:
+    """End the call being served with `error` (code, message, ErrorDetail); raises."""
+    await context.abort_with_status(grpc_status_for(error))
+    raise AssertionError("unreachable: abort_with_status raises")  # grpc ships no types
+
+
+def set_error(context: StatusContext, error: MeshError) -> None:
+    """Make the call end with `error`, for a context that cannot abort (Ray Serve's): the
+    method returns (or, streaming, yields once more) and the status goes out with it."""
+    status = grpc_status_for(error)
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(list(status.trailing_metadata))
+
+
+# ---------------------------------------------------------------------- back
+
+
+def _code_of(error: grpc.RpcError) -> grpc.StatusCode:
+    code = error.code() if hasattr(error, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _status_in_trailer(error: grpc.RpcError) -> status_pb2.Status | None:
+    read = getattr(error, "trailing_metadata", None)
+    pairs = read() if callable(read) else None
+    if inspect.iscoroutine(pairs):  # an aio call rather than its error: not ours to await
+        pairs.close()
+        return None
+    for key, value in pairs or ():
+        if key == DETAILS_KEY and isinstance(value, bytes):
+            try:
+                return status_pb2.Status.FromString(value)
+            except DecodeError:
+                logger.debug("ignoring an undecodable %s trailer", DETAILS_KEY)
+                return None
+    return None
+
+
+def detail_of(error: grpc.RpcError) -> errors_pb2.ErrorDetail | None:
+    """The ErrorDetail in the status trailer of a failed call, or None (none, or not readable)."""
+    status = _status_in_trailer(error)
+    if status is None or status.code != _code_of(error).value[0]:
+        return None  # no rich status, or one that belongs to another status than this call's
+    for packed in status.details:
+        if packed.Is(errors_pb2.ErrorDetail.DESCRIPTOR):
+            detail = errors_pb2.ErrorDetail()
+            try:
+                packed.Unpack(detail)
+            except DecodeError:
+                logger.debug("ignoring an undecodable ErrorDetail")
+                return None
+            return detail
+    return None
+
+
+def attempt_from_detail(attempt: errors_pb2.AttemptDetail) -> AttemptRecord:
+    try:
+        outcome = AttemptOutcome(attempt.outcome)
+    except ValueError:  # an outcome from a newer server: a failure of another kind
+        outcome = AttemptOutcome.ERROR
+    return AttemptRecord(
+        node_id=NodeId(attempt.node_id),
+        node_name=attempt.node_name,
+        outcome=outcome,
+        duration_ms=attempt.duration_ms,
+        detail=attempt.detail,
+        completion_tokens=attempt.completion_tokens,
+    )
+
+
+def error_from_detail(
+    code_name: str, message: str, detail: errors_pb2.ErrorDetail | None
+) -> MeshError:
+    """The project's exception for a status code name, message and (maybe) ErrorDetail."""
+    if detail is None:
+        return error_for_code_name(code_name, message)
+    fields: dict[str, Any] = {}
+    if detail.task_id:
+        fields["task_id"] = TaskId(detail.task_id)
+    if detail.attempts:
+        fields["attempts"] = tuple(attempt_from_detail(a) for a in detail.attempts)
+    if detail.omitted_attempts:
+        fields["omitted_attempts"] = detail.omitted_attempts
+    return error_for_code_name(code_name, message, kind=detail.kind, **fields)
+
+
+def from_grpc_error(
+    error: grpc.RpcError, *, detail: errors_pb2.ErrorDetail | None = None
+) -> MeshError:
+    """The project's exception for an error raised by a grpc call: the same type, message, task
+    and attempts as the servicer's. `detail`: one carried elsewhere (a stream's last message),
+    used when the trailer has none."""
+    code = _code_of(error)
+    message = error.details() if hasattr(error, "details") else str(error)
+    return error_from_detail(code.name, message or code.name.lower(), detail_of(error) or detail)

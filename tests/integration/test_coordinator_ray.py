@@ -11,13 +11,22 @@ import asyncio
 import json
 import urllib.request
 
+import grpc
 import openai
 import pytest
+from grpc_status import rpc_status
 
+from edgemesh.v1 import errors_pb2, mesh_pb2, mesh_pb2_grpc
 from mesh.coordinator.runner import RunningCoordinator, start_coordinator, stop_coordinator
 from mesh.coordinator.settings import CoordinatorConfig, DispatcherSettings
 from mesh.coordinator_client import MeshClient
-from mesh.core.errors import InvalidRequestError, NotFoundError
+from mesh.core.attempts import AttemptOutcome
+from mesh.core.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NotFoundError,
+    TaskFailedError,
+)
 from tests.mesh_processes import running_nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.timeout(300)]
@@ -43,6 +52,7 @@ async def wait_ready_nodes(address: str, count: int, timeout_s: float = 30.0) ->
 SLOW_REPLY = " ".join(f"word{i}" for i in range(40))
 # One answer that takes longer than a minute: a word a second.
 LONG_REPLY = " ".join(f"long{i}" for i in range(66))
+BUSY = "[busy]"  # the slow nodes refuse a prompt with this as busy (bench/fake_node.py)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +68,7 @@ def mesh(tmp_path_factory):
             model="slow",
             reply=SLOW_REPLY,
             max_concurrent=4,
+            busy_marker=BUSY,
         ) as slow,
         running_nodes(
             directory,
@@ -236,6 +247,73 @@ def test_errors_arrive_as_mesh_errors(mesh):
                 with pytest.raises(NotFoundError, match="no node serves model 'gpt-9'"):
                     async for _chunk in client.submit_stream(QUESTION, model="gpt-9"):
                         pass
+
+    run(scenario())
+
+
+def test_a_failed_tasks_attempts_reach_the_client_through_both_paths(mesh):
+    """Every slow node refuses the task as busy: the client's TaskFailedError lists the three
+    nodes tried, unary and streamed, through Serve's proxy and the fast path alike; a task that
+    runs out of its deadline says which attempt it was on."""
+    running, _nodes = mesh
+    slow_nodes = ["slow-1", "slow-2", "slow-3"]
+
+    async def scenario():
+        for address in both_paths(running):
+            async with MeshClient(address) as client:
+                with pytest.raises(TaskFailedError) as unary:
+                    await client.submit(f"{BUSY} hi", model="slow", task_id=f"busy-{address}")
+                with pytest.raises(TaskFailedError) as streamed:
+                    async for _chunk in client.submit_stream(f"{BUSY} hi", model="slow"):
+                        pass
+                for failure in (unary, streamed):
+                    assert "all 3 attempts failed" in str(failure.value)
+                    assert sorted(a.node_name for a in failure.value.attempts) == slow_nodes
+                    assert {a.outcome for a in failure.value.attempts} == {
+                        AttemptOutcome.OVERLOADED
+                    }
+                assert unary.value.task_id == f"busy-{address}" and streamed.value.task_id
+                with pytest.raises(DeadlineExceededError) as late:  # 20 words take 800 ms
+                    await client.submit("go", model="slow", max_tokens=20, deadline_s=0.3)
+                [attempt] = late.value.attempts
+                assert attempt.node_name in slow_nodes
+                assert attempt.outcome is AttemptOutcome.TIMEOUT
+
+    run(scenario())
+
+
+def test_a_plain_grpc_client_reads_the_error_detail_through_serves_proxy(mesh):
+    """No project code on the client: the standard rich status arrives through Serve's proxy;
+    a stream's last message carries the error too (the proxy sends a stream's trailer only with
+    a message)."""
+    running, _nodes = mesh
+
+    def detail_of(status) -> errors_pb2.ErrorDetail:
+        [packed] = [d for d in status.details if d.Is(errors_pb2.ErrorDetail.DESCRIPTOR)]
+        detail = errors_pb2.ErrorDetail()
+        packed.Unpack(detail)
+        return detail
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(running.grpc_address) as channel:
+            stub = mesh_pb2_grpc.MeshServiceStub(channel)
+            request = mesh_pb2.SubmitRequest(model="slow", prompt=f"{BUSY} hi", task_id="raw-1")
+            unary = stub.Submit(request, timeout=30)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await unary
+            stream = stub.SubmitStream(request, timeout=30)
+            chunks = []
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for chunk in stream:
+                    chunks.append(chunk)
+            assert [c.HasField("error") for c in chunks] == [True]
+            for call in (unary, stream):
+                assert await call.code() == grpc.StatusCode.UNAVAILABLE
+                detail = detail_of(await rpc_status.aio.from_call(call))
+                assert detail.kind == "TaskFailedError" and detail.task_id == "raw-1"
+                assert len(detail.attempts) == 3
+                assert {a.outcome for a in detail.attempts} == {"overloaded"}
+            assert chunks[0].error == detail
 
     run(scenario())
 
