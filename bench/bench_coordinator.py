@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
+from bench._processes import BenchProcesses, processes
 from bench._report import machine_line, median, percentile, write_section
 from bench.fake_openai import REPLY as LONG_REPLY  # 20+ words: both sides generate 20 tokens
+from mesh.local_processes import LocalNode, local_node_command, python_command
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -37,31 +36,13 @@ Call = Callable[[], Awaitable[object]]
 # ---------------------------------------------------------------------- processes
 
 
-def _spawn(
-    args: list[str], expect: str, timeout_s: float = 120.0
-) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert process.stdout is not None
-    give_up = time.monotonic() + timeout_s
-    while time.monotonic() < give_up:
-        line = process.stdout.readline()
-        if expect in line:
-            return process, line.split()[-1]
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise RuntimeError(f"{args} did not start")
-
-
-def _llama_server(model_path: str) -> tuple[subprocess.Popen[str], str]:
+def _llama_server(started: BenchProcesses, model_path: str) -> str:
+    """`python -m llama_cpp.server` on the same GGUF, for LiteLLM; its address."""
     from mesh.coordinator.runner import free_port
 
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
+    started.http_server(
+        python_command(
             "-m",
             "llama_cpp.server",
             "--model",
@@ -78,36 +59,11 @@ def _llama_server(model_path: str) -> tuple[subprocess.Popen[str], str]:
             "smollm2",
             "--verbose",
             "False",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        ),
+        "llama-server",
+        f"http://127.0.0.1:{port}/v1/models",
     )
-    give_up = time.monotonic() + 120
-    while time.monotonic() < give_up:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                return process, f"127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("llama_cpp.server did not start")
-
-
-@contextlib.contextmanager
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            if process.poll() is None:
-                process.terminate()
-        for process in started:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    return f"127.0.0.1:{port}"
 
 
 # ---------------------------------------------------------------------- measuring
@@ -443,58 +399,37 @@ def main(argv: list[str] | None = None) -> int:
     state = tempfile.mkdtemp(prefix="bench-coordinator-")
     with processes() as started:
 
-        def node(*extra: str) -> str:
-            process, address = _spawn(["-m", "bench.fake_node", *extra], " serving ")
-            started.append(process)
-            return address
-
-        addresses = {"instant": node("--name", "instant", "--model", "instant")}
-        slow = [
-            node(
-                "--name", f"slow-{i}", "--model", "slow", "--delay-ms", "10", "--reply", LONG_REPLY
+        def node(name: str, *extra: str) -> LocalNode:
+            return started.node(
+                python_command("-m", "bench.fake_node", "--name", name, *extra), name
             )
+
+        addresses = {"instant": node("instant", "--model", "instant").address}
+        slow_nodes = [
+            node(f"slow-{i}", "--model", "slow", "--delay-ms", "10", "--reply", LONG_REPLY)
             for i in range(3)
         ]
-        slow_processes = started[-3:]
-        real_node, real_address = _spawn(
-            [
-                "-m",
-                "mesh.cli",
-                "node",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-advertise",
-                "--state-dir",
-                state,
-                "--name",
-                "real",
-                "--n-threads",
-                "2",
-            ],
-            " serving ",
-        )
-        started.append(real_node)
-        addresses["real"] = real_address
-        kills = {"slow": lambda: slow_processes[0].kill()}
+        slow = [n.address for n in slow_nodes]
+        real = started.node(local_node_command(state, name="real", n_threads=2), "real")
+        addresses["real"] = real.address
+        # SIGKILL without waiting for the exit: the failover clock starts at once.
+        kills = {"slow": lambda: slow_nodes[0].process.kill()}
         if args.litellm:
-            fake_openai, addresses["openai"] = _spawn(["-m", "bench.fake_openai"], "serving on")
-            started.append(fake_openai)
-            slow_openai = [
-                _spawn(
-                    ["-m", "bench.fake_openai", "--delay-ms", "10", "--tokens", "20"], "serving on"
-                )
-                for _ in range(3)
-            ]
-            started.extend(p for p, _a in slow_openai)
-            addresses["slow_openai"] = ",".join(a for _p, a in slow_openai)
-            kills["slow_openai"] = lambda: slow_openai[0][0].kill()
-            llama_server, addresses["llama_server"] = _llama_server(
-                str(resolve_gguf("bundled:smollm2").path)
+            _fake, addresses["openai"] = started.fake_openai(
+                python_command("-m", "bench.fake_openai"), "fake-openai"
             )
-            started.append(llama_server)
+            slow_openai = [
+                started.fake_openai(
+                    python_command("-m", "bench.fake_openai", "--delay-ms", "10", "--tokens", "20"),
+                    f"slow-openai-{i}",
+                )
+                for i in range(3)
+            ]
+            addresses["slow_openai"] = ",".join(address for _p, address in slow_openai)
+            kills["slow_openai"] = lambda: slow_openai[0][0].process.kill()
+            addresses["llama_server"] = _llama_server(
+                started, str(resolve_gguf("bundled:smollm2").path)
+            )
         config = CoordinatorConfig(
             static_nodes=(addresses["instant"], addresses["real"], *slow),
             mdns=False,

@@ -24,7 +24,6 @@ import gc
 import json
 import pathlib
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -34,9 +33,9 @@ import tracemalloc
 from collections.abc import Callable, Sequence
 
 from bench._report import machine_line, median, percentile, write_section
+from mesh.local_processes import NODE_READY, LocalNode, local_node_command
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SERVING = re.compile(r"^node (\S+) \((\w+)\) serving .* on (\S+)$")
 
 
 def _mesh(*args: str) -> list[str]:
@@ -95,7 +94,7 @@ def bench_lifecycle(runs: int) -> dict[str, list[float]]:
             err = LineReader(process.stderr, name="node-err")
             out = LineReader(process.stdout, name="node-out")
             loaded, _ = err.wait_for(lambda line: " ready (" in line, timeout_s=90)
-            serving, _ = out.wait_for(lambda line: SERVING.match(line) is not None, timeout_s=30)
+            serving, _ = out.wait_for(lambda line: NODE_READY.match(line) is not None, timeout_s=30)
             ready = wait_event("ready")
             samples["start_ready"].append(ready - loaded)
             samples["spawn_ready"].append(ready - spawned)
@@ -291,35 +290,15 @@ def bench_probe_cpu(probes: int) -> tuple[float, float]:
     from mesh.node_table import ProbeStatus
 
     with tempfile.TemporaryDirectory() as state:
-        node = subprocess.Popen(
-            _mesh(
-                "node",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-advertise",
-                "--n-threads",
-                "1",
-                "--state-dir",
-                state,
-                "--name",
-                "probe-bench",
-            ),
+        node = LocalNode.start(
+            local_node_command(f"{state}/node", name="probe-bench", n_threads=1),
+            name="probe-bench",
+            log=pathlib.Path(state) / "node.log",
             cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
+            timeout_s=120,
         )
         try:
-            assert node.stdout is not None
-            address = ""
-            for line in node.stdout:
-                match = SERVING.match(line.strip())
-                if match:
-                    address = match.group(3)
-                    break
+            address = node.address
 
             async def scenario() -> tuple[float, float]:
                 prober = GrpcProber()
@@ -338,8 +317,7 @@ def bench_probe_cpu(probes: int) -> tuple[float, float]:
 
             return asyncio.run(asyncio.wait_for(scenario(), 120))
         finally:
-            node.send_signal(signal.SIGKILL)
-            node.wait(timeout=30)
+            node.kill_hard()
 
 
 # ---------------------------------------------------------------------------- report

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +23,7 @@ import psutil
 
 from bench._report import machine_line, median, write_section
 from mesh.client import NodeClient
+from mesh.local_processes import LocalNode, local_node_command
 from nodes.model_files import resolve_gguf
 
 PROMPT = (
@@ -30,60 +31,20 @@ PROMPT = (
     "Describe every day of the journey."
 )
 SYSTEM = "You are a helpful assistant."
-SERVING = re.compile(r"serving .* on (\S+)$")
 LOADED = re.compile(r"ready .* in ([0-9.]+) s")
+START_TIMEOUT_S = 120.0
 
 
-def start_node(state_dir: str, threads: int) -> tuple[subprocess.Popen[str], str, float, float]:
-    """Start a node; return (process, address, seconds to the serving line, model load seconds)."""
-    began = time.perf_counter()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mesh.cli",
-            "node",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-advertise",
-            "--state-dir",
-            state_dir,
-            "--n-threads",
-            str(threads),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def start_node(directory: str, threads: int) -> tuple[LocalNode, float, float]:
+    """Start a node; return (it, seconds to the serving line, model load seconds)."""
+    node = LocalNode.start(
+        local_node_command(f"{directory}/state", n_threads=threads),
+        name="node",
+        log=pathlib.Path(directory) / "node.log",
+        timeout_s=START_TIMEOUT_S,
     )
-    assert process.stdout is not None and process.stderr is not None
-    line = process.stdout.readline().strip()
-    elapsed = time.perf_counter() - began
-    match = SERVING.search(line)
-    if not match:
-        process.kill()
-        raise RuntimeError(f"node did not start: {process.stderr.read()}")
-    load_s = 0.0
-    while True:  # the load line is printed before the serving line
-        err = process.stderr.readline()
-        found = LOADED.search(err)
-        if found:
-            load_s = float(found.group(1))
-            break
-        if not err:
-            break
-    return process, match.group(1), elapsed, load_s
-
-
-def stop_node(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    found = LOADED.search(node.log_text())  # the load line is printed before the serving line
+    return node, node.ready_at - node.started_at, float(found.group(1)) if found else 0.0
 
 
 async def grpc_run(client: NodeClient, tokens: int) -> tuple[int, float, float]:
@@ -149,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as state_dir:
         starts, loads = [], []
         for _ in range(args.starts):
-            process, _address, elapsed, load_s = start_node(state_dir, args.threads)
+            node, elapsed, load_s = start_node(state_dir, args.threads)
             starts.append(elapsed)
             loads.append(load_s)
-            stop_node(process)
+            node.stop()
 
-        process, address, _elapsed, _load = start_node(state_dir, args.threads)
+        node, _elapsed, _load = start_node(state_dir, args.threads)
         try:
             # The same settings the node uses by default (nodes/config.py ModelConfig).
             llama = llama_cpp.Llama(
@@ -180,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             ).prompt
             prompt_tokens = llama.tokenize(prompt.encode(), add_bos=True, special=True)
-            samples = asyncio.run(alternate(address, llama, prompt_tokens, args))
+            samples = asyncio.run(alternate(node.address, llama, prompt_tokens, args))
             grpc_rates, local_rates, grpc_ttft, local_ttft, counts = samples
-            rss = psutil.Process(process.pid).memory_info().rss
+            rss = psutil.Process(node.process.pid).memory_info().rss
         finally:
-            stop_node(process)
+            node.stop()
 
     ratio = median(grpc_rates) / median(local_rates)
     beyond_mb = (rss - model.size_bytes) / 1e6

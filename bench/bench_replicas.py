@@ -19,8 +19,10 @@ import itertools
 import sys
 import time
 
+from bench._processes import processes
 from bench._report import machine_line, median, percentile, write_section
-from bench.bench_coordinator import MESSAGES, Call, _spawn, latencies, processes, throughput
+from bench.bench_coordinator import MESSAGES, Call, latencies, throughput
+from mesh.local_processes import python_command
 
 
 def _calls(client: object, counter: itertools.count) -> dict[str, Call]:
@@ -138,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     from mesh.coordinator.settings import CoordinatorConfig, DispatcherSettings
 
     with processes() as started:
-        process, node_address = _spawn(
-            ["-m", "bench.fake_node", "--name", "instant", "--model", "instant"], " serving "
-        )
-        started.append(process)
+        node_address = started.node(
+            python_command("-m", "bench.fake_node", "--name", "instant", "--model", "instant"),
+            "instant",
+        ).address
         config = CoordinatorConfig(
             static_nodes=(node_address,),
             mdns=False,

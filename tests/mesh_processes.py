@@ -1,87 +1,25 @@
-"""Real processes for the coordinator's integration and e2e tests: nodes and the coordinator CLI.
+"""Real nodes and the coordinator CLI for the integration and e2e tests.
 
-Each process writes its stderr to a file (so a full pipe never blocks it) and announces itself
-with one line on stdout, which is awaited with a timeout.
+Thin helpers over `mesh.local_processes`: each process logs its stderr to DIRECTORY/NAME.log
+and is ready once it prints its one line on stdout, awaited with a timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
-import selectors
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 
+from mesh.local_processes import (
+    LocalCoordinator,
+    LocalNode,
+    coordinator_command,
+    local_node_command,
+    python_command,
+    stop_all,
+)
 
-@dataclass
-class MeshProcess:
-    name: str
-    process: subprocess.Popen[str]
-    line: str  # the ready line
-    log: pathlib.Path
-
-    @property
-    def address(self) -> str:
-        return self.line.rsplit(" ", 1)[1]
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill_hard(self) -> None:
-        """`kill -9`: no goodbye, no drain."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait(timeout=10)
-
-
-def _read_line(
-    process: subprocess.Popen[str], timeout_s: float, log: pathlib.Path, expect: str
-) -> str:
-    assert process.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    give_up = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < give_up:
-            if selector.select(timeout=0.2):
-                line = process.stdout.readline()
-                if expect in line:
-                    return line.strip()
-                if not line and process.poll() is not None:
-                    break
-    finally:
-        selector.close()
-    process.kill()
-    process.wait(timeout=10)
-    raise AssertionError(
-        f"no {expect!r} line within {timeout_s} s; log:\n{log.read_text()[-3000:]}"
-    )
-
-
-def spawn(
-    name: str, args: Sequence[str], directory: pathlib.Path, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[str], pathlib.Path]:
-    """`python ARGS` with stderr to DIRECTORY/NAME.log; `env` adds to the environment."""
-    log = directory / f"{name}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    with open(log, "w") as handle:
-        process = subprocess.Popen(
-            [sys.executable, *args], stdout=subprocess.PIPE, stderr=handle, text=True, env=env
-        )
-    return process, log
+STOP_TIMEOUT_S = 30.0
 
 
 def node_args(
@@ -97,16 +35,14 @@ def node_args(
     busy_marker: str = "",
     config: pathlib.Path | None = None,
 ) -> list[str]:
+    """The command line of a node (`mesh node start`, one thread, on 127.0.0.1 port 0)."""
+    limits = ["--max-concurrent", str(max_concurrent), "--max-queued", str(max_queued)]
     if fake:  # a real NodeDaemon with an instant (or `delay_ms` per word) fake model
         return [
-            "-m",
-            "bench.fake_node",
+            *python_command("-m", "bench.fake_node"),
             "--name",
             name,
-            "--max-concurrent",
-            str(max_concurrent),
-            "--max-queued",
-            str(max_queued),
+            *limits,
             "--delay-ms",
             str(delay_ms),
             "--model",
@@ -114,28 +50,33 @@ def node_args(
             *(["--reply", reply] if reply else []),
             *(["--busy-marker", busy_marker] if busy_marker else []),
         ]
-    return [
-        "-m",
-        "mesh.cli",
-        "node",
-        "start",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--no-advertise",
-        "--state-dir",
-        str(state_dir / name),
-        "--name",
-        name,
-        "--n-threads",
-        "1",
-        "--max-concurrent",
-        str(max_concurrent),
-        "--max-queued",
-        str(max_queued),
-        *(["--config", str(config)] if config else []),
-    ]
+    return local_node_command(
+        state_dir / name,
+        name=name,
+        n_threads=1,
+        extra=[*limits, *(["--config", str(config)] if config else [])],
+    )
+
+
+@contextlib.contextmanager
+def started_together(
+    commands: Mapping[str, Sequence[str]],
+    directory: pathlib.Path,
+    *,
+    timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> Iterator[dict[str, LocalNode]]:
+    """Start every node at once, wait for each serving line; stop them all afterwards.
+    `env` adds to their environment."""
+    nodes: dict[str, LocalNode] = {}
+    try:
+        for name, command in commands.items():
+            nodes[name] = LocalNode(command, name=name, log=directory / f"{name}.log", env=env)
+        for node in nodes.values():
+            node.wait_ready(timeout_s)
+        yield nodes
+    finally:
+        stop_all(nodes.values(), timeout_s=STOP_TIMEOUT_S)
 
 
 @contextlib.contextmanager
@@ -146,62 +87,21 @@ def running_nodes(
     timeout_s: float = 120.0,
     env: dict[str, str] | None = None,
     **options: object,
-) -> Iterator[list[MeshProcess]]:
+) -> Iterator[list[LocalNode]]:
     """Start nodes at once (real bundled model unless fake=True); stop them all afterwards.
     `env` adds to their environment."""
-    started: list[tuple[str, subprocess.Popen[str], pathlib.Path]] = []
-    nodes: list[MeshProcess] = []
-    try:
-        for name in names:
-            args = node_args(name, directory, **options)  # type: ignore[arg-type]
-            process, log = spawn(name, args, directory, env)
-            started.append((name, process, log))
-        for name, process, log in started:
-            line = _read_line(process, timeout_s, log, " serving ")
-            nodes.append(MeshProcess(name, process, line, log))
-        yield nodes
-    finally:
-        for _name, process, _log in started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _name, process, _log in started:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+    commands = {name: node_args(name, directory, **options) for name in names}  # type: ignore[arg-type]
+    with started_together(commands, directory, timeout_s=timeout_s, env=env) as nodes:
+        yield list(nodes.values())
 
 
 def start_coordinator_cli(
     directory: pathlib.Path, nodes: Sequence[str], *extra: str, timeout_s: float = 180.0
-) -> MeshProcess:
+) -> LocalCoordinator:
     """`mesh coordinator start` with static nodes, no mDNS, free ports; waits for its ready line."""
-    args = [
-        "-m",
-        "mesh.cli",
-        "coordinator",
-        "start",
-        "--no-mdns",
-        "--grpc-port",
-        "0",
-        "--http-port",
-        "0",
-        "--num-cpus",
-        "2",
-        *extra,
-    ]
-    for address in nodes:
-        args += ["--node", address]
-    process, log = spawn("coordinator", args, directory)
-    line = _read_line(process, timeout_s, log, "coordinator ready")
-    return MeshProcess("coordinator", process, line, log)
-
-
-def ready_line_addresses(line: str) -> dict[str, str]:
-    """{"grpc": ..., "fast": ..., "http": ...} from the coordinator's ready line."""
-    words = line.split()
-    return {
-        "grpc": words[words.index("grpc") + 1],
-        "fast": words[words.index("path") + 1],
-        "http": words[words.index("http") + 1],
-    }
+    return LocalCoordinator.start(
+        coordinator_command(nodes, *extra),
+        name="coordinator",
+        log=directory / "coordinator.log",
+        timeout_s=timeout_s,
+    )

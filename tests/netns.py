@@ -1,7 +1,9 @@
 """A multi-host lab on one machine: N network namespaces on a Linux bridge, real multicast.
 
-    with NetnsLab.create(3) as lab:          # or the `netns_lab` fixture in tests/e2e
-        node = lab.hosts[0].popen([sys.executable, "-m", "mesh.cli", "node", "start", ...])
+    with NetnsLab.create(3) as lab:          # or the `netns_lab_factory` fixture in tests/e2e
+        watcher = lab.hosts[1].popen([sys.executable, "-m", "mesh.cli", "discover", ...])
+        node = LocalNode.start(mesh_command("node", "start", ...), popen=lab.hosts[0].popen,
+                               name="n1", log=..., timeout_s=90)  # mesh.local_processes
         ...
     # every process is killed and every namespace, veth and the bridge are deleted,
     # even when the block raises; `assert_clean()` checks that nothing is left.

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
-import selectors
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 
 from mesh.cli._common import EXIT_ERROR, run_async
+from mesh.local_processes import (
+    LocalCoordinator,
+    LocalNode,
+    ProcessStartError,
+    coordinator_command,
+    local_node_command,
+)
 
 DEFAULT_QUESTION = "What is the capital city of France?"
-_SERVING = re.compile(r"serving .* on (\S+)$")
-_COORDINATOR = re.compile(r"coordinator ready: grpc (\S+) .* fast path (\S+) http (\S+)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,102 +46,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_demo)
 
 
-class ChildProcess:
-    """A child `mesh` process whose ready line is awaited with a timeout."""
-
-    def __init__(self, args: list[str], ready: re.Pattern[str], timeout_s: float) -> None:
-        self.args = args
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli", *args], stdout=subprocess.PIPE, text=True
-        )
-        self.match = self._await_line(ready, timeout_s)
-
-    def _await_line(self, ready: re.Pattern[str], timeout_s: float) -> re.Match[str]:
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.process.stdout, selectors.EVENT_READ)
-            while (left := deadline - time.monotonic()) > 0:
-                if not selector.select(timeout=left):
-                    break
-                line = self.process.stdout.readline()
-                if not line:  # it exited; its error is already on stderr
-                    break
-                match = ready.search(line.strip())
-                if match:
-                    return match
-        self.stop()
-        raise RuntimeError(
-            f"`mesh {' '.join(self.args[:2])}` did not get ready "
-            f"(exit code {self.process.returncode})"
-        )
-
-    def stop(self, timeout_s: float = 60.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @contextlib.contextmanager
 def local_mesh(state_dir: str, *, coordinator: bool, timeout_s: float) -> Iterator[dict[str, str]]:
-    """A node (and a coordinator) on 127.0.0.1; yields their addresses; always stops them."""
+    """A node (and a coordinator) on 127.0.0.1; yields their addresses; always stops them.
+
+    Their stderr is ours: the user sees them load and stop."""
     say("starting a node with the bundled model (SmolLM2-135M-Instruct) ...")
-    node = ChildProcess(
-        [
-            "node",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-advertise",
-            "--state-dir",
-            state_dir,
-            "--name",
-            "demo-node",
-        ],
-        _SERVING,
-        timeout_s,
-    )
-    try:
-        addresses = {"node": node.match.group(1)}
+    command = local_node_command(state_dir, name="demo-node")
+    with LocalNode.start(
+        command, name="`mesh node start`", timeout_s=timeout_s, stop_timeout_s=60.0
+    ) as node:
+        addresses = {"node": node.address}
         say(f"node serving on {addresses['node']}")
-        if coordinator:
-            say("starting the coordinator on Ray Serve (about 10-30 s) ...")
-            coord = ChildProcess(
-                [
-                    "coordinator",
-                    "start",
-                    "--no-mdns",
-                    "--grpc-port",
-                    "0",
-                    "--http-port",
-                    "0",
-                    "--num-cpus",
-                    "2",
-                    "--node",
-                    addresses["node"],
-                ],
-                _COORDINATOR,
-                timeout_s,
-            )
-            addresses.update(
-                grpc=coord.match.group(1), fast=coord.match.group(2), http=coord.match.group(3)
-            )
+        if not coordinator:
+            yield addresses
+            return
+        say("starting the coordinator on Ray Serve (about 10-30 s) ...")
+        with LocalCoordinator.start(
+            coordinator_command([node.address]),
+            name="`mesh coordinator start`",
+            timeout_s=timeout_s,
+            stop_timeout_s=60.0,
+        ) as coord:
+            addresses.update(coord.addresses)
             say(f"coordinator ready: gRPC {addresses['grpc']}, OpenAI API {addresses['http']}")
             try:
                 yield addresses
             finally:
                 say("stopping the coordinator ...")
-                coord.stop()
-        else:
-            yield addresses
-    finally:
-        node.stop()
 
 
 def say(text: str) -> None:
@@ -199,6 +131,6 @@ def _demo(args: argparse.Namespace) -> int:
                 return int(
                     run_async(lambda: _ask_mesh(addresses["grpc"], args.question, args.max_tokens))
                 )
-        except RuntimeError as error:
+        except ProcessStartError as error:
             say(f"error: {error}")
             return EXIT_ERROR

@@ -103,6 +103,10 @@ class TaskFailedError(MeshError):
     grpc_code_name = "UNAVAILABLE"
 
 
+class ProcessStartError(MeshError):
+    """A local child process (node, coordinator) exited or timed out before its ready line."""
+
+
 _BY_CODE_NAME: dict[str, type[MeshError]] = {
     "INVALID_ARGUMENT": InvalidRequestError,
     "OUT_OF_RANGE": InvalidRequestError,

@@ -30,13 +30,8 @@ from collections.abc import Iterator
 import pytest
 
 from mesh.coordinator_client import MeshClient
-from tests.mesh_processes import (
-    MeshProcess,
-    _read_line,
-    ready_line_addresses,
-    spawn,
-    start_coordinator_cli,
-)
+from mesh.local_processes import LocalNode, mesh_command
+from tests.mesh_processes import start_coordinator_cli, started_together
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -168,30 +163,16 @@ def _topology(directory: pathlib.Path, gemma_url: str | None) -> str:
 
 
 @contextlib.contextmanager
-def agent_nodes(directory: pathlib.Path, gemma_url: str | None) -> Iterator[dict[str, MeshProcess]]:
+def agent_nodes(directory: pathlib.Path, gemma_url: str | None) -> Iterator[dict[str, LocalNode]]:
+    commands = {
+        name: mesh_command(
+            "node", "start", "--config", _node_yaml(name, directory, router=router, gemma_url=url)
+        )
+        for name, router, url in (("node-a", True, None), ("node-b", False, gemma_url))
+    }
     env = {"PYTHONPATH": str(HERE)}  # agent_pause_hook
-    started = []
-    try:
-        for name, router, url in (("node-a", True, None), ("node-b", False, gemma_url)):
-            config = _node_yaml(name, directory, router=router, gemma_url=url)
-            process, log = spawn(
-                name, ["-m", "mesh.cli", "node", "start", "--config", config], directory, env=env
-            )
-            started.append((name, process, log))
-        yield {
-            name: MeshProcess(name, process, _read_line(process, 120, log, " serving "), log)
-            for name, process, log in started
-        }
-    finally:
-        for _name, process, _log in started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _name, process, _log in started:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+    with started_together(commands, directory, env=env) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +188,12 @@ def mesh(tmp_path_factory):
             _topology(directory, gemma_url),
         )
         try:
-            addresses = ready_line_addresses(coordinator.line)
+            addresses = coordinator.addresses
             run(_wait_ready(addresses["fast"], 2), timeout=60)
             yield addresses, nodes, directory
         finally:
             code = coordinator.stop(timeout_s=60)
-            log = coordinator.log.read_text()
+            log = coordinator.log_text()
             assert code == 0, f"exit code {code}: {log[-3000:]}"
             assert "Traceback" not in log, log[-3000:]
 

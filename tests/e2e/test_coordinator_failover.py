@@ -19,7 +19,7 @@ import pytest
 
 from mesh.coordinator_client import MeshClient
 from mesh.core.errors import NotFoundError
-from tests.mesh_processes import ready_line_addresses, running_nodes, start_coordinator_cli
+from tests.mesh_processes import running_nodes, start_coordinator_cli
 
 HERE = pathlib.Path(__file__).resolve().parent  # stream_pause_hook
 
@@ -63,12 +63,12 @@ def mesh(tmp_path_factory):
     ) as nodes:
         coordinator = start_coordinator_cli(directory, [n.address for n in nodes])
         try:
-            addresses = ready_line_addresses(coordinator.line)
+            addresses = coordinator.addresses
             run(_wait_ready(addresses["grpc"], 3), timeout=60)
             yield addresses, {n.name: n for n in nodes}, coordinator
         finally:
             code = coordinator.stop(timeout_s=60)
-            log = coordinator.log.read_text()
+            log = coordinator.log_text()
             assert code == 0, f"exit code {code}: {log[-3000:]}"
             assert "Traceback" not in log, log[-3000:]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import signal
 import sys
 import time
@@ -13,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
+from mesh.local_processes import LocalNode
 from tests.netns import LineReader, NetnsHost, NetnsLab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -21,7 +21,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 CLUSTER = "e2e"
 GRACEFUL_BOUND_S = 0.5  # issue 3: graceful leave -> gone
 CRASH_BOUND_S = 1.0  # issue 3: kill -9 -> gone
-SERVING = re.compile(r"^node (\S+) \((\w+)\) serving .* on (\S+)$")
 
 
 def mesh(*args: str) -> list[str]:
@@ -64,7 +63,7 @@ class Node:
 
     def start(self, *, timeout_s: float = 90.0) -> float:
         """Start and wait for the serving line; returns its arrival time."""
-        self.process = self.host.popen(
+        local = LocalNode.start(
             mesh(
                 "node",
                 "start",
@@ -81,18 +80,15 @@ class Node:
                 "--state-dir",
                 str(self.state_dir),
             ),
+            name=self.name,
+            log=self.state_dir.with_name(f"{self.name}.log"),
             cwd=REPO,
+            popen=self.host.popen,  # inside the namespace; the lab kills it at teardown
+            timeout_s=timeout_s,
         )
-        assert self.process.stdout is not None and self.process.stderr is not None
-        self.out = LineReader(self.process.stdout, name=f"{self.name}-out")
-        self.err = LineReader(self.process.stderr, name=f"{self.name}-err")
-        stamp, line = self.out.wait_for(
-            lambda text: SERVING.match(text) is not None, timeout_s=timeout_s
-        )
-        match = SERVING.match(line)
-        assert match is not None
-        self.node_id, self.address = match.group(2), match.group(3)
-        return stamp
+        self.process = local.process
+        self.node_id, self.address = local.node_id, local.address
+        return local.ready_at
 
     def signal(self, sig: signal.Signals) -> float:
         stamp = time.monotonic()

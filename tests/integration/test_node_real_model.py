@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from mesh.client import NodeClient
 from mesh.core.errors import InvalidRequestError
+from mesh.local_processes import LocalNode, local_node_command
 from nodes.config import ModelConfig, NodeConfig
 from nodes.daemon import NodeDaemon
 
@@ -153,38 +153,16 @@ def _mesh(*args: str) -> list[str]:
 
 @pytest.fixture
 def node_process(tmp_path):
-    process = subprocess.Popen(
-        _mesh(
-            "node",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-advertise",
-            "--state-dir",
-            str(tmp_path),
-            "--name",
-            "cli-node",
-            "--n-threads",
-            "2",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = process.stdout.readline().strip()
-        assert "serving smollm2 on 127.0.0.1:" in line, line
-        yield process, line.rsplit(" ", 1)[1]
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
+    command = local_node_command(tmp_path / "state", name="cli-node", n_threads=2)
+    with LocalNode.start(
+        command, name="cli-node", log=tmp_path / "node.log", timeout_s=120
+    ) as node:
+        assert "serving smollm2 on 127.0.0.1:" in node.ready_line, node.ready_line
+        yield node
 
 
 def test_cli_start_describe_generate_and_sigterm(node_process):
-    process, address = node_process
+    address = node_process.address
     described = subprocess.run(
         _mesh("node", "describe", address, "--json"), capture_output=True, text=True, timeout=60
     )
@@ -212,9 +190,8 @@ def test_cli_start_describe_generate_and_sigterm(node_process):
     )
     assert bad.returncode == 1 and "max_tokens must be at least 1" in bad.stderr
 
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
-    stderr = process.stderr.read()
+    assert node_process.stop(timeout_s=30) == 0  # SIGTERM
+    stderr = node_process.log_text()
     assert "loading model smollm2" in stderr and "draining" in stderr
     assert "Traceback" not in stderr
 

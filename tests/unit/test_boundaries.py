@@ -53,7 +53,14 @@ def test_nodes_use_only_the_shared_core_of_mesh():
 
 
 @pytest.mark.parametrize(
-    "module", ["mesh.client", "mesh.coordinator_client", "mesh.agent_client", "mesh.core"]
+    "module",
+    [
+        "mesh.client",
+        "mesh.coordinator_client",
+        "mesh.agent_client",
+        "mesh.core",
+        "mesh.local_processes",
+    ],
 )
 def test_the_client_library_loads_no_ray_and_no_zeroconf(module):
     loaded = _modules_after_import(module)
