@@ -19,12 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from mesh.coordinator_client import MeshClient
-from tests.mesh_processes import (
-    MeshProcess,
-    ready_line_addresses,
-    running_nodes,
-    start_coordinator_cli,
-)
+from mesh.local_processes import LocalNode
+from tests.mesh_processes import running_nodes, start_coordinator_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -61,7 +57,7 @@ def between(output: str, start: str, end: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshProcess]:
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
     directory = tmp_path_factory.mktemp("examples-node")
     path = os.pathsep.join(p for p in (str(EXAMPLES), os.environ.get("PYTHONPATH", "")) if p)
     with running_nodes(
@@ -81,13 +77,13 @@ async def _wait_ready(address: str, timeout_s: float = 60.0) -> None:
 
 @pytest.fixture(scope="module")
 def coordinator(
-    node: MeshProcess, tmp_path_factory: pytest.TempPathFactory
+    node: LocalNode, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
     """{"grpc", "fast", "http"} addresses of a coordinator whose node table has the node ready."""
     directory = tmp_path_factory.mktemp("examples-coordinator")
     process = start_coordinator_cli(directory, [node.address])
     try:
-        addresses = ready_line_addresses(process.line)
+        addresses = process.addresses
         asyncio.run(_wait_ready(addresses["grpc"]))
         yield addresses
     finally:
@@ -97,7 +93,7 @@ def coordinator(
 # ---------------------------------------------------------------------- a node alone
 
 
-def test_node_generate_answers_streams_and_reports_an_unknown_model(node: MeshProcess) -> None:
+def test_node_generate_answers_streams_and_reports_an_unknown_model(node: LocalNode) -> None:
     output = run_example("node_generate.py", node.address)
     (answer,) = lines_starting(output, "answer:")
     assert "Paris" in answer and "tokens)" in answer
@@ -106,7 +102,7 @@ def test_node_generate_answers_streams_and_reports_an_unknown_model(node: MeshPr
     assert "no-such-model" in error and "smollm2" in error  # the models the node does serve
 
 
-def test_node_agent_calls_the_order_tool_and_answers(node: MeshProcess) -> None:
+def test_node_agent_calls_the_order_tool_and_answers(node: LocalNode) -> None:
     output = run_example("node_agent.py", node.address)
     (tool_step,) = lines_starting(output, "step 0 tool_call order_status")
     arguments, result = tool_step.removeprefix("step 0 tool_call order_status").split(" -> ")
@@ -117,7 +113,7 @@ def test_node_agent_calls_the_order_tool_and_answers(node: MeshProcess) -> None:
     assert lines_starting(output, "(answer,")
 
 
-def test_node_runs_the_agent_defined_in_shop_agents(node: MeshProcess) -> None:
+def test_node_runs_the_agent_defined_in_shop_agents(node: LocalNode) -> None:
     output = run_example(
         "node_agent.py", node.address, "--agent", "retail-kiosk", "Do you have SKU-7 in stock?"
     )
@@ -132,7 +128,7 @@ def test_node_runs_the_agent_defined_in_shop_agents(node: MeshProcess) -> None:
 
 @pytest.mark.ray
 def test_mesh_client_runs_a_model_task_an_agent_task_and_an_auto_routed_stream(
-    node: MeshProcess, coordinator: dict[str, str]
+    node: LocalNode, coordinator: dict[str, str]
 ) -> None:
     output = run_example("mesh_submit.py", coordinator["grpc"])
     (answer,) = lines_starting(output, "answer:")
@@ -148,7 +144,7 @@ def test_mesh_client_runs_a_model_task_an_agent_task_and_an_auto_routed_stream(
 
 @pytest.mark.ray
 def test_openai_client_works_unmodified_against_the_coordinator(
-    node: MeshProcess, coordinator: dict[str, str]
+    node: LocalNode, coordinator: dict[str, str]
 ) -> None:
     output = run_example("openai_chat.py", coordinator["http"])
     (answer,) = lines_starting(output, "answer:")
