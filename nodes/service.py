@@ -20,13 +20,12 @@ from mesh.core.grpc_status import abort_with_error
 from nodes import inference
 from nodes.admission import AdmissionController, Ticket
 from nodes.agents import AgentHost
-from nodes.backends import Backend, Completion, GenerationInput, Message, ModelStatus
+from nodes.backends import ROLES, Backend, Completion, GenerationInput, Message, ModelStatus
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, system_load
 
 logger = logging.getLogger(__name__)
 
-ROLES = frozenset({"system", "user", "assistant", "tool"})
 _MODEL_STATES = {
     ModelStatus.LOADING: node_pb2.MODEL_STATE_LOADING,
     ModelStatus.READY: node_pb2.MODEL_STATE_READY,

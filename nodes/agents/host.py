@@ -30,7 +30,7 @@ from nodes.agents.records import (
 )
 from nodes.agents.runtime import AgentRuntime
 from nodes.agents.spec import AgentSpec
-from nodes.backends import Backend, Message
+from nodes.backends import ROLES, Backend, Message
 from nodes.tools import DATASETS, DemoStore, ToolRegistry, builtin_registry, load_module_objects
 
 if TYPE_CHECKING:
@@ -181,6 +181,12 @@ def task_from_request(request: node_pb2.AgentRequest, max_input_bytes: int) -> A
             f"the agent request is {size} bytes, over this node's limit of "
             f"{max_input_bytes}; shorten it"
         )
+    for index, message in enumerate(request.history):
+        if message.role not in ROLES:  # an enumeration: never text that reaches a template
+            raise InvalidRequestError(
+                f"history[{index}].role {message.role[:40]!r} is not one of "
+                f"{', '.join(sorted(ROLES))}"
+            )
     return AgentTask(
         agent=request.agent,
         input=request.input,

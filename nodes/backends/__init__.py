@@ -29,6 +29,10 @@ class ModelDescriptor:
     quantization: str = ""
 
 
+# The roles a chat message may have: an enumeration, never text that reaches a template.
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
 @dataclass(frozen=True)
 class Message:
     role: str

@@ -14,14 +14,23 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from mesh.core.errors import InvalidRequestError, ModelLoadError
-from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
+from nodes.backends import (
+    ROLES,
+    Completion,
+    GenerationInput,
+    ModelDescriptor,
+    ModelStatus,
+    Piece,
+)
 from nodes.model_files import resolve_gguf
 
 logger = logging.getLogger(__name__)
@@ -69,7 +78,6 @@ class LlamaBackend:
         self._instances: list[_Instance] = []
         self._free: asyncio.Queue[_Instance] | None = None
         self._formatter: Any = None
-        self._control_texts: tuple[str, ...] = ()
         self._closing = threading.Event()  # set by close(): every generation stops
 
     # ------------------------------------------------------------------ loading
@@ -94,9 +102,6 @@ class LlamaBackend:
             self.status, self.error = ModelStatus.FAILED, str(error)
             raise
         self._formatter = _chat_formatter(self._instances[0].llama)
-        self._control_texts = await asyncio.to_thread(
-            _control_token_texts, self._instances[0].llama
-        )
         self._free = asyncio.Queue()
         for instance in self._instances:
             self._free.put_nowait(instance)
@@ -142,32 +147,65 @@ class LlamaBackend:
 
     # ------------------------------------------------------------------ prompts
 
-    def render_prompt(self, request: GenerationInput) -> tuple[str, list[str]]:
-        """The text the model sees (chat template applied, then any continuation) and stop strings."""
+    def render_prompt(self, request: GenerationInput) -> tuple[list[Segment], list[str]]:
+        """What the model sees, as segments, and the stop strings.
+
+        Only the chat template's own text may hold control tokens ("<|im_start|>system"):
+        every text from a request (message contents, a raw prompt, the continuation) is a
+        segment of its own, tokenized as plain text, so no nesting or spelling of a control
+        string in it can become a real one."""
         stops = list(request.stop)
+        text_segments = [Segment(request.prompt if request.raw else "", special=False)]
         if request.raw:
-            return request.prompt + request.continuation, stops
+            return _joined(text_segments, request.continuation), stops
+        for index, message in enumerate(request.messages):
+            if message.role not in ROLES:
+                raise InvalidRequestError(
+                    f"messages[{index}].role {_shown(message.role)} is not one of "
+                    f"{', '.join(sorted(ROLES))}"
+                )
         if self._formatter is None:
-            text = "".join(f"{m.role}: {m.content}\n" for m in request.messages)
-            return text + "assistant: " + request.continuation, stops + ["\nuser:"]
-        # Text from users and tools must not smuggle in control tokens (a forged
-        # "<|im_start|>system" turn): the rendered prompt is tokenized with special
-        # tokens parsed, so they are removed from message contents first.
-        messages = [
-            {"role": m.role, "content": self._strip_control(m.content)} for m in request.messages
-        ]
+            segments: list[Segment] = []
+            for m in request.messages:
+                segments += [Segment(f"{m.role}: "), Segment(m.content, special=False)]
+                segments.append(Segment("\n"))
+            segments.append(Segment("assistant: "))
+            return _joined(segments, request.continuation), stops + ["\nuser:"]
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
         if self._system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self._system_prompt})
-        response = self._formatter(messages=messages)
+        # Render with a unique marker for each content, then cut the rendering at the
+        # markers: what lies between them is the template's.
+        nonce = secrets.token_hex(8)
+        markers = [f"\x1e{nonce}:{i}\x1e" for i in range(len(messages))]
+        marked = [{**m, "content": marker} for m, marker in zip(messages, markers, strict=True)]
+        response = self._formatter(messages=marked)
         template_stops = response.stop if isinstance(response.stop, list) else [response.stop]
         stops += [s for s in template_stops if s and s not in stops]
-        return response.prompt + request.continuation, stops
+        rendered: str = response.prompt
+        segments = []
+        for chat_message, marker in zip(messages, markers, strict=True):
+            before, found, rendered = rendered.partition(marker)
+            if not found:  # the template changed the content (trimmed, say): refuse safely
+                raise InvalidRequestError(
+                    "this model's chat template rewrites message contents, which this node "
+                    "cannot render safely; send a raw prompt instead"
+                )
+            segments += [Segment(before), Segment(chat_message["content"], special=False)]
+        segments.append(Segment(rendered))
+        return _joined(segments, request.continuation), stops
 
-    def _strip_control(self, text: str) -> str:
-        for control in self._control_texts:
-            if control in text:
-                text = text.replace(control, "")
-        return text
+    def tokenize(self, llama: Any, segments: Sequence[Segment]) -> list[int]:
+        """The tokens of `segments`: control tokens are parsed in the template's text only."""
+        tokens: list[int] = []
+        for segment in segments:
+            if segment.text:
+                tokens += llama.tokenize(
+                    segment.text.encode("utf-8"), add_bos=not tokens, special=segment.special
+                )
+        if not tokens:
+            tokens = llama.tokenize(b"", add_bos=True, special=False)
+        return tokens
 
     # ------------------------------------------------------------------ generation
 
@@ -243,8 +281,8 @@ class LlamaBackend:
     def _generate(
         self, llama: Any, request: GenerationInput, stop: threading.Event
     ) -> Iterator[Piece]:
-        prompt, stops = self.render_prompt(request)
-        tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        segments, stops = self.render_prompt(request)
+        tokens = self.tokenize(llama, segments)
         n_ctx = llama.n_ctx()
         if len(tokens) >= n_ctx:
             raise InvalidRequestError(
@@ -316,18 +354,24 @@ def _grammar_for_schema(json_schema: str) -> Any:
         raise InvalidRequestError(f"cannot turn the JSON schema into a grammar: {error}") from None
 
 
-def _control_token_texts(llama: Any) -> tuple[str, ...]:
-    """The texts of the model's control tokens (e.g. "<|im_start|>"), longest first."""
-    import llama_cpp
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a prompt: the template's own text (`special`: control tokens are parsed) or
+    text from a request (never)."""
 
-    vocab = llama_cpp.llama_model_get_vocab(llama._model.model)
-    texts = set()
-    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
-        if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
-            text = llama._model.token_get_text(token)
-            if len(text) > 1:
-                texts.add(text)
-    return tuple(sorted(texts, key=len, reverse=True))
+    text: str
+    special: bool = True
+
+
+def _joined(segments: list[Segment], continuation: str) -> list[Segment]:
+    """`segments` then the continuation (assistant text so far: a request's, so plain text)."""
+    kept = [segment for segment in segments if segment.text]
+    return kept + ([Segment(continuation, special=False)] if continuation else [])
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """`text` as an error message may echo it: repr, cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
 
 
 def _common_prefix(a: str, b: str) -> int:
