@@ -110,7 +110,8 @@ class TaskRun:
         try:
             async for chunk in chunks:
                 if chunk.HasField("final"):
-                    attempt.tokens = chunk.final.usage.completion_tokens or attempt.tokens
+                    if chunk.final.HasField("usage"):  # exact, even where a chunk said none
+                        attempt.tokens = chunk.final.usage.completion_tokens
                     self._final = (attempt, chunk.final)
                     attempt.answered = True
                     return

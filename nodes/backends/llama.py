@@ -254,11 +254,14 @@ class LlamaBackend:
         # Token healing for continuations: the text so far may end inside what the
         # model would have produced as one token (e.g. a trailing space). Back off
         # the last token and drop its text again from what the model regenerates.
+        # The token sampled in its place is not a new one: it is sampled on top of
+        # max_tokens and never counted, so usage says exactly the tokens added.
         healed = ""
         if request.continuation and len(tokens) > 1:
             healed = llama.detokenize(tokens[-1:]).decode("utf-8", errors="ignore")
             tokens = tokens[:-1]
-        max_tokens = min(request.max_tokens + (1 if healed else 0), n_ctx - len(tokens))
+        uncounted = 1 if healed else 0
+        max_tokens = min(request.max_tokens + uncounted, n_ctx - len(tokens))
         kwargs: dict[str, Any] = {
             "max_tokens": max_tokens,
             "temperature": request.temperature,
@@ -274,35 +277,41 @@ class LlamaBackend:
         completion = Completion(prompt_tokens=len(tokens))
         first_at = last_at = 0.0
         finish = "length"
-        pending = ""  # text held back until the healed prefix is matched
-        unsent = 0  # tokens sampled since the last piece (some carry no text yet)
+        sampled = sent = 0  # tokens sampled; tokens the pieces so far carried
+        regenerated = ""  # text sampled while it may still be the healed text again
+        held = ""  # new text not sent yet: only the uncounted token is behind it
         for chunk in llama.create_completion(tokens, **kwargs):
             choice = chunk["choices"][0]
             text = choice.get("text") or ""
             if text or not choice.get("finish_reason"):  # one chunk per sampled token
-                completion.completion_tokens += 1
-                unsent += 1
+                sampled += 1
             if text:
                 last_at = time.perf_counter()
                 first_at = first_at or last_at
                 if healed:
-                    pending += text
-                    if len(pending) < len(healed) and healed.startswith(pending):
-                        text = ""
+                    regenerated += text
+                    if len(regenerated) < len(healed) and healed.startswith(regenerated):
+                        text = ""  # still inside the text the caller already has
                     else:
-                        text = pending[_common_prefix(pending, healed) :]
-                        healed = pending = ""
-                if text:
-                    yield Piece(text, tokens=unsent)
-                    unsent = 0
+                        text = regenerated[_common_prefix(regenerated, healed) :]
+                        healed = ""
+                held += text
+                # A piece carries at least one counted token (a reader counts one per
+                # piece that says none): text of the uncounted token waits for the next.
+                if held and sampled - uncounted > sent:
+                    yield Piece(held, tokens=sampled - uncounted - sent)
+                    sent, held = sampled - uncounted, ""
             if choice.get("finish_reason"):
                 finish = choice["finish_reason"]
             if stop.is_set() or self._closing.is_set():
                 finish = "cancelled"
                 break
+        completion.completion_tokens = max(0, sampled - uncounted)
+        if held:
+            yield Piece(held)  # only the uncounted token had text
         completion.finish_reason = finish
         completion.decode_s = last_at - first_at
-        yield Piece("", completion, unsent)
+        yield Piece("", completion, completion.completion_tokens - sent)
 
 
 @functools.lru_cache(maxsize=64)

@@ -106,6 +106,38 @@ def test_continuation_resumes_without_repeating(tmp_path):
     run(scenario())
 
 
+STORY = "Write a long story about a dragon."
+
+
+@pytest.mark.parametrize("cut_tokens", [3, 11, 20])
+def test_continuation_run_to_length_reports_exactly_max_tokens(tmp_path, cut_tokens):
+    """max_tokens is a promise: a node asked to continue an answer for N more tokens says N
+    (the token it regenerates to heal the cut is not a new one), and its chunks add up to it."""
+
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            chunks = [c async for c in client.generate_stream(STORY, temperature=0, max_tokens=32)]
+            assert chunks[-1].final.finish_reason == "length"
+            produced, head = 0, ""
+            for chunk in chunks[:-1]:
+                if produced + chunk.tokens > cut_tokens:
+                    break
+                produced += chunk.tokens
+                head += chunk.text
+            rest = [
+                c
+                async for c in client.generate_stream(
+                    STORY, temperature=0, max_tokens=32 - produced, continuation=head
+                )
+            ]
+            final = rest[-1].final
+            assert final.finish_reason == "length"
+            assert final.usage.completion_tokens == 32 - produced
+            assert sum(c.tokens for c in rest) == 32 - produced
+
+    run(scenario())
+
+
 def test_cancelled_stream_stops_the_model(tmp_path):
     async def scenario():
         async with real_node(tmp_path) as d, NodeClient(d.address) as client:

@@ -216,6 +216,25 @@ def test_stream_that_breaks_twice_still_reads_as_one_answer():
     run(scenario())
 
 
+def test_stream_total_is_max_tokens_after_two_failovers():
+    """Usage is a promise kept across nodes: each next node is asked for exactly the tokens
+    still missing, and the result counts each token once."""
+
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", Fail(UnavailableError("x"), after_pieces=2))
+        mesh.script("b", Fail(UnavailableError("y"), after_pieces=3))
+        dispatcher = make(mesh, view("a"), view("b"), view("c"), cooldown_s=0)
+        pieces, result = await collect(dispatcher, build_task("hi", model="m", max_tokens=8))
+        assert "".join(pieces) == " ".join(ANSWER.split(" ")[:8]) == result.text
+        assert [link.requests[0].sampling.max_tokens for link in mesh.links.values()] == [8, 6, 3]
+        assert result.completion_tokens == 8
+        assert sum(a.completion_tokens for a in result.attempts) == 8
+        await dispatcher.close()
+
+    run(scenario())
+
+
 def test_stream_silence_longer_than_attempt_timeout_fails_over():
     async def scenario():
         mesh = FakeMesh()
