@@ -289,6 +289,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 error=backend.error,
                 family=d.family,
                 quantization=d.quantization,
+                sha256=d.sha256,
             )
             inference.describe_tensor_model(backend, info)  # task, inputs, outputs, labels
             models.append(info)

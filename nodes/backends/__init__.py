@@ -27,6 +27,7 @@ class ModelDescriptor:
     context_length: int = 0
     family: str = ""
     quantization: str = ""
+    sha256: str = ""  # of the model file: same hash, same token ids (continuation_token_ids)
 
 
 @dataclass(frozen=True)

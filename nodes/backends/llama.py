@@ -22,7 +22,7 @@ from typing import Any
 
 from mesh.core.errors import InvalidRequestError, ModelLoadError
 from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
-from nodes.model_files import resolve_gguf
+from nodes.model_files import file_sha256, resolve_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class LlamaBackend:
                 context_length=self._n_ctx,
                 family=resolved.family,
                 quantization=resolved.quantization,
+                sha256=await asyncio.to_thread(file_sha256, resolved.path),
             )
             for index in range(self._instance_count):
                 llama = await asyncio.to_thread(self._load_one, str(resolved.path))

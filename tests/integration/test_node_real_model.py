@@ -77,6 +77,7 @@ def test_describe_reports_real_model(tmp_path):
             model = info.models[0]
             assert model.family == "SmolLM2-135M-Instruct" and model.quantization == "Q4_1"
             assert 90e6 < model.size_bytes < 110e6 and model.context_length == 512
+            assert len(model.sha256) == 64 and int(model.sha256, 16)  # of the GGUF file
 
     run(scenario())
 
