@@ -224,7 +224,7 @@ class TaskContext(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., agent: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "sampling", "task", "continuation", "raw")
+    __slots__ = ("model", "prompt", "messages", "sampling", "task", "continuation", "raw", "continuation_token_ids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,7 @@ class GenerateRequest(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -239,7 +240,8 @@ class GenerateRequest(_message.Message):
     task: TaskContext
     continuation: str
     raw: bool
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., continuation: _Optional[str] = ..., raw: _Optional[bool] = ...) -> None: ...
+    continuation_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., continuation: _Optional[str] = ..., raw: _Optional[bool] = ..., continuation_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -282,16 +284,18 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., node_id: _Optional[str] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "index", "final", "tokens")
+    __slots__ = ("text", "index", "final", "tokens", "token_ids")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     text: str
     index: int
     final: GenerateResponse
     tokens: int
-    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ..., tokens: _Optional[int] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ..., tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AgentRequest(_message.Message):
     __slots__ = ("agent", "input", "history", "task", "completed_steps", "model", "max_steps")

@@ -44,6 +44,9 @@ class GenerationInput:
     prompt: str = ""  # used when raw is true
     raw: bool = False
     continuation: str = ""  # assistant text to continue from
+    # Its token ids as sampled by a model with the same file (sha256); the backend appends
+    # them to the prompt's tokens instead of tokenizing `continuation`, where it can.
+    continuation_token_ids: Sequence[int] = ()
     max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.95
@@ -72,6 +75,9 @@ class Piece:
     text: str
     completion: Completion | None = field(default=None)
     tokens: int = 0  # model tokens behind `text` (a piece may batch several)
+    # Their ids, where they continue the prompt token for token (else empty): a continuation
+    # on the same model file passes them back as `continuation_token_ids`.
+    token_ids: tuple[int, ...] = ()
 
 
 class Backend(Protocol):

@@ -14,19 +14,32 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from mesh.core.errors import InvalidRequestError, ModelLoadError
 from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
+from nodes.backends.token_text import TokenText
 from nodes.model_files import file_sha256, resolve_gguf
 
 logger = logging.getLogger(__name__)
 
 _END = object()
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """What the model evaluates before it answers, and how its answer reads."""
+
+    tokens: list[int]
+    stops: list[str]
+    healed: str = ""  # text backed off the end of `tokens`, which the model samples again
+    own_tokens: bool = False  # the request's own tokens (no text tokenized again): ids go out
 
 
 class _Instance:
@@ -145,12 +158,17 @@ class LlamaBackend:
 
     def render_prompt(self, request: GenerationInput) -> tuple[str, list[str]]:
         """The text the model sees (chat template applied, then any continuation) and stop strings."""
+        prompt, stops = self._render(request)
+        return prompt + request.continuation, stops
+
+    def _render(self, request: GenerationInput) -> tuple[str, list[str]]:
+        """The prompt up to where the answer begins, and the stop strings."""
         stops = list(request.stop)
         if request.raw:
-            return request.prompt + request.continuation, stops
+            return request.prompt, stops
         if self._formatter is None:
             text = "".join(f"{m.role}: {m.content}\n" for m in request.messages)
-            return text + "assistant: " + request.continuation, stops + ["\nuser:"]
+            return text + "assistant: ", stops + ["\nuser:"]
         # Text from users and tools must not smuggle in control tokens (a forged
         # "<|im_start|>system" turn): the rendered prompt is tokenized with special
         # tokens parsed, so they are removed from message contents first.
@@ -162,7 +180,42 @@ class LlamaBackend:
         response = self._formatter(messages=messages)
         template_stops = response.stop if isinstance(response.stop, list) else [response.stop]
         stops += [s for s in template_stops if s and s not in stops]
-        return response.prompt + request.continuation, stops
+        return response.prompt, stops
+
+    def _prompt_tokens(self, llama: Any, request: GenerationInput) -> _Prompt:
+        """The tokens to evaluate, and how the answer's text follows from them.
+
+        A continuation with its token ids (from a model file with the same hash) is appended
+        to the prompt's tokens as it is: the answer goes on token for token. One from text
+        is tokenized with the prompt, and its last token is backed off (token healing): the
+        text so far may end inside what the model would have produced as one token (e.g. a
+        trailing space), so the model samples it again and its text is dropped again.
+        """
+        prompt, stops = self._render(request)
+        ids = list(request.continuation_token_ids)
+        if ids:
+            tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+            if max(ids) >= llama.n_vocab():
+                raise InvalidRequestError(
+                    f"continuation_token_ids has id {max(ids)}, but this model has only "
+                    f"{llama.n_vocab()} tokens; send them only to a model with the same sha256"
+                )
+            spelled = llama.detokenize(ids, prev_tokens=tokens).decode("utf-8", errors="replace")
+            if spelled == request.continuation:
+                return _Prompt(tokens + ids, stops, own_tokens=True)
+            logger.warning(
+                "continuation_token_ids do not spell the continuation (%d ids, %d characters); "
+                "continuing from the text",
+                len(ids),
+                len(request.continuation),
+            )
+        tokens = llama.tokenize(
+            (prompt + request.continuation).encode("utf-8"), add_bos=True, special=True
+        )
+        if not request.continuation or len(tokens) < 2:
+            return _Prompt(tokens, stops, own_tokens=not request.continuation)
+        healed = llama.detokenize(tokens[-1:]).decode("utf-8", errors="ignore")
+        return _Prompt(tokens[:-1], stops, healed=healed)
 
     def _strip_control(self, text: str) -> str:
         for control in self._control_texts:
@@ -196,16 +249,14 @@ class LlamaBackend:
                 if isinstance(item, BaseException):
                     raise item
                 # Coalesce text already waiting into one piece (a slow reader gets fewer, larger pieces).
-                text, completion, count = item.text, item.completion, item.tokens
-                while completion is None and not pieces.empty():
+                while item.completion is None and not pieces.empty():
                     nxt = pieces.get_nowait()
                     if isinstance(nxt, Piece) and nxt.completion is None:
-                        text += nxt.text
-                        count += nxt.tokens
+                        item = _joined(item, nxt)
                     else:
                         pending = nxt
                         break
-                yield Piece(text, completion, count)
+                yield item
         finally:
             stop.set()
             # The instance goes back to the pool only when its thread is done with it.
@@ -218,21 +269,20 @@ class LlamaBackend:
         is batched so that the event loop, gRPC and the reader wake per chunk, not per
         token: on a small device their CPU time competes with inference itself.
         """
-        held, held_tokens = "", 0
+        held: Piece | None = None
         last_emit = 0.0
         try:
             for piece in self._generate(llama, request, stop):
                 if piece.completion is not None:
-                    if held:
-                        emit(Piece(held, tokens=held_tokens))
+                    if held is not None:
+                        emit(held)
                     emit(piece)
                     continue
-                held += piece.text
-                held_tokens += piece.tokens
+                held = piece if held is None else _joined(held, piece)
                 now = time.perf_counter()
                 if now - last_emit >= self._stream_interval_s:
-                    emit(Piece(held, tokens=held_tokens))
-                    held, held_tokens, last_emit = "", 0, now
+                    emit(held)
+                    held, last_emit = None, now
         except InvalidRequestError as error:
             emit(error)
         except Exception as error:  # noqa: BLE001 - reported to the caller, never lost in a thread
@@ -244,75 +294,88 @@ class LlamaBackend:
     def _generate(
         self, llama: Any, request: GenerationInput, stop: threading.Event
     ) -> Iterator[Piece]:
-        prompt, stops = self.render_prompt(request)
-        tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        """Sample token after token (llama.generate), turning them into pieces (TokenText).
+
+        Every sampled token is counted once; the token sampled in place of one backed off
+        for healing is sampled on top of max_tokens and not counted, so usage says exactly
+        the tokens the answer gained.
+        """
+        prompt = self._prompt_tokens(llama, request)
+        tokens = prompt.tokens
         n_ctx = llama.n_ctx()
         if len(tokens) >= n_ctx:
             raise InvalidRequestError(
                 f"the prompt is {len(tokens)} tokens, which does not fit the context window of "
                 f"{n_ctx} tokens; shorten the prompt"
             )
-        # Token healing for continuations: the text so far may end inside what the
-        # model would have produced as one token (e.g. a trailing space). Back off
-        # the last token and drop its text again from what the model regenerates.
-        # The token sampled in its place is not a new one: it is sampled on top of
-        # max_tokens and never counted, so usage says exactly the tokens added.
-        healed = ""
-        if request.continuation and len(tokens) > 1:
-            healed = llama.detokenize(tokens[-1:]).decode("utf-8", errors="ignore")
-            tokens = tokens[:-1]
-        uncounted = 1 if healed else 0
-        max_tokens = min(request.max_tokens + uncounted, n_ctx - len(tokens))
-        kwargs: dict[str, Any] = {
-            "max_tokens": max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "top_k": request.top_k,
-            "stop": stops or None,
-            "stream": True,
-        }
-        if request.seed is not None:
-            kwargs["seed"] = request.seed
-        if request.json_schema:  # constrained decoding: only JSON matching the schema
-            kwargs["grammar"] = _grammar_for_schema(request.json_schema)
+        budget = min(request.max_tokens + (1 if prompt.healed else 0), n_ctx - len(tokens))
+        text = TokenText(
+            lambda ids, context: llama.detokenize(ids, prev_tokens=context),
+            tokens,
+            prompt.stops,
+            healed=prompt.healed,
+            with_ids=prompt.own_tokens,
+        )
         completion = Completion(prompt_tokens=len(tokens))
         first_at = last_at = 0.0
         finish = "length"
-        sampled = sent = 0  # tokens sampled; tokens the pieces so far carried
-        regenerated = ""  # text sampled while it may still be the healed text again
-        held = ""  # new text not sent yet: only the uncounted token is behind it
-        for chunk in llama.create_completion(tokens, **kwargs):
-            choice = chunk["choices"][0]
-            text = choice.get("text") or ""
-            if text or not choice.get("finish_reason"):  # one chunk per sampled token
-                sampled += 1
-            if text:
+        ends = _ends_generation(llama)
+        for token in llama.generate(tokens, **self._sampling(llama, request)):
+            if ends(token):
+                finish = "stop"
+                break
+            piece = text.add(token)
+            if piece is not None:
                 last_at = time.perf_counter()
                 first_at = first_at or last_at
-                if healed:
-                    regenerated += text
-                    if len(regenerated) < len(healed) and healed.startswith(regenerated):
-                        text = ""  # still inside the text the caller already has
-                    else:
-                        text = regenerated[_common_prefix(regenerated, healed) :]
-                        healed = ""
-                held += text
-                # A piece carries at least one counted token (a reader counts one per
-                # piece that says none): text of the uncounted token waits for the next.
-                if held and sampled - uncounted > sent:
-                    yield Piece(held, tokens=sampled - uncounted - sent)
-                    sent, held = sampled - uncounted, ""
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
+                yield piece
+            if text.stopped:
+                finish = "stop"
+                break
             if stop.is_set() or self._closing.is_set():
                 finish = "cancelled"
                 break
-        completion.completion_tokens = max(0, sampled - uncounted)
-        if held:
-            yield Piece(held)  # only the uncounted token had text
+            if text.sampled >= budget:
+                break
+        if finish != "cancelled" and (piece := text.flush()) is not None:
+            yield piece
+        completion.completion_tokens = text.counted
         completion.finish_reason = finish
         completion.decode_s = last_at - first_at
-        yield Piece("", completion, completion.completion_tokens - sent)
+        yield Piece("", completion, text.counted - text.sent_tokens)
+
+    @staticmethod
+    def _sampling(llama: Any, request: GenerationInput) -> dict[str, Any]:
+        """llama.generate's arguments, as create_completion would pass them (and seed it)."""
+        # create_completion's seeding: the request's seed, else one drawn from the last.
+        seed = request.seed
+        llama.set_seed(seed if seed is not None else random.Random(llama._seed).randint(0, 2**32))
+        kwargs: dict[str, Any] = {
+            "temp": request.temperature,
+            "top_p": request.top_p,
+            "top_k": request.top_k,
+        }
+        if request.json_schema:  # constrained decoding: only JSON matching the schema
+            kwargs["grammar"] = _grammar_for_schema(request.json_schema)
+        return kwargs
+
+
+def _joined(first: Piece, second: Piece) -> Piece:
+    """Two pieces as one; its ids only where both pieces had the ids of all their tokens."""
+    whole = len(first.token_ids) == first.tokens and len(second.token_ids) == second.tokens
+    return Piece(
+        first.text + second.text,
+        tokens=first.tokens + second.tokens,
+        token_ids=first.token_ids + second.token_ids if whole else (),
+    )
+
+
+def _ends_generation(llama: Any) -> Any:
+    """A function telling whether a token ends generation (end of turn or of text)."""
+    import llama_cpp
+
+    vocab = llama._model.vocab
+    return lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)
 
 
 @functools.lru_cache(maxsize=64)
@@ -338,15 +401,6 @@ def _control_token_texts(llama: Any) -> tuple[str, ...]:
             if len(text) > 1:
                 texts.add(text)
     return tuple(sorted(texts, key=len, reverse=True))
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _chat_formatter(llama: Any) -> Any:

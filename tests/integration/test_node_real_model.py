@@ -139,6 +139,66 @@ def test_continuation_run_to_length_reports_exactly_max_tokens(tmp_path, cut_tok
     run(scenario())
 
 
+@pytest.mark.parametrize("cut_tokens", [1, 9, 23])
+def test_continuation_from_token_ids_goes_on_token_for_token(tmp_path, cut_tokens):
+    """Given the ids of the tokens sent so far, a node continues exactly where the answer was
+    cut: the same text, the same ids, and exactly the tokens still missing in its usage."""
+
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            chunks = [c async for c in client.generate_stream(STORY, temperature=0, max_tokens=32)]
+            ids = [i for c in chunks for i in c.token_ids]
+            text = "".join(c.text for c in chunks)
+            assert len(ids) == 32 == sum(c.tokens for c in chunks)  # every token has its id
+            produced, head = 0, ""
+            for chunk in chunks[:-1]:
+                if produced + chunk.tokens > cut_tokens:
+                    break
+                produced += chunk.tokens
+                head += chunk.text
+            rest = [
+                c
+                async for c in client.generate_stream(
+                    STORY,
+                    temperature=0,
+                    max_tokens=32 - produced,
+                    continuation=head,
+                    continuation_token_ids=ids[:produced],
+                )
+            ]
+            assert head + "".join(c.text for c in rest) == text
+            assert [i for c in rest for i in c.token_ids] == ids[produced:]
+            assert rest[-1].final.usage.completion_tokens == 32 - produced
+            assert (
+                rest[-1].final.usage.prompt_tokens
+                == chunks[-1].final.usage.prompt_tokens + produced
+            )
+
+    run(scenario())
+
+
+def test_token_ids_that_do_not_spell_the_continuation_fall_back_to_the_text(tmp_path):
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            whole = await client.generate(STORY, temperature=0, max_tokens=24)
+            head = whole.text[:20]
+            rest = await client.generate(
+                STORY,
+                temperature=0,
+                max_tokens=24,
+                continuation=head,
+                continuation_token_ids=[42, 43, 44],  # not head's tokens
+            )
+            assert not rest.text.startswith(head)
+            assert (head + rest.text).startswith(whole.text[: len(head) + 3])
+            with pytest.raises(InvalidRequestError, match="only 49152 tokens"):
+                await client.generate(
+                    STORY, max_tokens=4, continuation=head, continuation_token_ids=[10**6]
+                )
+
+    run(scenario())
+
+
 def test_cancelled_stream_stops_the_model(tmp_path):
     async def scenario():
         async with real_node(tmp_path) as d, NodeClient(d.address) as client:
