@@ -10,7 +10,9 @@ continues the answer on another node, and the killed node is restarted (same sta
 new port) in the background. Over all cut streams: the share whose final text equals the
 uninterrupted answer, whose continuation repeated text already sent (duplicated), skipped text
 (missing), or went on in other words (drift); and whether usage says exactly the tokens of the
-answer.
+answer. Each cut point runs in both continuation modes, side by side: from the text sent
+(`resume_from_token_ids=False`: the next node tokenizes it again, with token healing) and from
+the token ids sent (the default where the next node has the same model file).
 """
 
 from __future__ import annotations
@@ -219,8 +221,10 @@ async def _one_cut(mesh: CutMesh, mode: str, prompt: str, tokens: int, cut_at: i
 
 
 async def run_cuts(args: argparse.Namespace, directory: pathlib.Path) -> tuple[list[Cut], dict]:
+    common = dict(policy="round_robin", cooldown_s=0.0, node_wait_s=10.0)
     modes = {
-        "text": DispatcherSettings(policy="round_robin", cooldown_s=0.0, node_wait_s=10.0),
+        "text": DispatcherSettings(**common, resume_from_token_ids=False),
+        "token ids": DispatcherSettings(**common, resume_from_token_ids=True),
     }
     mesh = CutMesh(directory, modes)
     await mesh.start()
@@ -248,6 +252,7 @@ async def run_cuts(args: argparse.Namespace, directory: pathlib.Path) -> tuple[l
                     uncut += 1
                     continue
                 calls = mesh.recorder.of_task(result.task_id)
+                assert any(c.used_token_ids for c in calls) is (mode == "token ids"), mode
                 before = "".join(call.text for call in calls[: killed_call + 1])
                 after = "".join(call.text for call in calls[killed_call + 1 :])
                 cuts.append(
@@ -290,7 +295,10 @@ HEADER_ROW = (
 )
 
 
-MODE_LABELS = {"text": "from the text sent (retokenized)"}
+MODE_LABELS = {
+    "text": "from the text sent (tokenized again, healed)",
+    "token ids": "from the token ids sent (same model file)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
