@@ -35,6 +35,7 @@ def build_generate_request(
     seed: int | None = None,
     stop: Sequence[str] = (),
     continuation: str = "",
+    continuation_token_ids: Sequence[int] = (),
     raw: bool = False,
     task: node_pb2.TaskContext | None = None,
 ) -> node_pb2.GenerateRequest:
@@ -54,6 +55,7 @@ def build_generate_request(
         messages=[node_pb2.ChatMessage(**m) for m in (messages or ())],
         sampling=sampling,
         continuation=continuation,
+        continuation_token_ids=list(continuation_token_ids),
         raw=raw,
     )
     if task is not None:

@@ -68,6 +68,8 @@ def details_from_describe(reply: node_pb2.DescribeResponse) -> NodeDetails:
         accelerators=accelerator_kinds(
             (gpu.vendor for gpu in hardware.gpus), hardware.onnx_providers
         ),
+        model_hashes={m.model_id: m.sha256 for m in reply.models if m.state == ready and m.sha256},
+        default_model=next((m.model_id for m in reply.models if m.is_default), ""),
     )
 
 

@@ -475,6 +475,8 @@ class NodeTable:
                 cores=d.cores,
                 memory_total_bytes=d.memory_total_bytes,
                 accelerators=d.accelerators,
+                model_hashes=d.model_hashes,
+                default_model=d.default_model,
             )
         if r is not None:
             return NodeView(

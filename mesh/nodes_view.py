@@ -43,8 +43,16 @@ class NodeView(FrozenModel):
     cores: int = 0
     memory_total_bytes: int = 0
     accelerators: tuple[str, ...] = ()
+    # Model id -> SHA-256 of its file, where the node said (Describe): the same hash on two
+    # nodes means token ids from one continue an answer on the other.
+    model_hashes: dict[str, str] = Field(default_factory=dict)
+    default_model: str = ""  # the model a request that names none gets
     state_since_s: float = 0.0  # registry clock time of the last state change
     last_seen_s: float = 0.0  # registry clock time of the last sign of life
+
+    def model_hash(self, model: str | None) -> str:
+        """The file hash of `model` (None: the node's default) on this node; "" if unknown."""
+        return self.model_hashes.get(model or self.default_model, "")
 
     @property
     def free_slots(self) -> int:

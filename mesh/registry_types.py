@@ -35,6 +35,8 @@ class NodeDetails(FrozenModel):
     cores: int = 0
     memory_total_bytes: int = 0
     accelerators: tuple[str, ...] = ()
+    model_hashes: dict[str, str] = Field(default_factory=dict)  # model id -> file sha256
+    default_model: str = ""  # the model a request that names none gets
 
 
 class ProbeStatus(StrEnum):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import os
 import pathlib
@@ -104,3 +106,19 @@ def resolve_gguf(source: str) -> ResolvedModelFile:
     stem = path.stem
     quantization = stem.rsplit(".", 1)[-1] if "." in stem else ""
     return _check_file(path, family=stem, quantization=quantization, source=str(path))
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    """The SHA-256 (hex) of a model file; blocking (~0.1 s per 100 MB): call it off the loop.
+    Cached per file version (path, size, mtime), so several instances hash a file once."""
+    stat = path.stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

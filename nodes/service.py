@@ -85,6 +85,11 @@ def to_generation_input(
 
     sampling = request.sampling
     context = backend.descriptor.context_length
+    if context and len(request.continuation_token_ids) >= context:
+        raise InvalidRequestError(
+            f"continuation_token_ids has {len(request.continuation_token_ids)} ids, which do "
+            f"not fit the model's context window of {context} tokens"
+        )
     max_tokens = (
         sampling.max_tokens if sampling.HasField("max_tokens") else config.default_max_tokens
     )
@@ -112,6 +117,7 @@ def to_generation_input(
         prompt=request.prompt,
         raw=request.raw,
         continuation=request.continuation,
+        continuation_token_ids=tuple(request.continuation_token_ids),
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -301,6 +307,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 error=backend.error,
                 family=d.family,
                 quantization=d.quantization,
+                sha256=d.sha256,
             )
             inference.describe_tensor_model(backend, info)  # task, inputs, outputs, labels
             models.append(info)
@@ -331,7 +338,10 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                         if piece.text:
                             first_token_at = first_token_at or time.perf_counter()
                             yield node_pb2.GenerateChunk(
-                                text=piece.text, index=index, tokens=piece.tokens
+                                text=piece.text,
+                                index=index,
+                                tokens=piece.tokens,
+                                token_ids=piece.token_ids,
                             )
                             index += 1
                         if piece.completion is not None:

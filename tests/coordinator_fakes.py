@@ -102,6 +102,11 @@ def words_after(text: str, continuation: str) -> list[str]:
     return pieces
 
 
+def word_ids(start: int, end: int) -> list[int]:
+    """The fake model's token ids of words start..end-1 of an answer (one token per word)."""
+    return [1000 + position for position in range(start, end)]
+
+
 class FakeLink:
     """A node that follows a script of behaviours, one per call, then `default`."""
 
@@ -121,6 +126,7 @@ class FakeLink:
         self.default = default or Reply()
         self.requests: list[node_pb2.GenerateRequest] = []
         self.closed = False
+        self.token_ids = True  # chunks carry their token ids (one per word), as a real node's
 
     def _next(self) -> object:
         return self.script.pop(0) if self.script else self.default
@@ -143,6 +149,9 @@ class FakeLink:
             await asyncio.sleep(3600)
         text = behaviour.text if isinstance(behaviour, Reply) else ANSWER
         pieces = words_after(text, request.continuation)
+        if request.continuation_token_ids:  # the ids of the words sent so far, in order
+            sent = len(text.split(" ")) - len(pieces)
+            assert list(request.continuation_token_ids) == word_ids(0, sent)
         if request.sampling.HasField("max_tokens"):
             pieces = pieces[: request.sampling.max_tokens]
         if isinstance(behaviour, Fail):
@@ -194,8 +203,14 @@ class FakeLink:
         task_id = self._start(request)
         try:
             index = 0
+            first = len(request.continuation.split(" ")) if request.continuation else 0
+            # Like a real node: ids where the answer goes on token for token (not from text).
+            exact = self.token_ids and (
+                not request.continuation or bool(request.continuation_token_ids)
+            )
             async for piece in self._pieces(request):
-                yield node_pb2.GenerateChunk(text=piece, index=index)
+                ids = word_ids(first + index, first + index + 1) if exact else []
+                yield node_pb2.GenerateChunk(text=piece, index=index, tokens=1, token_ids=ids)
                 index += 1
             yield node_pb2.GenerateChunk(index=index, final=self._final(request, index))
         finally:

@@ -102,7 +102,7 @@ class Gpu(_message.Message):
     def __init__(self, vendor: _Optional[str] = ..., name: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "backend", "source", "state", "size_bytes", "context_length", "is_default", "error", "family", "quantization", "task", "inputs", "outputs", "labels")
+    __slots__ = ("model_id", "backend", "source", "state", "size_bytes", "context_length", "is_default", "error", "family", "quantization", "task", "inputs", "outputs", "labels", "sha256")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class ModelInfo(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     backend: str
     source: str
@@ -131,7 +132,8 @@ class ModelInfo(_message.Message):
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_id: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., size_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., is_default: _Optional[bool] = ..., error: _Optional[str] = ..., family: _Optional[str] = ..., quantization: _Optional[str] = ..., task: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    sha256: str
+    def __init__(self, model_id: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., size_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., is_default: _Optional[bool] = ..., error: _Optional[str] = ..., family: _Optional[str] = ..., quantization: _Optional[str] = ..., task: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "dim_names")
@@ -222,7 +224,7 @@ class TaskContext(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., agent: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "sampling", "task", "continuation", "raw", "report_waiting_ms")
+    __slots__ = ("model", "prompt", "messages", "sampling", "task", "continuation", "raw", "continuation_token_ids", "report_waiting_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +232,7 @@ class GenerateRequest(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     REPORT_WAITING_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
@@ -238,8 +241,9 @@ class GenerateRequest(_message.Message):
     task: TaskContext
     continuation: str
     raw: bool
+    continuation_token_ids: _containers.RepeatedScalarFieldContainer[int]
     report_waiting_ms: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., continuation: _Optional[str] = ..., raw: _Optional[bool] = ..., report_waiting_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., continuation: _Optional[str] = ..., raw: _Optional[bool] = ..., continuation_token_ids: _Optional[_Iterable[int]] = ..., report_waiting_ms: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -282,18 +286,20 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., model: _Optional[str] = ..., node_id: _Optional[str] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "index", "final", "tokens", "waiting")
+    __slots__ = ("text", "index", "final", "tokens", "token_ids", "waiting")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     text: str
     index: int
     final: GenerateResponse
     tokens: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
     waiting: bool
-    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ..., tokens: _Optional[int] = ..., waiting: _Optional[bool] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ..., tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., waiting: _Optional[bool] = ...) -> None: ...
 
 class AgentRequest(_message.Message):
     __slots__ = ("agent", "input", "history", "task", "completed_steps", "model", "max_steps", "report_waiting_ms")

@@ -42,6 +42,10 @@ class TaskRun:
         )
         self._sent: list[str] = []  # streams: text the caller already has
         self._produced = 0  # streams: tokens of that text
+        # Streams: the ids of those tokens and the hash of the model file that sampled them,
+        # while every token sent has its id (None once one has not: continue from the text).
+        self._token_ids: list[int] | None = [] if settings.resume_from_token_ids else None
+        self._ids_model_hash = ""
         self._final: tuple[Attempt, node_pb2.GenerateResponse] | None = None
         self._broken: Attempt | None = None  # streams: the last attempt that broke
 
@@ -52,9 +56,28 @@ class TaskRun:
         request.report_waiting_ms = self.attempts.waiting_report_ms()
         if self._sent:
             request.continuation = self.task.request.continuation + "".join(self._sent)
+            if self._token_ids and self._same_model(attempt):
+                request.continuation_token_ids.extend(self._token_ids)
         if self._produced and request.sampling.HasField("max_tokens"):
             request.sampling.max_tokens = request.sampling.max_tokens - self._produced
         return request
+
+    def _same_model(self, attempt: Attempt) -> bool:
+        """Whether `attempt`'s node runs the model file that sampled the token ids so far."""
+        model_hash = attempt.view.model_hash(self.task.model)
+        return bool(model_hash) and model_hash == self._ids_model_hash
+
+    def _took(self, attempt: Attempt, chunk: node_pb2.GenerateChunk) -> None:
+        """Keep the ids of a chunk's tokens, or stop keeping any where it lacks some."""
+        if self._token_ids is None:
+            return
+        if not self._token_ids:  # the first tokens of the answer: who sampled them
+            self._ids_model_hash = attempt.view.model_hash(self.task.model)
+        ids = chunk.token_ids
+        if ids and len(ids) == chunk_tokens(chunk) and self._ids_model_hash:
+            self._token_ids.extend(ids)
+        else:
+            self._token_ids = None
 
     def _result(
         self,
@@ -106,12 +129,14 @@ class TaskRun:
                     yield WAITING  # queued behind other work on the node: not silent
                     continue
                 if chunk.HasField("final"):
-                    attempt.tokens = chunk.final.usage.completion_tokens or attempt.tokens
+                    if chunk.final.HasField("usage"):  # exact, even where a chunk said none
+                        attempt.tokens = chunk.final.usage.completion_tokens
                     self._final = (attempt, chunk.final)
                     attempt.answered = True
                     return
                 if chunk.text:
                     self._sent.append(chunk.text)
+                    self._took(attempt, chunk)
                     attempt.progress(chunk_tokens(chunk))
                     yield chunk.text
         finally:
@@ -129,7 +154,8 @@ class TaskRun:
 
     async def stream(self) -> AsyncGenerator[str | TaskResult, None]:
         """Text pieces, then the result. After a failure mid-answer the next node continues from
-        the text already sent, with max_tokens reduced by the tokens already produced."""
+        the text already sent, with max_tokens reduced by the tokens already produced; a node
+        with the same model file also gets the ids of those tokens, to go on token for token."""
         # Closed with this generator, so a caller that goes away frees the node at once.
         pieces = self.attempts.run(self._call_stream, after_failure=self._after_failure)
         async with contextlib.aclosing(pieces):

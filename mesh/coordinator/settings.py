@@ -28,6 +28,9 @@ class DispatcherSettings(FrozenModel):
     cooldown_s: Annotated[float, Field(ge=0)] = 5.0
     failures_before_cooldown: Annotated[int, Field(ge=1)] = 2
     resume_streams: bool = True  # continue a broken stream on another node from the text sent
+    # ... and from its token ids where the next node runs the same model file (same sha256), so
+    # the answer goes on token for token; False: always from the text (tokenized again).
+    resume_from_token_ids: bool = True
     queue_timeout_s: Annotated[float, Field(ge=0)] = 1.0  # wait for a slot when all nodes are full
     node_wait_s: Annotated[float, Field(ge=0)] = 5.0  # wait for a ready node when none is
     # How many dispatchers share each node's advertised capacity (the replica count): each one

@@ -27,6 +27,7 @@ class ModelDescriptor:
     context_length: int = 0
     family: str = ""
     quantization: str = ""
+    sha256: str = ""  # of the model file: same hash, same token ids (continuation_token_ids)
 
 
 # The roles a chat message may have: an enumeration, never text that reaches a template.
@@ -47,6 +48,9 @@ class GenerationInput:
     prompt: str = ""  # used when raw is true
     raw: bool = False
     continuation: str = ""  # assistant text to continue from
+    # Its token ids as sampled by a model with the same file (sha256); the backend appends
+    # them to the prompt's tokens instead of tokenizing `continuation`, where it can.
+    continuation_token_ids: Sequence[int] = ()
     max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.95
@@ -75,6 +79,9 @@ class Piece:
     text: str
     completion: Completion | None = field(default=None)
     tokens: int = 0  # model tokens behind `text` (a piece may batch several)
+    # Their ids, where they continue the prompt token for token (else empty): a continuation
+    # on the same model file passes them back as `continuation_token_ids`.
+    token_ids: tuple[int, ...] = ()
 
 
 class Backend(Protocol):

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import secrets
 import threading
 import time
@@ -31,11 +32,22 @@ from nodes.backends import (
     ModelStatus,
     Piece,
 )
-from nodes.model_files import resolve_gguf
+from nodes.backends.token_text import TokenText
+from nodes.model_files import file_sha256, resolve_gguf
 
 logger = logging.getLogger(__name__)
 
 _END = object()
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """What the model evaluates before it answers, and how its answer reads."""
+
+    tokens: list[int]
+    stops: list[str]
+    healed: str = ""  # text backed off the end of `tokens`, which the model samples again
+    own_tokens: bool = False  # the request's own tokens (no text tokenized again): ids go out
 
 
 class _Instance:
@@ -94,6 +106,7 @@ class LlamaBackend:
                 context_length=self._n_ctx,
                 family=resolved.family,
                 quantization=resolved.quantization,
+                sha256=await asyncio.to_thread(file_sha256, resolved.path),
             )
             for index in range(self._instance_count):
                 llama = await asyncio.to_thread(self._load_one, str(resolved.path))
@@ -148,16 +161,21 @@ class LlamaBackend:
     # ------------------------------------------------------------------ prompts
 
     def render_prompt(self, request: GenerationInput) -> tuple[list[Segment], list[str]]:
-        """What the model sees, as segments, and the stop strings.
+        """What the model sees (the prompt, then any continuation), as segments, and the
+        stop strings.
 
         Only the chat template's own text may hold control tokens ("<|im_start|>system"):
         every text from a request (message contents, a raw prompt, the continuation) is a
         segment of its own, tokenized as plain text, so no nesting or spelling of a control
         string in it can become a real one."""
+        segments, stops = self._render(request)
+        return segments + _as_text(request.continuation), stops
+
+    def _render(self, request: GenerationInput) -> tuple[list[Segment], list[str]]:
+        """The prompt up to where the answer begins, as segments, and the stop strings."""
         stops = list(request.stop)
-        text_segments = [Segment(request.prompt if request.raw else "", special=False)]
         if request.raw:
-            return _joined(text_segments, request.continuation), stops
+            return _as_text(request.prompt), stops
         for index, message in enumerate(request.messages):
             if message.role not in ROLES:
                 raise InvalidRequestError(
@@ -167,10 +185,8 @@ class LlamaBackend:
         if self._formatter is None:
             segments: list[Segment] = []
             for m in request.messages:
-                segments += [Segment(f"{m.role}: "), Segment(m.content, special=False)]
-                segments.append(Segment("\n"))
-            segments.append(Segment("assistant: "))
-            return _joined(segments, request.continuation), stops + ["\nuser:"]
+                segments += [Segment(f"{m.role}: "), *_as_text(m.content), Segment("\n")]
+            return [*segments, Segment("assistant: ")], stops + ["\nuser:"]
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         if self._system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self._system_prompt})
@@ -191,9 +207,9 @@ class LlamaBackend:
                     "this model's chat template rewrites message contents, which this node "
                     "cannot render safely; send a raw prompt instead"
                 )
-            segments += [Segment(before), Segment(chat_message["content"], special=False)]
+            segments += [Segment(before), *_as_text(chat_message["content"])]
         segments.append(Segment(rendered))
-        return _joined(segments, request.continuation), stops
+        return [segment for segment in segments if segment.text], stops
 
     def tokenize(self, llama: Any, segments: Sequence[Segment]) -> list[int]:
         """The tokens of `segments`: control tokens are parsed in the template's text only."""
@@ -206,6 +222,39 @@ class LlamaBackend:
         if not tokens:
             tokens = llama.tokenize(b"", add_bos=True, special=False)
         return tokens
+
+    def _prompt_tokens(self, llama: Any, request: GenerationInput) -> _Prompt:
+        """The tokens to evaluate, and how the answer's text follows from them.
+
+        A continuation with its token ids (from a model file with the same hash) is appended
+        to the prompt's tokens as it is: the answer goes on token for token. One from text
+        is tokenized with the prompt, and its last token is backed off (token healing): the
+        text so far may end inside what the model would have produced as one token (e.g. a
+        trailing space), so the model samples it again and its text is dropped again.
+        """
+        segments, stops = self._render(request)
+        ids = list(request.continuation_token_ids)
+        if ids:
+            tokens = self.tokenize(llama, segments)
+            if max(ids) >= llama.n_vocab():
+                raise InvalidRequestError(
+                    f"continuation_token_ids has id {max(ids)}, but this model has only "
+                    f"{llama.n_vocab()} tokens; send them only to a model with the same sha256"
+                )
+            spelled = llama.detokenize(ids, prev_tokens=tokens).decode("utf-8", errors="replace")
+            if spelled == request.continuation:
+                return _Prompt(tokens + ids, stops, own_tokens=True)
+            logger.warning(
+                "continuation_token_ids do not spell the continuation (%d ids, %d characters); "
+                "continuing from the text",
+                len(ids),
+                len(request.continuation),
+            )
+        tokens = self.tokenize(llama, segments + _as_text(request.continuation))
+        if not request.continuation or len(tokens) < 2:
+            return _Prompt(tokens, stops, own_tokens=not request.continuation)
+        healed = llama.detokenize(tokens[-1:]).decode("utf-8", errors="ignore")
+        return _Prompt(tokens[:-1], stops, healed=healed)
 
     # ------------------------------------------------------------------ generation
 
@@ -233,16 +282,14 @@ class LlamaBackend:
                 if isinstance(item, BaseException):
                     raise item
                 # Coalesce text already waiting into one piece (a slow reader gets fewer, larger pieces).
-                text, completion, count = item.text, item.completion, item.tokens
-                while completion is None and not pieces.empty():
+                while item.completion is None and not pieces.empty():
                     nxt = pieces.get_nowait()
                     if isinstance(nxt, Piece) and nxt.completion is None:
-                        text += nxt.text
-                        count += nxt.tokens
+                        item = _joined(item, nxt)
                     else:
                         pending = nxt
                         break
-                yield Piece(text, completion, count)
+                yield item
         finally:
             stop.set()
             # The instance goes back to the pool only when its thread is done with it.
@@ -255,21 +302,20 @@ class LlamaBackend:
         is batched so that the event loop, gRPC and the reader wake per chunk, not per
         token: on a small device their CPU time competes with inference itself.
         """
-        held, held_tokens = "", 0
+        held: Piece | None = None
         last_emit = 0.0
         try:
             for piece in self._generate(llama, request, stop):
                 if piece.completion is not None:
-                    if held:
-                        emit(Piece(held, tokens=held_tokens))
+                    if held is not None:
+                        emit(held)
                     emit(piece)
                     continue
-                held += piece.text
-                held_tokens += piece.tokens
+                held = piece if held is None else _joined(held, piece)
                 now = time.perf_counter()
                 if now - last_emit >= self._stream_interval_s:
-                    emit(Piece(held, tokens=held_tokens))
-                    held, held_tokens, last_emit = "", 0, now
+                    emit(held)
+                    held, last_emit = None, now
         except InvalidRequestError as error:
             emit(error)
         except Exception as error:  # noqa: BLE001 - reported to the caller, never lost in a thread
@@ -281,66 +327,88 @@ class LlamaBackend:
     def _generate(
         self, llama: Any, request: GenerationInput, stop: threading.Event
     ) -> Iterator[Piece]:
-        segments, stops = self.render_prompt(request)
-        tokens = self.tokenize(llama, segments)
+        """Sample token after token (llama.generate), turning them into pieces (TokenText).
+
+        Every sampled token is counted once; the token sampled in place of one backed off
+        for healing is sampled on top of max_tokens and not counted, so usage says exactly
+        the tokens the answer gained.
+        """
+        prompt = self._prompt_tokens(llama, request)
+        tokens = prompt.tokens
         n_ctx = llama.n_ctx()
         if len(tokens) >= n_ctx:
             raise InvalidRequestError(
                 f"the prompt is {len(tokens)} tokens, which does not fit the context window of "
                 f"{n_ctx} tokens; shorten the prompt"
             )
-        # Token healing for continuations: the text so far may end inside what the
-        # model would have produced as one token (e.g. a trailing space). Back off
-        # the last token and drop its text again from what the model regenerates.
-        healed = ""
-        if request.continuation and len(tokens) > 1:
-            healed = llama.detokenize(tokens[-1:]).decode("utf-8", errors="ignore")
-            tokens = tokens[:-1]
-        max_tokens = min(request.max_tokens + (1 if healed else 0), n_ctx - len(tokens))
-        kwargs: dict[str, Any] = {
-            "max_tokens": max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "top_k": request.top_k,
-            "stop": stops or None,
-            "stream": True,
-        }
-        if request.seed is not None:
-            kwargs["seed"] = request.seed
-        if request.json_schema:  # constrained decoding: only JSON matching the schema
-            kwargs["grammar"] = _grammar_for_schema(request.json_schema)
+        budget = min(request.max_tokens + (1 if prompt.healed else 0), n_ctx - len(tokens))
+        text = TokenText(
+            lambda ids, context: llama.detokenize(ids, prev_tokens=context),
+            tokens,
+            prompt.stops,
+            healed=prompt.healed,
+            with_ids=prompt.own_tokens,
+        )
         completion = Completion(prompt_tokens=len(tokens))
         first_at = last_at = 0.0
         finish = "length"
-        pending = ""  # text held back until the healed prefix is matched
-        unsent = 0  # tokens sampled since the last piece (some carry no text yet)
-        for chunk in llama.create_completion(tokens, **kwargs):
-            choice = chunk["choices"][0]
-            text = choice.get("text") or ""
-            if text or not choice.get("finish_reason"):  # one chunk per sampled token
-                completion.completion_tokens += 1
-                unsent += 1
-            if text:
+        ends = _ends_generation(llama)
+        for token in llama.generate(tokens, **self._sampling(llama, request)):
+            if ends(token):
+                finish = "stop"
+                break
+            piece = text.add(token)
+            if piece is not None:
                 last_at = time.perf_counter()
                 first_at = first_at or last_at
-                if healed:
-                    pending += text
-                    if len(pending) < len(healed) and healed.startswith(pending):
-                        text = ""
-                    else:
-                        text = pending[_common_prefix(pending, healed) :]
-                        healed = pending = ""
-                if text:
-                    yield Piece(text, tokens=unsent)
-                    unsent = 0
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
+                yield piece
+            if text.stopped:
+                finish = "stop"
+                break
             if stop.is_set() or self._closing.is_set():
                 finish = "cancelled"
                 break
+            if text.sampled >= budget:
+                break
+        if finish != "cancelled" and (piece := text.flush()) is not None:
+            yield piece
+        completion.completion_tokens = text.counted
         completion.finish_reason = finish
         completion.decode_s = last_at - first_at
-        yield Piece("", completion, unsent)
+        yield Piece("", completion, text.counted - text.sent_tokens)
+
+    @staticmethod
+    def _sampling(llama: Any, request: GenerationInput) -> dict[str, Any]:
+        """llama.generate's arguments, as create_completion would pass them (and seed it)."""
+        # create_completion's seeding: the request's seed, else one drawn from the last.
+        seed = request.seed
+        llama.set_seed(seed if seed is not None else random.Random(llama._seed).randint(0, 2**32))
+        kwargs: dict[str, Any] = {
+            "temp": request.temperature,
+            "top_p": request.top_p,
+            "top_k": request.top_k,
+        }
+        if request.json_schema:  # constrained decoding: only JSON matching the schema
+            kwargs["grammar"] = _grammar_for_schema(request.json_schema)
+        return kwargs
+
+
+def _joined(first: Piece, second: Piece) -> Piece:
+    """Two pieces as one; its ids only where both pieces had the ids of all their tokens."""
+    whole = len(first.token_ids) == first.tokens and len(second.token_ids) == second.tokens
+    return Piece(
+        first.text + second.text,
+        tokens=first.tokens + second.tokens,
+        token_ids=first.token_ids + second.token_ids if whole else (),
+    )
+
+
+def _ends_generation(llama: Any) -> Any:
+    """A function telling whether a token ends generation (end of turn or of text)."""
+    import llama_cpp
+
+    vocab = llama._model.vocab
+    return lambda token: llama_cpp.llama_vocab_is_eog(vocab, token)
 
 
 @functools.lru_cache(maxsize=64)
@@ -363,24 +431,14 @@ class Segment:
     special: bool = True
 
 
-def _joined(segments: list[Segment], continuation: str) -> list[Segment]:
-    """`segments` then the continuation (assistant text so far: a request's, so plain text)."""
-    kept = [segment for segment in segments if segment.text]
-    return kept + ([Segment(continuation, special=False)] if continuation else [])
+def _as_text(text: str) -> list[Segment]:
+    """Request text (a message, a raw prompt, a continuation) as a segment: never special."""
+    return [Segment(text, special=False)] if text else []
 
 
 def _shown(text: str, limit: int = 40) -> str:
     """`text` as an error message may echo it: repr, cut to `limit` characters."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _chat_formatter(llama: Any) -> Any:

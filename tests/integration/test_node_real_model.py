@@ -79,6 +79,7 @@ def test_describe_reports_real_model(tmp_path):
             model = info.models[0]
             assert model.family == "SmolLM2-135M-Instruct" and model.quantization == "Q4_1"
             assert 90e6 < model.size_bytes < 110e6 and model.context_length == 512
+            assert len(model.sha256) == 64 and int(model.sha256, 16)  # of the GGUF file
 
     run(scenario())
 
@@ -104,6 +105,98 @@ def test_continuation_resumes_without_repeating(tmp_path):
             rest = await client.generate(QUESTION, temperature=0, max_tokens=24, continuation=head)
             assert not rest.text.startswith(head)
             assert (head + rest.text).startswith(whole.text[: len(head) + 3])
+
+    run(scenario())
+
+
+STORY = "Write a long story about a dragon."
+
+
+@pytest.mark.parametrize("cut_tokens", [3, 11, 20])
+def test_continuation_run_to_length_reports_exactly_max_tokens(tmp_path, cut_tokens):
+    """max_tokens is a promise: a node asked to continue an answer for N more tokens says N
+    (the token it regenerates to heal the cut is not a new one), and its chunks add up to it."""
+
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            chunks = [c async for c in client.generate_stream(STORY, temperature=0, max_tokens=32)]
+            assert chunks[-1].final.finish_reason == "length"
+            produced, head = 0, ""
+            for chunk in chunks[:-1]:
+                if produced + chunk.tokens > cut_tokens:
+                    break
+                produced += chunk.tokens
+                head += chunk.text
+            rest = [
+                c
+                async for c in client.generate_stream(
+                    STORY, temperature=0, max_tokens=32 - produced, continuation=head
+                )
+            ]
+            final = rest[-1].final
+            assert final.finish_reason == "length"
+            assert final.usage.completion_tokens == 32 - produced
+            assert sum(c.tokens for c in rest) == 32 - produced
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cut_tokens", [1, 9, 23])
+def test_continuation_from_token_ids_goes_on_token_for_token(tmp_path, cut_tokens):
+    """Given the ids of the tokens sent so far, a node continues exactly where the answer was
+    cut: the same text, the same ids, and exactly the tokens still missing in its usage."""
+
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            chunks = [c async for c in client.generate_stream(STORY, temperature=0, max_tokens=32)]
+            ids = [i for c in chunks for i in c.token_ids]
+            text = "".join(c.text for c in chunks)
+            assert len(ids) == 32 == sum(c.tokens for c in chunks)  # every token has its id
+            produced, head = 0, ""
+            for chunk in chunks[:-1]:
+                if produced + chunk.tokens > cut_tokens:
+                    break
+                produced += chunk.tokens
+                head += chunk.text
+            rest = [
+                c
+                async for c in client.generate_stream(
+                    STORY,
+                    temperature=0,
+                    max_tokens=32 - produced,
+                    continuation=head,
+                    continuation_token_ids=ids[:produced],
+                )
+            ]
+            assert head + "".join(c.text for c in rest) == text
+            assert [i for c in rest for i in c.token_ids] == ids[produced:]
+            assert rest[-1].final.usage.completion_tokens == 32 - produced
+            assert (
+                rest[-1].final.usage.prompt_tokens
+                == chunks[-1].final.usage.prompt_tokens + produced
+            )
+
+    run(scenario())
+
+
+def test_token_ids_that_do_not_spell_the_continuation_fall_back_to_the_text(tmp_path):
+    async def scenario():
+        async with real_node(tmp_path) as d, NodeClient(d.address) as client:
+            whole = await client.generate(STORY, temperature=0, max_tokens=24)
+            head = whole.text[:20]
+            rest = await client.generate(
+                STORY,
+                temperature=0,
+                max_tokens=24,
+                continuation=head,
+                continuation_token_ids=[42, 43, 44],  # not head's tokens
+            )
+            assert not rest.text.startswith(head)
+            assert (head + rest.text).startswith(whole.text[: len(head) + 3])
+            with pytest.raises(InvalidRequestError, match="only 49152 tokens"):
+                await client.generate(
+                    STORY, max_tokens=4, continuation=head, continuation_token_ids=[10**6]
+                )
 
     run(scenario())
 

@@ -28,6 +28,7 @@ from tests.coordinator_fakes import (
     Queued,
     Reply,
     view,
+    word_ids,
 )
 
 pytestmark = pytest.mark.unit
@@ -267,6 +268,106 @@ def test_stream_that_breaks_twice_still_reads_as_one_answer():
         pieces, result = await collect(dispatcher, build_task("hi", model="m"))
         assert "".join(pieces) == ANSWER and result.node_id == "c"
         assert [a.completion_tokens for a in result.attempts][:2] == [2, 3]
+        await dispatcher.close()
+
+    run(scenario())
+
+
+def test_stream_total_is_max_tokens_after_two_failovers():
+    """Usage is a promise kept across nodes: each next node is asked for exactly the tokens
+    still missing, and the result counts each token once."""
+
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", Fail(UnavailableError("x"), after_pieces=2))
+        mesh.script("b", Fail(UnavailableError("y"), after_pieces=3))
+        dispatcher = make(mesh, view("a"), view("b"), view("c"), cooldown_s=0)
+        pieces, result = await collect(dispatcher, build_task("hi", model="m", max_tokens=8))
+        assert "".join(pieces) == " ".join(ANSWER.split(" ")[:8]) == result.text
+        assert [link.requests[0].sampling.max_tokens for link in mesh.links.values()] == [8, 6, 3]
+        assert result.completion_tokens == 8
+        assert sum(a.completion_tokens for a in result.attempts) == 8
+        await dispatcher.close()
+
+    run(scenario())
+
+
+def test_stream_continues_from_token_ids_on_a_node_with_the_same_model_file():
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", Fail(UnavailableError("node killed"), after_pieces=4))
+        same = {"model_hashes": {"m": "f00d"}}
+        dispatcher = make(mesh, view("a", **same), view("b", **same))
+        pieces, result = await collect(dispatcher, build_task("hi", model="m", max_tokens=8))
+        assert "".join(pieces) == " ".join(ANSWER.split(" ")[:8]) == result.text
+        continued = mesh.links["b"].requests[0]
+        assert list(continued.continuation_token_ids) == word_ids(0, 4)
+        assert continued.continuation == " ".join(ANSWER.split(" ")[:4])  # for older nodes
+        assert result.completion_tokens == 8
+        await dispatcher.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("a_hashes", "b_hashes", "settings"),
+    [
+        ({"m": "f00d"}, {"m": "beef"}, {}),  # another model file under the same name
+        ({"m": "f00d"}, {}, {}),  # a node that does not say
+        ({}, {}, {}),
+        ({"m": "f00d"}, {"m": "f00d"}, {"resume_from_token_ids": False}),
+    ],
+)
+def test_stream_continues_from_text_where_token_ids_would_not_fit(a_hashes, b_hashes, settings):
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", Fail(UnavailableError("node killed"), after_pieces=3))
+        dispatcher = make(
+            mesh,
+            view("a", model_hashes=a_hashes),
+            view("b", model_hashes=b_hashes),
+            **settings,
+        )
+        pieces, result = await collect(dispatcher, build_task("hi", model="m", max_tokens=8))
+        assert "".join(pieces) == " ".join(ANSWER.split(" ")[:8])
+        continued = mesh.links["b"].requests[0]
+        assert not continued.continuation_token_ids and continued.continuation
+        await dispatcher.close()
+
+    run(scenario())
+
+
+def test_token_ids_are_not_passed_on_once_a_node_continued_from_text():
+    """b (another file) continues from the text and sends no ids, so c, though it has a's
+    file, cannot get ids for all the text: it continues from the text too."""
+
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", Fail(UnavailableError("x"), after_pieces=2))
+        mesh.script("b", Fail(UnavailableError("y"), after_pieces=2))
+        dispatcher = make(
+            mesh,
+            view("a", model_hashes={"m": "f00d"}),
+            view("b", model_hashes={"m": "beef"}),
+            view("c", model_hashes={"m": "f00d"}),
+            cooldown_s=0,
+        )
+        pieces, result = await collect(dispatcher, build_task("hi", model="m"))
+        assert "".join(pieces) == ANSWER and result.node_id == "c"
+        assert not mesh.links["c"].requests[0].continuation_token_ids
+        await dispatcher.close()
+
+    run(scenario())
+
+
+def test_token_ids_of_the_default_model_follow_the_nodes_default():
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", Fail(UnavailableError("x"), after_pieces=2))
+        same = {"model_hashes": {"m": "f00d"}, "default_model": "m"}
+        dispatcher = make(mesh, view("a", **same), view("b", **same))
+        await collect(dispatcher, build_task("hi"))  # no model named: each node's default
+        assert list(mesh.links["b"].requests[0].continuation_token_ids) == word_ids(0, 2)
         await dispatcher.close()
 
     run(scenario())

@@ -514,3 +514,27 @@ def test_view_before_describe_comes_from_the_record(table: NodeTable) -> None:
         2,
         NodeState.JOINING,
     )
+
+
+def test_the_view_says_which_model_file_each_model_is(table: NodeTable) -> None:
+    """Describe's per-model sha256 and default model reach the view the coordinator routes on,
+    so it knows which nodes can continue an answer from its token ids."""
+    from edgemesh.v1 import node_pb2
+    from mesh.health import details_from_describe
+
+    ready, loading = node_pb2.MODEL_STATE_READY, node_pb2.MODEL_STATE_LOADING
+    reply = node_pb2.DescribeResponse(
+        node=node_pb2.NodeInfo(node_id="n1", name="name-n1", cluster="home", protocol_version=1),
+        models=[
+            node_pb2.ModelInfo(model_id="smollm2", state=ready, is_default=True, sha256="f00d"),
+            node_pb2.ModelInfo(model_id="big", state=loading, sha256="beef"),
+            node_pb2.ModelInfo(model_id="upstream", state=ready),  # no file: no hash
+        ],
+    )
+    step = advertise(table)
+    result = ProbeResult(status=ProbeStatus.OK, details=details_from_describe(reply))
+    table.probe_done(KEY, probes(step)[0].epoch, result)
+    (view,) = table.snapshot()
+    assert view.model_hashes == {"smollm2": "f00d"}
+    assert view.model_hash(None) == view.model_hash("smollm2") == "f00d"
+    assert view.model_hash("upstream") == ""
