@@ -24,6 +24,8 @@ class MeshProcess:
     process: subprocess.Popen[str]
     line: str  # the ready line
     log: pathlib.Path
+    args: tuple[str, ...] = ()  # `python ARGS`, for a restart
+    env: dict[str, str] | None = None
 
     @property
     def address(self) -> str:
@@ -45,6 +47,22 @@ class MeshProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         return self.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def restarted(node: MeshProcess, *, timeout_s: float = 120.0) -> Iterator[MeshProcess]:
+    """`node` started again with the same arguments (so the same state directory: its node id
+    and its task-count journal), until the block ends. A node on port 0 gets a new port."""
+    assert node.args, f"{node.name} was not started with restartable arguments"
+    assert not node.alive(), f"{node.name} is still running"
+    name = f"{node.name}-restarted"
+    process, log = spawn(name, node.args, node.log.parent, node.env)
+    again = MeshProcess(name, process, "", log, node.args, node.env)
+    try:
+        again.line = _read_line(process, timeout_s, log, " serving ")
+        yield again
+    finally:
+        again.stop(timeout_s=15)
 
 
 def _read_line(
@@ -148,15 +166,17 @@ def running_nodes(
     """Start nodes at once (real bundled model unless fake=True); stop them all afterwards.
     `env` adds to their environment."""
     started: list[tuple[str, subprocess.Popen[str], pathlib.Path]] = []
+    arguments: list[list[str]] = []
     nodes: list[MeshProcess] = []
     try:
         for name in names:
             args = node_args(name, directory, **options)  # type: ignore[arg-type]
             process, log = spawn(name, args, directory, env)
             started.append((name, process, log))
-        for name, process, log in started:
+            arguments.append(args)
+        for (name, process, log), args in zip(started, arguments, strict=True):
             line = _read_line(process, timeout_s, log, " serving ")
-            nodes.append(MeshProcess(name, process, line, log))
+            nodes.append(MeshProcess(name, process, line, log, tuple(args), env))
         yield nodes
     finally:
         for _name, process, _log in started:

@@ -30,10 +30,12 @@ from collections.abc import Iterator
 import pytest
 
 from mesh.coordinator_client import MeshClient
+from tests.exactly_once import LostWindow, check_exactly_once, node_counts
 from tests.mesh_processes import (
     MeshProcess,
     _read_line,
     ready_line_addresses,
+    restarted,
     spawn,
     start_coordinator_cli,
 )
@@ -174,19 +176,20 @@ def agent_nodes(directory: pathlib.Path, gemma_url: str | None) -> Iterator[dict
     try:
         for name, router, url in (("node-a", True, None), ("node-b", False, gemma_url)):
             config = _node_yaml(name, directory, router=router, gemma_url=url)
-            process, log = spawn(
-                name, ["-m", "mesh.cli", "node", "start", "--config", config], directory, env=env
-            )
-            started.append((name, process, log))
+            args = ("-m", "mesh.cli", "node", "start", "--config", config)
+            process, log = spawn(name, args, directory, env=env)
+            started.append((name, process, log, args))
         yield {
-            name: MeshProcess(name, process, _read_line(process, 120, log, " serving "), log)
-            for name, process, log in started
+            name: MeshProcess(
+                name, process, _read_line(process, 120, log, " serving "), log, args, env
+            )
+            for name, process, log, args in started
         }
     finally:
-        for _name, process, _log in started:
+        for _name, process, _log, _args in started:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for _name, process, _log in started:
+        for _name, process, _log, _args in started:
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -317,7 +320,10 @@ def test_kill_9_after_a_side_effecting_step_finishes_elsewhere_with_the_ticket_o
     addresses, nodes, directory = mesh
     task_id = f"pause-{uuid.uuid4().hex[:12]}"
 
+    killed_unix_s = 0.0
+
     async def scenario():
+        nonlocal killed_unix_s
         async with MeshClient(addresses["fast"]) as client:
             names = {n.node_id: n.name for n in await client.list_nodes()}
             killed = None
@@ -330,6 +336,7 @@ def test_kill_9_after_a_side_effecting_step_finishes_elsewhere_with_the_ticket_o
                 if killed is None and step is not None and step.call.tool == "create_ticket":
                     killed = names[step.node_id]
                     nodes[killed].kill_hard()  # paused by the hook: the task is not finished
+                    killed_unix_s = time.time()
             return killed, chunks
 
     killed, chunks = run(scenario())
@@ -353,3 +360,17 @@ def test_kill_9_after_a_side_effecting_step_finishes_elsewhere_with_the_ticket_o
         for name in ("node-a", "node-b")
     }
     assert tickets == {killed: 1, survivor: 0}, tickets
+    # The nodes' own counts (tests/exactly_once.py): the killed node, started again from its
+    # state directory, says it ran create_ticket once and never finished; the survivor says
+    # it finished the run without executing any side-effecting tool.
+    with restarted(nodes[killed]) as again:
+        counts = [
+            run(node_counts(killed, again.address)),
+            run(node_counts(survivor, nodes[survivor].address)),
+        ]
+    lost = [LostWindow(killed, killed_unix_s, killed_unix_s)]
+    verdict = check_exactly_once([task_id], counts, kind="agent", lost=lost)
+    assert verdict.completed_on[task_id] == [survivor] and not verdict.excused
+    runs = {c.name: dict(c.get(task_id).side_effect_tool_runs) for c in counts}
+    assert runs == {killed: {"create_ticket": 1}, survivor: {}}, runs
+    assert [c.get(task_id).agent_runs_started for c in counts] == [1, 1]

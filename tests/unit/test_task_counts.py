@@ -19,6 +19,7 @@ from nodes.service import NodeIdentity, NodeServicer
 from nodes.task_counts import COMPACT_FACTOR, TaskCounts, TaskEvent
 from nodes.tools import DemoStore, builtin_registry
 from tests.agent_fakes import ScriptedBackend
+from tests.exactly_once import LostWindow, NodeCounts, check_exactly_once
 from tests.fakes import FakeBackend
 
 pytestmark = pytest.mark.unit
@@ -251,3 +252,57 @@ def test_run_agent_counts_a_run_started_and_completed(tmp_path):
     assert run(scenario())[-1].result.answer == "ok"
     count = counts.get("t")
     assert (count.agent_runs_started, count.agent_runs_completed) == (1, 1)
+
+
+# ---------------------------------------------------------------- judging from the counts
+
+
+def _node(name, evicted=0, **tasks):
+    counts = {
+        task_id: node_pb2.TaskCount(task_id=task_id, **fields) for task_id, fields in tasks.items()
+    }
+    return NodeCounts(name, counts, evicted)
+
+
+def test_the_check_passes_each_task_completed_once_and_fails_a_double_run():
+    once = [
+        _node("a", t1={"generations_started": 1, "generations_completed": 1}),
+        _node("b", t1={"generations_started": 1}, t2={"generations_completed": 1}),
+    ]
+    verdict = check_exactly_once(["t1", "t2"], once)
+    assert verdict.completed_on == {"t1": ["a"], "t2": ["b"]} and verdict.started == 2
+    twice_on_two = [
+        _node("a", t1={"generations_completed": 1}),
+        _node("b", t1={"generations_completed": 1}),
+    ]
+    with pytest.raises(AssertionError, match=r"t1: completed on \['a', 'b'\]"):
+        check_exactly_once(["t1"], twice_on_two)
+    with pytest.raises(AssertionError, match=r"t1: completed on \['a', 'a'\]"):
+        check_exactly_once(["t1"], [_node("a", t1={"generations_completed": 2})])
+    with pytest.raises(AssertionError, match="t9: completed on no node"):
+        check_exactly_once(["t9"], once)
+
+
+def test_only_a_result_the_cut_node_could_not_send_is_excused():
+    window = LostWindow("cut", cut_unix_s=100.0, back_unix_s=105.0)
+    survivor = _node("b", t1={"generations_completed": 1})
+    orphan = _node("cut", t1={"generations_completed": 1, "last_completed_unix_s": 102.0})
+    verdict = check_exactly_once(["t1"], [orphan, survivor], lost=[window])
+    assert verdict.excused == [("t1", "cut")]
+    sent_before = _node("cut", t1={"generations_completed": 1, "last_completed_unix_s": 90.0})
+    with pytest.raises(AssertionError, match="not exactly once"):
+        check_exactly_once(["t1"], [sent_before, survivor], lost=[window])
+    after_return = _node("cut", t1={"generations_completed": 1, "last_completed_unix_s": 106.0})
+    with pytest.raises(AssertionError, match="not exactly once"):
+        check_exactly_once(["t1"], [after_return, survivor], lost=[window])
+
+
+def test_the_check_fails_a_tool_run_twice_and_refuses_counts_with_gaps():
+    nodes = [
+        _node("a", t1={"agent_runs_completed": 1, "side_effect_tool_runs": {"create_ticket": 1}}),
+        _node("b", t1={"side_effect_tool_runs": {"create_ticket": 1}}),
+    ]
+    with pytest.raises(AssertionError, match="create_ticket': 2"):
+        check_exactly_once(["t1"], nodes, kind="agent")
+    with pytest.raises(AssertionError, match="dropped task ids"):
+        check_exactly_once(["t1"], [_node("a", evicted=3, t1={"generations_completed": 1})])
