@@ -22,7 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
-from mesh.core.channels import add_server_port, create_server, format_address
+from mesh.core.channels import (
+    NODE_SERVER_OPTIONS,
+    add_server_port,
+    create_server,
+    format_address,
+)
 from mesh.core.errors import ConfigError
 from mesh.core.ids import new_node_id
 from mesh.core.version import PROTOCOL_VERSION, __version__
@@ -141,7 +146,7 @@ class NodeDaemon:
     async def start(self) -> None:
         """Listen, load models, and turn SERVING. Raises ModelLoadError if a model fails."""
         self.health = health.aio.HealthServicer()
-        self._server = create_server()
+        self._server = create_server(options=NODE_SERVER_OPTIONS)  # accepts the links' pings
         # The probe (ONNX Runtime providers in a child process) runs while models load.
         probe = asyncio.create_task(asyncio.to_thread(probe_hardware))
         identity = NodeIdentity(

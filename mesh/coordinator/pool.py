@@ -28,6 +28,7 @@ from mesh.agent_client import run_agent_request
 from mesh.client import NodeClient
 from mesh.coordinator.intent import ClassifierIndex
 from mesh.coordinator.settings import DispatcherSettings
+from mesh.core.channels import NODE_LINK_OPTIONS, create_channel
 from mesh.core.errors import MeshError, NotFoundError, OverloadedError, UnavailableError
 from mesh.core.ids import NodeId
 from mesh.nodes_view import NodeState, NodeView
@@ -74,7 +75,13 @@ NodeConnector = Callable[[NodeView], NodeLink]
 
 
 class GrpcNodeLink(NodeClient):
-    """A NodeClient plus the agent RPC (`mesh.agent_client`): the real NodeLink."""
+    """A NodeClient plus the agent RPC (`mesh.agent_client`): the real NodeLink. Its channel
+    has the node-link keepalive (`mesh.core.channels.NODE_LINK_OPTIONS`): calls on a link gone
+    silent fail in about a second, and the attempt loop retries them elsewhere."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address, channel=create_channel(address, options=NODE_LINK_OPTIONS))
+        self._owns_channel = True  # made for this link alone: closed with it
 
     def run_agent(
         self, request: node_pb2.AgentRequest, *, timeout_s: float | None = None
@@ -83,7 +90,7 @@ class GrpcNodeLink(NodeClient):
 
 
 def connect_grpc(view: NodeView) -> NodeLink:
-    """A GrpcNodeLink on one channel (from `mesh.core.channels.create_channel`) to the node."""
+    """A GrpcNodeLink on one channel (`mesh.core.channels.create_channel`) to the node."""
     return GrpcNodeLink(view.address)
 
 
