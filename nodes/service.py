@@ -6,6 +6,7 @@ to snake_case code, and MeshError becomes a status code here, at the edge.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -220,6 +221,18 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         except MeshError as error:
             await context.abort(status_code_for(error), str(error))
             raise  # unreachable: abort raises
+
+    async def Heartbeat(
+        self, request: node_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.HeartbeatBeat]:
+        # Data on a coordinator's link while its calls run (see node.proto): no slot, no end
+        # but the caller's cancel or deadline.
+        interval_s = min(max(request.interval_ms, 50), 10_000) / 1000
+        sequence = 0
+        while True:
+            yield node_pb2.HeartbeatBeat(sequence=sequence)
+            sequence += 1
+            await asyncio.sleep(interval_s)
 
     # ------------------------------------------------------------------ behaviour
 

@@ -481,3 +481,15 @@ class InferResponse(_message.Message):
     model: str
     latency_ms: float
     def __init__(self, outputs: _Optional[_Mapping[str, Tensor]] = ..., model: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("interval_ms",)
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    interval_ms: int
+    def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
+
+class HeartbeatBeat(_message.Message):
+    __slots__ = ("sequence",)
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    def __init__(self, sequence: _Optional[int] = ...) -> None: ...

@@ -74,17 +74,19 @@ def _override(options: Options, **changes: object) -> Options:
 # nothing for keepalive_time and closes the transport, failing every call on it UNAVAILABLE,
 # when a ping is not acknowledged within keepalive_timeout (also its TCP_USER_TIMEOUT: the
 # peer's kernel acknowledges, so a busy node process is not mistaken for a dead one). A gRPC
-# client sends at most one ping per second while it receives no data (fixed in chttp2), so a
-# link carrying only unary calls is found dead 1 s + timeout after it went silent at worst; a
-# streaming call's chunks lift that limit. A connection attempt to a host that does not answer
-# gives up after min_reconnect_backoff (gRPC's min connect timeout; 20 s by default), so a new
-# call to a vanished node fails in a second instead of waiting that long.
+# client sends at most one ping per second while it receives no data (fixed in chttp2), and a
+# unary call receives nothing until its answer: so while calls are in flight the link also
+# holds a Heartbeat stream (NODE_LINK_HEARTBEAT_MS; mesh/coordinator/pool.py), whose data lets
+# the keepalive ping 250 ms after the link went quiet. A connection attempt to a host that does
+# not answer gives up after min_reconnect_backoff (gRPC's min connect timeout; 20 s by
+# default), so a new call to a vanished node fails in a second instead of waiting that long.
 NODE_LINK_OPTIONS: Options = _override(
     _CHANNEL_OPTIONS,
     grpc__keepalive_time_ms=250,
-    grpc__keepalive_timeout_ms=500,
+    grpc__keepalive_timeout_ms=250,
     grpc__min_reconnect_backoff_ms=1_000,
 )
+NODE_LINK_HEARTBEAT_MS = 200  # under keepalive_time: a healthy busy link never needs a ping
 # A node's server accepts those pings (gRPC's default policy would answer pings more often than
 # every 5 minutes without data with GOAWAY too_many_pings).
 NODE_SERVER_OPTIONS: Options = _override(
