@@ -296,11 +296,14 @@ class CutReport:
     cut_unix_s: float
     gone_after_s: float  # cut -> the coordinator lists the node as gone
     back_unix_s: float = 0.0  # the cable back in
+    back_at: float = 0.0  # the same, CLOCK_MONOTONIC
+    ready_after_s: float = 0.0  # cable back in -> the coordinator lists the node as ready
     answered: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     rerouted_s: list[float] = field(default_factory=list)  # per task in flight at the cut
     answered_after_s: list[float] = field(default_factory=list)  # cut -> its answer
     sent_after_cut: int = 0  # tasks the coordinator sent to the node after the cut
+    answered_after_back: int = 0  # tasks the node answered once its cable was back in
 
     def summary(self) -> str:
         def stats(values: list[float]) -> str:
@@ -312,7 +315,8 @@ class CutReport:
             f"{self.node}: {len(self.rerouted_s)} tasks in flight at the cut, rerouted "
             f"{stats(self.rerouted_s)}; their answers {stats(self.answered_after_s)}; "
             f"{self.sent_after_cut} more sent to it after the cut; gone after "
-            f"{self.gone_after_s:.2f} s"
+            f"{self.gone_after_s:.2f} s; cable back -> ready {self.ready_after_s:.2f} s, then "
+            f"{self.answered_after_back} answers from it"
         )
 
 
@@ -341,6 +345,8 @@ def measure_cut(report: CutReport) -> None:
                 report.answered_after_s.append(float(event["answered"]) - report.cut_at)
             elif began >= report.cut_at:
                 report.sent_after_cut += 1
+        if event["node"] == report.node and float(event["answered"]) > report.back_at:
+            report.answered_after_back += 1
 
 
 def cut_under_load(
@@ -379,8 +385,9 @@ def cut_under_load(
     while not target.idle():  # its queue drains (or its calls are dropped) behind the cut
         assert time.monotonic() < give_up, f"{target.name} still busy 120 s after the cut"
         time.sleep(0.5)
-    report.back_unix_s = time.time()
+    report.back_at, report.back_unix_s = time.monotonic(), time.time()
     target.host.set_link(up=True)
+    report.ready_after_s = run.wait_state(target.name, "ready", timeout_s=60) - report.back_at
     run.finish(timeout_s=timeout_s)
     report.answered, report.failed = run.answered(), run.failed()
     measure_cut(report)
