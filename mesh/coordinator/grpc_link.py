@@ -74,13 +74,12 @@ class GrpcNodeLink(NodeClient):
         self, request: node_pb2.GenerateRequest, *, timeout_s: float | None = None
     ) -> AsyncIterator[node_pb2.GenerateChunk]:
         with self._in_flight():
-            async with contextlib.aclosing(
-                super().stream_request(request, timeout_s=timeout_s)
-            ) as chunks:  # type: ignore[type-var]
+            chunks = super().stream_request(request, timeout_s=timeout_s)
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]
                 async for chunk in chunks:
                     yield chunk
 
-    async def run_agent(  # type: ignore[override]
+    async def run_agent(
         self, request: node_pb2.AgentRequest, *, timeout_s: float | None = None
     ) -> AsyncIterator[node_pb2.AgentEvent]:
         with self._in_flight():
