@@ -98,10 +98,14 @@ class NodeClient(ChannelClient):
         except grpc.RpcError as error:
             raise from_grpc_error(error) from None
 
-    async def describe(self, *, timeout_s: float | None = None) -> node_pb2.DescribeResponse:
+    async def describe(
+        self, *, timeout_s: float | None = None, task_counts: bool = False
+    ) -> node_pb2.DescribeResponse:
+        """Who the node is and its load; `task_counts`: also what it did per task id."""
         try:
             return await self._stub.Describe(
-                node_pb2.DescribeRequest(), timeout=timeout_s or min(self.timeout_s, 10.0)
+                node_pb2.DescribeRequest(task_counts=task_counts),
+                timeout=timeout_s or min(self.timeout_s, 10.0),
             )
         except grpc.RpcError as error:
             raise from_grpc_error(error) from None

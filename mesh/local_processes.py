@@ -119,6 +119,8 @@ class LocalProcess:
             self.ready = ready
         self.name = name
         self.log = log
+        self.argv = list(argv)  # what it runs, for a restart
+        self.env = dict(env or {})
         self.stop_timeout_s = stop_timeout_s
         self.match: re.Match[str] | None = None
         self.ready_at = 0.0  # time.monotonic() when the ready line was read

@@ -236,6 +236,15 @@ class NodeRegistry:
                     timeout_s=self.timings.probe_timeout_s,
                     refresh=action.refresh,
                 )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the registry is stopping
+            # grpc.aio raises CancelledError in a call whose channel was closed under it: the
+            # entry went gone (Discard) while this probe was in flight. That is a probe with no
+            # answer; reporting nothing would leave the entry "probing" for good, and a gone
+            # node that comes back (its cable plugged in again) would never be probed again.
+            result = ProbeResult(status=ProbeStatus.TIMEOUT, reason="probe cut: channel closed")
         except Exception as error:  # a prober bug: report a failed probe so the node is retried
             logger.exception("probing %s failed", action.address)
             result = ProbeResult(status=ProbeStatus.TIMEOUT, reason=f"probe failed: {error!r}")

@@ -139,6 +139,11 @@ class NodeConfig(FrozenModel):
     interface: str | None = None  # IP of the interface to advertise on; None: all
     labels: dict[str, str] = Field(default_factory=dict)
     state_dir: str | None = None  # where the node id is kept; None: ~/.local/state/...
+    # What the node did per task id (Describe with task_counts; nodes/task_counts.py): kept
+    # for this many recent task ids, and journaled in <state_dir>/task-counts.jsonl so that
+    # the counts survive a crash or restart (false: in memory only).
+    task_counts_kept: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
+    task_journal: bool = True
     # ---- agents (nodes/agents, nodes/tools)
     # The agents offered; None: the demo agents (customer-service, technical-support, scheduling).
     agents: tuple[AgentSpec, ...] | None = None

@@ -22,7 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
-from mesh.core.channels import add_server_port, create_server, format_address
+from mesh.core.channels import (
+    NODE_SERVER_OPTIONS,
+    add_server_port,
+    create_server,
+    format_address,
+)
 from mesh.core.errors import ConfigError
 from mesh.core.ids import new_node_id
 from mesh.core.version import PROTOCOL_VERSION, __version__
@@ -34,6 +39,7 @@ from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, probe_hardware
 from nodes.model_files import resolve_gguf
 from nodes.service import NodeIdentity, NodeServicer
+from nodes.task_counts import JOURNAL_NAME, TaskCounts
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +80,12 @@ def load_node_id(config: NodeConfig) -> str:
     return node_id
 
 
+def open_task_counts(config: NodeConfig) -> TaskCounts:
+    """The node's per-task counts, read back from its state directory's journal (if kept)."""
+    journal = config.resolved_state_dir() / JOURNAL_NAME if config.task_journal else None
+    return TaskCounts.open(kept=config.task_counts_kept, journal=journal)
+
+
 def build_backends(config: NodeConfig) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     for model in config.models:
@@ -109,6 +121,7 @@ class NodeDaemon:
         self.config = config
         self.backends = backends if backends is not None else build_backends(config)
         self.node_id = load_node_id(config)
+        self.counts = open_task_counts(config)
         self.hardware: HardwareInfo | None = None
         self.admission = AdmissionController(config.max_concurrent, config.max_queued)
         # gRPC asyncio objects bind to the running loop: created in start().
@@ -133,7 +146,7 @@ class NodeDaemon:
     async def start(self) -> None:
         """Listen, load models, and turn SERVING. Raises ModelLoadError if a model fails."""
         self.health = health.aio.HealthServicer()
-        self._server = create_server()
+        self._server = create_server(options=NODE_SERVER_OPTIONS)  # accepts the links' pings
         # The probe (ONNX Runtime providers in a child process) runs while models load.
         probe = asyncio.create_task(asyncio.to_thread(probe_hardware))
         identity = NodeIdentity(
@@ -144,7 +157,9 @@ class NodeDaemon:
             protocol_version=PROTOCOL_VERSION,
             started_at_unix_s=time.time(),
         )
-        self.servicer = NodeServicer(identity, self.config, self.backends, None, self.admission)
+        self.servicer = NodeServicer(
+            identity, self.config, self.backends, None, self.admission, counts=self.counts
+        )
         await self.servicer.agents.open()  # agents' data store: seeded on first start
         node_pb2_grpc.add_NodeServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -209,6 +224,7 @@ class NodeDaemon:
         await self._server.stop(self.config.grace_s)
         for backend in self.backends.values():
             await backend.close()
+        self.counts.close()
 
     async def refresh_announcement(self) -> None:
         if self._announcer is not None:

@@ -6,6 +6,7 @@ to snake_case code, and MeshError becomes a status code here, at the edge.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -23,6 +24,7 @@ from nodes.agents import AgentHost
 from nodes.backends import ROLES, Backend, Completion, GenerationInput, Message, ModelStatus
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, system_load
+from nodes.task_counts import TaskCounts, TaskEvent
 
 logger = logging.getLogger(__name__)
 
@@ -150,17 +152,20 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         hardware: HardwareInfo | None,
         admission: AdmissionController,
         agents: AgentHost | None = None,
+        counts: TaskCounts | None = None,
     ) -> None:
         self.identity = identity
         self.config = config
         self.backends = backends
         self.hardware = hardware
         self.admission = admission
+        # What this node did per task id (nodes/task_counts.py); Describe shows it on request.
+        self.counts = counts if counts is not None else TaskCounts(kept=config.task_counts_kept)
         # Agents (nodes/agents): the ones offered, their tools and the data store.
         self.agents = (
             agents
             if agents is not None
-            else AgentHost.from_config(config, backends, identity.node_id)
+            else AgentHost.from_config(config, backends, identity.node_id, counts=self.counts)
         )
 
     # ------------------------------------------------------------------ gRPC edge
@@ -168,7 +173,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def Describe(
         self, request: node_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.DescribeResponse:
-        return self.describe()
+        return self.describe(task_counts=request.task_counts)
 
     async def Generate(
         self, request: node_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -202,11 +207,15 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.AgentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[node_pb2.AgentEvent]:
         # Agents (nodes/agents): a whole agent task holds one admission slot.
+        task_id = request.task.task_id
         try:
             async with self.admission.ticket() as ticket:
                 async for _ in _wait_reporting(ticket, request.report_waiting_ms):
                     yield node_pb2.AgentEvent(waiting=True)
+                self.counts.record(task_id, TaskEvent.AGENT_RUN_STARTED)
                 async for event in self.agents.run(request):
+                    if event.HasField("result"):
+                        self.counts.record(task_id, TaskEvent.AGENT_RUN_COMPLETED)
                     yield event
         except MeshError as error:
             await abort_with_error(context, error)
@@ -231,6 +240,18 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         except MeshError as error:
             await abort_with_error(context, error)
 
+    async def Heartbeat(
+        self, request: node_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.HeartbeatBeat]:
+        # Data on a coordinator's link while its calls run (see node.proto): no slot, no end
+        # but the caller's cancel or deadline.
+        interval_s = min(max(request.interval_ms, 50), 10_000) / 1000
+        sequence = 0
+        while True:
+            yield node_pb2.HeartbeatBeat(sequence=sequence)
+            sequence += 1
+            await asyncio.sleep(interval_s)
+
     # ------------------------------------------------------------------ behaviour
 
     def load(self) -> node_pb2.Load:
@@ -244,8 +265,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             rejected=self.admission.rejected,
         )
 
-    def describe(self) -> node_pb2.DescribeResponse:
-        return node_pb2.DescribeResponse(
+    def describe(self, *, task_counts: bool = False) -> node_pb2.DescribeResponse:
+        reply = node_pb2.DescribeResponse(
             node=self._node_info(),
             hardware=self._hardware(),
             models=self._models(),
@@ -253,6 +274,10 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             capacity=self._capacity(),
             agents=self.agents.agent_infos(),
         )
+        if task_counts:
+            reply.task_counts.extend(self.counts.to_proto())
+            reply.task_counts_evicted = self.counts.evicted
+        return reply
 
     def _node_info(self) -> node_pb2.NodeInfo:
         ident = self.identity
@@ -328,6 +353,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         async with self.admission.ticket() as ticket:
             async for _ in _wait_reporting(ticket, request.report_waiting_ms):
                 yield node_pb2.GenerateChunk(waiting=True)
+            self.counts.record(request.task.task_id, TaskEvent.GENERATION_STARTED)
             started = time.perf_counter()
             first_token_at = 0.0
             completion = Completion()
@@ -379,4 +405,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             node_id=self.identity.node_id,
             task=request.task,
         )
+        self.counts.record(
+            request.task.task_id, TaskEvent.GENERATION_COMPLETED
+        )  # before it is sent
         yield node_pb2.GenerateChunk(index=index, final=final, tokens=leftover_tokens)

@@ -105,3 +105,18 @@ def start_coordinator_cli(
         log=directory / "coordinator.log",
         timeout_s=timeout_s,
     )
+
+
+@contextlib.contextmanager
+def restarted(node: LocalNode, *, timeout_s: float = 120.0) -> Iterator[LocalNode]:
+    """`node` started again with the same command (so the same state directory: its node id
+    and its task-count journal), until the block ends. A node on port 0 gets a new port."""
+    assert not node.alive(), f"{node.name} is still running"
+    name = f"{node.name}-restarted"
+    log = node.log.parent / f"{name}.log" if node.log is not None else None
+    again = LocalNode(node.argv, name=name, log=log, env=node.env)
+    try:
+        again.wait_ready(timeout_s)
+        yield again
+    finally:
+        again.stop(timeout_s=15)

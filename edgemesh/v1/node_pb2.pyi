@@ -21,24 +21,55 @@ MODEL_STATE_FAILED: ModelState
 MODEL_STATE_UNLOADED: ModelState
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("task_counts",)
+    TASK_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    task_counts: bool
+    def __init__(self, task_counts: _Optional[bool] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("node", "hardware", "models", "load", "capacity", "agents")
+    __slots__ = ("node", "hardware", "models", "load", "capacity", "agents", "task_counts", "task_counts_evicted")
     NODE_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    TASK_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    TASK_COUNTS_EVICTED_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     hardware: Hardware
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     load: Load
     capacity: Capacity
     agents: _containers.RepeatedCompositeFieldContainer[AgentInfo]
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
+    task_counts: _containers.RepeatedCompositeFieldContainer[TaskCount]
+    task_counts_evicted: int
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ..., task_counts: _Optional[_Iterable[_Union[TaskCount, _Mapping]]] = ..., task_counts_evicted: _Optional[int] = ...) -> None: ...
+
+class TaskCount(_message.Message):
+    __slots__ = ("task_id", "generations_started", "generations_completed", "agent_runs_started", "agent_runs_completed", "side_effect_tool_runs", "last_completed_unix_s")
+    class SideEffectToolRunsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATIONS_STARTED_FIELD_NUMBER: _ClassVar[int]
+    GENERATIONS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    AGENT_RUNS_STARTED_FIELD_NUMBER: _ClassVar[int]
+    AGENT_RUNS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    SIDE_EFFECT_TOOL_RUNS_FIELD_NUMBER: _ClassVar[int]
+    LAST_COMPLETED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    generations_started: int
+    generations_completed: int
+    agent_runs_started: int
+    agent_runs_completed: int
+    side_effect_tool_runs: _containers.ScalarMap[str, int]
+    last_completed_unix_s: float
+    def __init__(self, task_id: _Optional[str] = ..., generations_started: _Optional[int] = ..., generations_completed: _Optional[int] = ..., agent_runs_started: _Optional[int] = ..., agent_runs_completed: _Optional[int] = ..., side_effect_tool_runs: _Optional[_Mapping[str, int]] = ..., last_completed_unix_s: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "cluster", "version", "protocol_version", "labels", "started_at_unix_s")
@@ -464,3 +495,15 @@ class InferResponse(_message.Message):
     model: str
     latency_ms: float
     def __init__(self, outputs: _Optional[_Mapping[str, Tensor]] = ..., model: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("interval_ms",)
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    interval_ms: int
+    def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
+
+class HeartbeatBeat(_message.Message):
+    __slots__ = ("sequence",)
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    def __init__(self, sequence: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class NodeServiceStub:
                 request_serializer=edgemesh_dot_v1_dot_node__pb2.InferRequest.SerializeToString,
                 response_deserializer=edgemesh_dot_v1_dot_node__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_stream(
+                '/edgemesh.v1.NodeService/Heartbeat',
+                request_serializer=edgemesh_dot_v1_dot_node__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=edgemesh_dot_v1_dot_node__pb2.HeartbeatBeat.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -113,6 +118,17 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """A small message every `interval_ms` until the caller cancels. A coordinator holds one
+        on each link that has calls in flight, so that the link keeps receiving data: a gRPC
+        client pings at most once a second on a link that receives nothing (a unary call
+        receives nothing until its answer), and its keepalive could not notice a silent link
+        sooner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +161,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=edgemesh_dot_v1_dot_node__pb2.InferRequest.FromString,
                     response_serializer=edgemesh_dot_v1_dot_node__pb2.InferResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=edgemesh_dot_v1_dot_node__pb2.HeartbeatRequest.FromString,
+                    response_serializer=edgemesh_dot_v1_dot_node__pb2.HeartbeatBeat.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +330,33 @@ class NodeService:
             '/edgemesh.v1.NodeService/Infer',
             edgemesh_dot_v1_dot_node__pb2.InferRequest.SerializeToString,
             edgemesh_dot_v1_dot_node__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgemesh.v1.NodeService/Heartbeat',
+            edgemesh_dot_v1_dot_node__pb2.HeartbeatRequest.SerializeToString,
+            edgemesh_dot_v1_dot_node__pb2.HeartbeatBeat.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     describe.add_argument("address", help="host:port of the node")
     describe.add_argument("--json", action="store_true", help="print JSON")
     describe.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    describe.add_argument(
+        "--task-counts",
+        action="store_true",
+        help="also show what the node did per recent task id (runs started and completed, "
+        "side-effecting tool executions)",
+    )
     describe.set_defaults(func=_describe)
     node.set_defaults(func=lambda _args: node.print_help() or 2)
 
@@ -114,7 +120,7 @@ def _describe(args: argparse.Namespace) -> int:
 
     async def describe():  # type: ignore[no-untyped-def]
         async with NodeClient(args.address) as client:
-            return await client.describe(timeout_s=args.timeout)
+            return await client.describe(timeout_s=args.timeout, task_counts=args.task_counts)
 
     result = run_async(describe)
     if isinstance(result, int):
@@ -159,5 +165,18 @@ def format_description(d: dict) -> str:  # type: ignore[type-arg]
             f"  {m['model_id']}{default}: {state}, {m['backend']}, {m['family']} "
             f"{m['quantization']}, {int(m['size_bytes']) / 1e6:.1f} MB, "
             f"context {m['context_length']}" + (f", error: {m['error']}" if m["error"] else "")
+        )
+    counts = d.get("task_counts", [])
+    if counts or int(d.get("task_counts_evicted", 0)):
+        lines.append(
+            f"tasks     {len(counts)} kept, {d['task_counts_evicted']} older ones dropped "
+            "(generations / agent runs started-completed, side-effecting tools)"
+        )
+    for c in counts:
+        tools = ", ".join(f"{name} x{n}" for name, n in sorted(c["side_effect_tool_runs"].items()))
+        lines.append(
+            f"  {c['task_id']}: {c['generations_started']}-{c['generations_completed']} / "
+            f"{c['agent_runs_started']}-{c['agent_runs_completed']}"
+            + (f", {tools}" if tools else "")
         )
     return "\n".join(lines)

@@ -16,7 +16,8 @@ Callers use `mesh.coordinator_client.MeshClient` (gRPC) or any OpenAI client (HT
 
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.escalation import AUTO_AGENT, EscalationPolicy
-from mesh.coordinator.pool import GrpcNodeLink, NodeLink, NodePool, NodeRow, connect_grpc
+from mesh.coordinator.grpc_link import GrpcNodeLink
+from mesh.coordinator.pool import NodeLink, NodePool, NodeRow, connect_grpc
 from mesh.coordinator.settings import CoordinatorConfig, DispatcherSettings
 from mesh.coordinator.tasks import (
     AttemptOutcome,

@@ -24,8 +24,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from edgemesh.v1 import node_pb2
-from mesh.agent_client import run_agent_request
-from mesh.client import NodeClient
+from mesh.coordinator.grpc_link import GrpcNodeLink
 from mesh.coordinator.intent import ClassifierIndex
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.core.errors import MeshError, NotFoundError, OverloadedError, UnavailableError
@@ -73,17 +72,8 @@ class NodeLink(Protocol):
 NodeConnector = Callable[[NodeView], NodeLink]
 
 
-class GrpcNodeLink(NodeClient):
-    """A NodeClient plus the agent RPC (`mesh.agent_client`): the real NodeLink."""
-
-    def run_agent(
-        self, request: node_pb2.AgentRequest, *, timeout_s: float | None = None
-    ) -> AsyncIterator[node_pb2.AgentEvent]:
-        return run_agent_request(self, request, timeout_s=timeout_s)
-
-
 def connect_grpc(view: NodeView) -> NodeLink:
-    """A GrpcNodeLink on one channel (from `mesh.core.channels.create_channel`) to the node."""
+    """A GrpcNodeLink (`mesh.coordinator.grpc_link`) on one channel to the node."""
     return GrpcNodeLink(view.address)
 
 

@@ -82,6 +82,45 @@ _SERVER_OPTIONS: tuple[tuple[str, object], ...] = (
 )
 
 
+Options = tuple[tuple[str, object], ...]
+
+
+def _override(options: Options, **changes: object) -> Options:
+    """`options` with the named gRPC options (dots spelled as `__`) replaced or added."""
+    named = {key.replace("__", "."): value for key, value in changes.items()}
+    return tuple((k, v) for k, v in options if k not in named) + tuple(named.items())
+
+
+# Coordinator -> node links (the dispatcher's channels, mesh/coordinator/pool.py): a link that
+# goes silent (cable pulled, host gone: no reset, no goodbye) must fail the calls on it within
+# about a second, so the attempt loop moves them to another node long before the registry
+# declares the node gone (RegistryTimings.vanished_host_bound_s). gRPC pings when it has read
+# nothing for keepalive_time and closes the transport, failing every call on it UNAVAILABLE,
+# when a ping is not acknowledged within keepalive_timeout (also its TCP_USER_TIMEOUT: the
+# peer's kernel acknowledges, so a busy node process is not mistaken for a dead one). A gRPC
+# client sends at most one ping per second while it receives no data (fixed in chttp2), and a
+# unary call receives nothing until its answer: so while calls are in flight the link also
+# holds a Heartbeat stream (NODE_LINK_HEARTBEAT_MS; mesh/coordinator/pool.py), whose data lets
+# the keepalive ping 250 ms after the link went quiet. A connection attempt to a host that does
+# not answer gives up after min_reconnect_backoff (gRPC's min connect timeout; 20 s by
+# default), so a new call to a vanished node fails in a second instead of waiting that long.
+NODE_LINK_OPTIONS: Options = _override(
+    _COMMON_CHANNEL_OPTIONS + Keepalive.NODE.options(),
+    grpc__keepalive_time_ms=250,
+    grpc__keepalive_timeout_ms=250,
+    grpc__min_reconnect_backoff_ms=1_000,
+)
+NODE_LINK_HEARTBEAT_MS = 200  # under keepalive_time: a healthy busy link never needs a ping
+# A node's server accepts those pings (gRPC's default policy would answer pings more often than
+# every 5 minutes without data with GOAWAY too_many_pings).
+NODE_SERVER_OPTIONS: Options = _override(
+    _SERVER_OPTIONS,
+    grpc__http2__min_ping_interval_without_data_ms=100,
+    grpc__http2__max_ping_strikes=0,  # 0: never GOAWAY for pings
+    grpc__keepalive_permit_without_calls=1,
+)
+
+
 @dataclass(frozen=True)
 class ChannelSecurity:
     """Transport security for channels and servers. Plaintext when empty."""
@@ -110,19 +149,27 @@ def _credentials(security: ChannelSecurity) -> grpc.ChannelCredentials:
 
 
 def create_channel(
-    address: str, security: ChannelSecurity = PLAINTEXT, keepalive: Keepalive = Keepalive.NODE
+    address: str,
+    security: ChannelSecurity = PLAINTEXT,
+    keepalive: Keepalive = Keepalive.NODE,
+    *,
+    options: Options | None = None,
 ) -> grpc.aio.Channel:
     """An asyncio channel to `address` ("host:port"), pinging as `keepalive` says its server
-    allows."""
-    options = _COMMON_CHANNEL_OPTIONS + keepalive.options()
+    allows; `options` replaces them all (NODE_LINK_OPTIONS: the coordinator's links to nodes)."""
+    if options is None:
+        options = _COMMON_CHANNEL_OPTIONS + keepalive.options()
     if security.enabled:
         return grpc.aio.secure_channel(address, _credentials(security), options=options)
     return grpc.aio.insecure_channel(address, options=options)
 
 
-def create_server(max_concurrent_rpcs: int | None = None) -> grpc.aio.Server:
-    """An asyncio server with the project's options; add ports with `add_server_port`."""
-    return grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
+def create_server(
+    max_concurrent_rpcs: int | None = None, *, options: Options = _SERVER_OPTIONS
+) -> grpc.aio.Server:
+    """An asyncio server with the project's options (NODE_SERVER_OPTIONS for a node's); add
+    ports with `add_server_port`."""
+    return grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
 
 
 def add_server_port(

@@ -31,6 +31,7 @@ from nodes.agents.records import (
 from nodes.agents.runtime import AgentRuntime
 from nodes.agents.spec import AgentSpec
 from nodes.backends import ROLES, Backend, Message
+from nodes.task_counts import TaskCounts
 from nodes.tools import DATASETS, DemoStore, ToolRegistry, builtin_registry, load_module_objects
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class AgentHost:
         default_model: str = "",
         node_id: str = "",
         max_input_bytes: int = 64 * 1024,
+        counts: TaskCounts | None = None,
     ) -> None:
         self.max_input_bytes = max_input_bytes
         self.registry = registry or builtin_registry()
@@ -90,6 +92,7 @@ class AgentHost:
             default_model=self.default_model,
             node_id=node_id,
             store=self.store,
+            counts=counts,
         )
         names = [spec.name for spec in agents]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -105,7 +108,12 @@ class AgentHost:
 
     @classmethod
     def from_config(
-        cls, config: NodeConfig, backends: Mapping[str, Backend], node_id: str
+        cls,
+        config: NodeConfig,
+        backends: Mapping[str, Backend],
+        node_id: str,
+        *,
+        counts: TaskCounts | None = None,
     ) -> AgentHost:
         """Agents, tools and datasets as the node config says (None: the demo set)."""
         registry = builtin_registry()
@@ -129,6 +137,7 @@ class AgentHost:
             default_model=config.default_model_id,
             node_id=node_id,
             max_input_bytes=config.max_prompt_bytes,
+            counts=counts,
         )
 
     async def open(self) -> None:

@@ -48,6 +48,7 @@ from nodes.agents.records import (
 )
 from nodes.agents.spec import AgentSpec
 from nodes.backends import Backend, Completion, GenerationInput, Message, ModelStatus
+from nodes.task_counts import TaskCounts, TaskEvent
 from nodes.tools import Tool, ToolContext, ToolError, ToolRegistry
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class AgentRuntime:
         default_model: str = "",
         node_id: str = "",
         store: Any = None,
+        counts: TaskCounts | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.backends = backends
@@ -121,6 +123,7 @@ class AgentRuntime:
         self.default_model = default_model or next(iter(backends), "")
         self.node_id = node_id
         self.store = store
+        self.counts = counts  # side-effecting tool executions are counted per task
         self._clock = clock
 
     def backend_for(self, spec: AgentSpec, override: str = "") -> Backend:
@@ -298,6 +301,8 @@ class AgentRuntime:
             store=self.store,
             idempotency_key=f"{task.task_id}:{index}",
         )
+        if not tool.idempotent and self.counts is not None:  # counted before it can act
+            self.counts.record(task.task_id, TaskEvent.SIDE_EFFECT_TOOL_RUN, tool=tool.name)
         try:
             value = await tool.call(call.arguments, context)
         except ToolError as error:

@@ -31,7 +31,8 @@ import pytest
 
 from mesh.coordinator_client import MeshClient
 from mesh.local_processes import LocalNode, mesh_command
-from tests.mesh_processes import start_coordinator_cli, started_together
+from tests.exactly_once import LostWindow, check_exactly_once, node_counts
+from tests.mesh_processes import restarted, start_coordinator_cli, started_together
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -298,7 +299,10 @@ def test_kill_9_after_a_side_effecting_step_finishes_elsewhere_with_the_ticket_o
     addresses, nodes, directory = mesh
     task_id = f"pause-{uuid.uuid4().hex[:12]}"
 
+    killed_unix_s = 0.0
+
     async def scenario():
+        nonlocal killed_unix_s
         async with MeshClient(addresses["fast"]) as client:
             names = {n.node_id: n.name for n in await client.list_nodes()}
             killed = None
@@ -311,6 +315,7 @@ def test_kill_9_after_a_side_effecting_step_finishes_elsewhere_with_the_ticket_o
                 if killed is None and step is not None and step.call.tool == "create_ticket":
                     killed = names[step.node_id]
                     nodes[killed].kill_hard()  # paused by the hook: the task is not finished
+                    killed_unix_s = time.time()
             return killed, chunks
 
     killed, chunks = run(scenario())
@@ -334,3 +339,17 @@ def test_kill_9_after_a_side_effecting_step_finishes_elsewhere_with_the_ticket_o
         for name in ("node-a", "node-b")
     }
     assert tickets == {killed: 1, survivor: 0}, tickets
+    # The nodes' own counts (tests/exactly_once.py): the killed node, started again from its
+    # state directory, says it ran create_ticket once and never finished; the survivor says
+    # it finished the run without executing any side-effecting tool.
+    with restarted(nodes[killed]) as again:
+        counts = [
+            run(node_counts(killed, again.address)),
+            run(node_counts(survivor, nodes[survivor].address)),
+        ]
+    lost = [LostWindow(killed, killed_unix_s, killed_unix_s)]
+    verdict = check_exactly_once([task_id], counts, kind="agent", lost=lost)
+    assert verdict.completed_on[task_id] == [survivor] and not verdict.excused
+    runs = {c.name: dict(c.get(task_id).side_effect_tool_runs) for c in counts}
+    assert runs == {killed: {"create_ticket": 1}, survivor: {}}, runs
+    assert [c.get(task_id).agent_runs_started for c in counts] == [1, 1]

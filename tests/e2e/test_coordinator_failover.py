@@ -4,6 +4,11 @@
 none lost. Then 100 streams while a second node is killed: every stream completes, and its
 text is exactly the temperature-0 answer, continued (not restarted) where a node died
 mid-answer.
+
+"Exactly once" is judged twice: from the coordinator's attempt records, and from the nodes' own
+counts (tests/exactly_once.py says why those are complete: each node still up answers Describe,
+a killed one is started again from its state directory, whose journal holds every count it made
+before the kill).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import pytest
 
 from mesh.coordinator_client import MeshClient
 from mesh.core.errors import NotFoundError
-from tests.mesh_processes import running_nodes, start_coordinator_cli
+from mesh.local_processes import LocalNode
+from tests.exactly_once import LostWindow, NodeCounts, check_exactly_once, node_counts
+from tests.mesh_processes import restarted, running_nodes, start_coordinator_cli
 
 HERE = pathlib.Path(__file__).resolve().parent  # stream_pause_hook
 
@@ -98,9 +105,9 @@ async def _drive(
     may lag its nodes by a whole answer, so only a node held mid-answer makes the kill land
     there for sure. DescribeTask shows when the coordinator has the first tokens of such a task
     from `node`; the kill comes then.
-    Returns (results, kill time, latencies)."""
+    Returns (results, kill time, latencies, kill time as unix time)."""
     done = 0
-    killed_at = 0.0
+    killed_at = killed_unix_s = 0.0
     latencies: list[float] = []
     gate = asyncio.Semaphore(CONCURRENCY)
     running: set[str] = set()
@@ -108,9 +115,9 @@ async def _drive(
     cut: list[str] = []
 
     def kill() -> None:
-        nonlocal killed_at
+        nonlocal killed_at, killed_unix_s
         node.kill_hard()
-        killed_at = time.monotonic()
+        killed_at, killed_unix_s = time.monotonic(), time.time()
 
     async def one(client: MeshClient, index: int):
         nonlocal done
@@ -180,10 +187,23 @@ async def _drive(
             "\ncut mid-answer:",
             [(a.node_name, a.outcome, a.completion_tokens) for a in cut_result.attempts],
         )
-    return results, killed_at, latencies
+    return results, killed_at, latencies, killed_unix_s
 
 
-def _check_exactly_once(results, killed_name: str) -> list:
+def _nodes_own_counts(nodes: dict[str, LocalNode]) -> list[NodeCounts]:
+    """What every node says it did: Describe of each one still up; a killed one is started
+    again from its state directory first (its journal survived the kill)."""
+    counts = []
+    for name, node in nodes.items():
+        if node.alive():
+            counts.append(run(node_counts(name, node.address)))
+            continue
+        with restarted(node) as again:
+            counts.append(run(node_counts(name, again.address)))
+    return counts
+
+
+def _check_exactly_once(results, nodes, killed_name: str, killed_unix_s: float) -> list:
     task_ids = [result.task_id for _q, _t, result, _at in results]
     assert len(set(task_ids)) == TASKS  # one answer per task, none lost
     for _question, text, result, _at in results:
@@ -191,6 +211,20 @@ def _check_exactly_once(results, killed_name: str) -> list:
         assert outcomes.count(1) == 1 and outcomes[-1] == 1  # exactly one OK, and it is last
         assert result.node_name != killed_name or len(result.attempts) == 1
         assert text
+    # The nodes' side: each task ran to its end once, on the node the coordinator says answered
+    # (a result the killed node finished as it died, never sent, is the one thing excused).
+    lost = [LostWindow(killed_name, killed_unix_s, killed_unix_s)]
+    verdict = check_exactly_once(task_ids, _nodes_own_counts(nodes), lost=lost)
+    for _question, _text, result, _at in results:
+        assert result.node_name in verdict.completed_on[result.task_id], (
+            result.task_id,
+            result.node_name,
+            verdict.completed_on[result.task_id],
+        )
+    print(
+        f"\nnodes' own counts: {len(task_ids)} tasks completed once, {verdict.started} "
+        f"generations started, excused (finished as the node died): {verdict.excused}"
+    )
     return [r for _q, _t, r, _at in results if r.failed_over]
 
 
@@ -198,14 +232,16 @@ def test_kill_a_node_during_100_unary_tasks(mesh):
     addresses, nodes, _coordinator = mesh
     references = run(_references(addresses["grpc"], QUESTIONS, TOKENS))
     assert "Paris" in references[QUESTIONS[0]]
-    results, killed_at, latencies = run(
+    results, killed_at, latencies, killed_unix_s = run(
         _drive(addresses, nodes["node-c"], stream=False, references=references)
     )
-    failed_over = _check_exactly_once(results, "node-c")
+    failed_over = _check_exactly_once(results, nodes, "node-c", killed_unix_s)
     for question, text, _result, _at in results:
         assert text == references[question]  # a retried unary task starts afresh
     assert failed_over, "the kill hit no task in flight"
-    assert all(a.node_name == "node-c" for r in failed_over for a in r.attempts[:-1])
+    assert all(a.node_name == "node-c" for r in failed_over for a in r.attempts[:-1]), [
+        [(a.node_name, a.outcome, a.detail[:120]) for a in r.attempts] for r in failed_over
+    ]
     rerouted = max(at for _q, _t, r, at in results if r.failed_over)
     print(
         f"\nunary: {len(failed_over)} tasks failed over; last rerouted answer "
@@ -216,10 +252,10 @@ def test_kill_a_node_during_100_unary_tasks(mesh):
 def test_kill_a_node_during_100_streams(mesh):
     addresses, nodes, _coordinator = mesh
     references = run(_references(addresses["grpc"], STORY_QUESTIONS, STREAM_TOKENS))
-    results, _killed_at, _latencies = run(
+    results, _killed_at, _latencies, killed_unix_s = run(
         _drive(addresses, nodes["node-b"], stream=True, references=references)
     )
-    failed_over = _check_exactly_once(results, "node-b")
+    failed_over = _check_exactly_once(results, nodes, "node-b", killed_unix_s)
     mid_stream = [r for r in failed_over if any(a.completion_tokens for a in r.attempts[:-1])]
     for question, text, result, _at in results:
         reference = references[question]

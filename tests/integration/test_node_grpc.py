@@ -88,6 +88,33 @@ def test_node_id_survives_restart(tmp_path):
     run(scenario())
 
 
+def test_task_counts_in_describe_survive_a_restart(tmp_path):
+    async def scenario():
+        task = node_pb2.TaskContext(task_id="t-1")
+        async with (
+            running_node(tmp_path, FakeBackend("smollm2")) as first,
+            NodeClient(first.address) as client,
+        ):
+            await client.generate("capital?", max_tokens=50, task=task)
+            chunks = [c async for c in client.generate_stream("capital?", task=task)]
+            assert chunks[-1].HasField("final")
+            assert not (await client.describe()).task_counts  # only when asked
+        async with (
+            running_node(tmp_path, FakeBackend("smollm2")) as second,
+            NodeClient(second.address) as client,
+        ):
+            reply = await client.describe(task_counts=True)
+        (count,) = reply.task_counts
+        assert (count.task_id, count.generations_started, count.generations_completed) == (
+            "t-1",
+            2,
+            2,
+        )
+        assert reply.task_counts_evicted == 0
+
+    run(scenario())
+
+
 def test_unary_and_stream(tmp_path):
     async def scenario():
         async with (

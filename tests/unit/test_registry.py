@@ -160,6 +160,56 @@ def test_a_watch_that_raises_makes_the_node_suspect_and_is_started_again() -> No
     run(scenario)
 
 
+class ChannelClosingProber(FakeProber):
+    """Like GrpcProber: a probe in flight when its entry is discarded (its channel closed)
+    raises CancelledError, though nobody cancelled the task awaiting it. While `silent`,
+    probes get no answer until their deadline (a cable pulled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.silent = False
+        self.in_flight: set[asyncio.Future[None]] = set()
+
+    async def probe(
+        self, key: str, address: str, *, timeout_s: float, refresh: bool = False
+    ) -> ProbeResult:
+        if not self.silent:
+            return await super().probe(key, address, timeout_s=timeout_s, refresh=refresh)
+        self.probes.append((address, timeout_s))
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.in_flight.add(answer)
+        try:
+            await asyncio.wait_for(answer, timeout_s)
+        except TimeoutError:
+            return TIMEOUT
+        finally:
+            self.in_flight.discard(answer)
+        return ok()
+
+    async def discard(self, key: str) -> None:
+        for answer in list(self.in_flight):
+            answer.cancel()
+
+
+def test_a_node_gone_while_probed_is_probed_again_and_comes_back() -> None:
+    """A cable pulled, then plugged in again: the node goes gone while a probe is in flight
+    (its channel is closed under it), and must still be found again."""
+
+    async def scenario() -> None:
+        prober = ChannelClosingProber()
+        timings = TIMINGS.model_copy(update={"suspect_timeout_s": 0.3, "probe_timeout_s": 0.5})
+        async with NodeRegistry(
+            timings=timings, static_addresses=[ADDRESS], prober=prober
+        ) as registry:
+            await wait_for_state(registry, "n1", NodeState.READY, timeout_s=5)
+            prober.silent = True
+            await wait_for_state(registry, "n1", NodeState.GONE, timeout_s=5)
+            prober.silent = False
+            await wait_for_state(registry, "n1", NodeState.READY, timeout_s=5)
+
+    run(scenario)
+
+
 class FailingBrowser:
     """An MdnsBrowser whose interface is unusable."""
 
