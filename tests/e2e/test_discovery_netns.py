@@ -110,7 +110,7 @@ def test_three_nodes_join_leave_crash_restart_and_rogue_is_ignored(
     for node in nodes:
         _, view = watcher.wait("ready", node.name, timeout_s=20)
         assert (view["node_id"], view["address"]) == (node.node_id, node.address)
-        assert view["models"] == ["smollm2"] and view["cluster"] == CLUSTER
+        assert view["models"] == ["smollm2", "intent-router"] and view["cluster"] == CLUSTER
 
     # The one-shot listing shows the same three nodes, ready, with their hardware.
     listing = watch_host.run(
