@@ -23,6 +23,7 @@ from pydantic import Field
 
 from mesh.core.errors import InvalidRequestError
 from mesh.core.model import FrozenModel
+from mesh.core.untrusted import quoted
 
 if TYPE_CHECKING:
     from edgemesh.v1 import node_pb2
@@ -77,7 +78,7 @@ def first_tier(
     if requested:
         if requested not in tiers:
             raise InvalidRequestError(
-                f"tier {requested!r} is not one of this mesh's tiers: {', '.join(tiers)}"
+                f"tier {quoted(requested)} is not one of this mesh's tiers: {', '.join(tiers)}"
             )
         level = tiers.index(requested)
         return TierChoice(level, requested, "requested" if level else "")

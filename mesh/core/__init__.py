@@ -11,5 +11,6 @@ Nothing here imports Ray, zeroconf or a model runtime.
     ids          distinct id types and their constructors
     model        the frozen base model of every config and record
     records      the mDNS TXT record schema
+    untrusted    caller and peer text: quoted short in errors, escaped for a terminal; seeds
     version      the package and protocol versions
 """

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 from edgemesh.v1 import node_pb2
 from mesh.core.errors import ConfigError, InvalidRequestError, NotFoundError
 from mesh.core.ids import new_task_id
+from mesh.core.untrusted import quoted
 from nodes.agents.demo import DEMO_AGENTS
 from nodes.agents.records import (
     AgentEventData,
@@ -157,7 +158,9 @@ class AgentHost:
         spec = self.agents.get(name)
         if spec is None:
             known = ", ".join(sorted(self.agents)) or "none"
-            raise NotFoundError(f"agent {name!r} is not offered by this node; it offers: {known}")
+            raise NotFoundError(
+                f"agent {quoted(name)} is not offered by this node; it offers: {known}"
+            )
         return spec
 
     async def run(self, request: node_pb2.AgentRequest) -> AsyncIterator[node_pb2.AgentEvent]:
@@ -194,7 +197,9 @@ def task_from_request(request: node_pb2.AgentRequest, max_input_bytes: int) -> A
 
 def step_from_proto(step: node_pb2.AgentStep) -> StepRecord:
     if step.kind not in ("tool_call", "final", "invalid"):
-        raise InvalidRequestError(f"completed step {step.index} has unknown kind {step.kind!r}")
+        raise InvalidRequestError(
+            f"completed step {step.index} has unknown kind {quoted(step.kind)}"
+        )
     if step.kind == "tool_call":
         try:
             json.loads(step.call.arguments_json or "{}")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 from mesh.core.errors import InvalidRequestError, NotFoundError, NotReadyError
+from mesh.core.untrusted import quoted
 from nodes.agents.decision import (
     Decision,
     DecisionError,
@@ -128,7 +129,7 @@ class AgentRuntime:
         backend = self.backends.get(model_id)
         if backend is None:
             raise NotFoundError(
-                f"agent {spec.name} needs model {model_id!r}, which this node "
+                f"agent {spec.name} needs model {quoted(model_id)}, which this node "
                 f"does not serve; it serves: {', '.join(sorted(self.backends))}"
             )
         if backend.status is not ModelStatus.READY:
