@@ -18,6 +18,7 @@ from edgemesh.v1 import node_pb2
 from mesh.core.attempts import AttemptOutcome, AttemptRecord  # in the core: errors carry them
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError
 from mesh.core.ids import NodeId, TaskId, new_task_id
+from mesh.core.untrusted import check_seed, quoted
 
 MAX_DEADLINE_S = 86_400.0  # the longest deadline a task may ask for (a day)
 
@@ -236,7 +237,7 @@ class TaskLedger:
         entry = self._entries.get(TaskId(task_id))
         if entry is None:
             raise NotFoundError(
-                f"task {task_id!r} is not known here: it never ran, was forgotten (the ledger keeps "
+                f"task {quoted(task_id)} is not known here: it never ran, was forgotten (the ledger keeps "
                 f"the last {self.max_finished} tasks), or ran on another dispatcher replica "
                 "that has not published it yet"
             )
@@ -294,6 +295,7 @@ def build_task(
     if top_p is not None:
         sampling.top_p = top_p
     if seed is not None:
+        check_seed(seed)  # never protobuf's bare "Value out of range"
         sampling.seed = seed
     request = node_pb2.GenerateRequest(
         model=model or "",
