@@ -199,8 +199,10 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def RunAgent(
         self, request: node_pb2.AgentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[node_pb2.AgentEvent]:
-        # Agents (nodes/agents): a whole agent task holds one admission slot.
+        # Agents (nodes/agents): a whole agent task holds one admission slot. A request that
+        # cannot run (forged steps, a raised step limit) is refused before it waits for one.
         try:
+            self.agents.check(request)
             async with self.admission.ticket() as ticket:
                 async for _ in _wait_reporting(ticket, request.report_waiting_ms):
                     yield node_pb2.AgentEvent(waiting=True)

@@ -163,11 +163,19 @@ class AgentHost:
             )
         return spec
 
+    def check(self, request: node_pb2.AgentRequest) -> tuple[AgentSpec, AgentTask]:
+        """The agent and task of a RunAgent request, checked (replayed steps and step limit
+        included: nodes/agents/replay.py) before it waits for a slot; MeshError if it cannot
+        run as asked."""
+        spec = self.get(request.agent)
+        task = task_from_request(request, self.max_input_bytes)
+        self.runtime.check(spec, task)
+        return spec, task
+
     async def run(self, request: node_pb2.AgentRequest) -> AsyncIterator[node_pb2.AgentEvent]:
         """The RunAgent RPC: AgentEvents for each new step, the answer text, then the result."""
-        spec = self.get(request.agent)
+        spec, task = self.check(request)
         await self.open()
-        task = task_from_request(request, self.max_input_bytes)
         async for event in self.runtime.run(spec, task):
             yield event_to_proto(event)
 
@@ -191,7 +199,7 @@ def task_from_request(request: node_pb2.AgentRequest, max_input_bytes: int) -> A
         history=tuple(Message(m.role, m.content) for m in request.history),
         completed_steps=tuple(step_from_proto(s) for s in request.completed_steps),
         model=request.model,
-        max_steps=min(request.max_steps, 16),
+        max_steps=request.max_steps,  # checked against the agent's limit by the runtime
     )
 
 
