@@ -233,8 +233,9 @@ def _decode(properties: Mapping[bytes, bytes | None]) -> dict[str, str]:
         except (UnicodeDecodeError, AttributeError):
             # AttributeError: a key or value that is not bytes at all.
             raise MalformedRecordError(f"TXT key {key!r} is not valid ASCII/UTF-8") from None
-        if any(ord(ch) < 32 for ch in txt[name]):
-            raise MalformedRecordError(f"TXT value of {name!r} has control characters")
+        if not txt[name].isprintable():  # control, bidi, zero-width, separators: a name
+            # that rewrites the terminal or reorders a table when printed
+            raise MalformedRecordError(f"TXT value of {name[:16]!r} has unprintable characters")
     return txt
 
 
