@@ -7,6 +7,7 @@ request, and the hot path has a budget of about a millisecond.
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import time
 from collections import OrderedDict
@@ -44,6 +45,18 @@ def check_max_tokens(max_tokens: int | None, name: str = "max_tokens") -> None:
     """InvalidRequestError unless `max_tokens` is None (the node's default) or at least 1."""
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequestError(f"{name} must be at least 1, got {max_tokens}")
+
+
+def detached(error: MeshError) -> MeshError:
+    """`error` without its traceback, for keeping: the frames it holds (the task's request
+    among them: a 10 KB model name, kept ~5 times over) would stay alive as long as the ledger
+    keeps the task. The caller still gets the original, traceback and all."""
+    try:
+        clone = copy.copy(error)  # the class, message and fields; no __traceback__
+    except TypeError:  # a subclass whose constructor takes more than the message
+        return error
+    clone.__cause__ = clone.__context__ = None
+    return clone
 
 
 class TaskState(StrEnum):
@@ -198,6 +211,7 @@ class TaskLedger:
         """Callers waiting on the task get `error`. A repeat of its key runs it again, unless
         the error is the caller's (`caller_error`): overloaded, unavailable or out of time now
         says nothing about later."""
+        error = detached(error)
         entry.state, entry.error, entry.attempts = TaskState.FAILED, error, attempts
         if not entry.future.done():
             entry.future.set_exception(error)
