@@ -13,7 +13,7 @@ import os
 import unicodedata
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mesh.core.ids import NodeId
@@ -104,6 +104,8 @@ def unprintable(text: str) -> list[str]:
 
 
 @FUZZ
+@example(record=(good() | {b"n": "\u202egnp.exe".encode()}, ["198.18.0.2"], PORT))
+@example(record=(good() | {b"c": "lab\x7f\u200b".encode()}, ["198.18.0.2"], PORT))
 @given(record=records())
 def test_a_txt_record_parses_or_is_malformed_and_what_parses_is_safe(record) -> None:
     txt, addresses, port = record
@@ -123,6 +125,8 @@ def test_a_txt_record_parses_or_is_malformed_and_what_parses_is_safe(record) -> 
 
 
 @FUZZ
+@example(record=(good(), ["127.0.0.1"], PORT))
+@example(record=(good(), ["::ffff:127.0.0.1", "::1"], PORT))
 @given(record=records())
 def test_the_browser_never_raises_and_never_adds_a_loopback_node(record) -> None:
     txt, addresses, port = record
