@@ -9,11 +9,10 @@ escalate. The last allowed step may only answer, so a task ends with an answer
 unless the model cannot produce valid JSON at all.
 
 Steps completed elsewhere (`AgentTask.completed_steps`, after a failover) go back
-into the conversation as they were, once checked (`replay.py`: a caller may forge them): their
-tools are never run again. Within a
-task, a non-idempotent tool called again with the same arguments returns the
-first result instead of acting twice, and its idempotency key (task id and step
-index) lets the tool itself refuse a duplicate.
+into the conversation as they were, once checked (`replay.py`: a caller may forge
+them): their tools are never run again. Within a task, a non-idempotent tool called
+again with the same arguments returns the first result instead of acting twice, and
+its idempotency key (task id and step index) lets the tool itself refuse a duplicate.
 """
 
 from __future__ import annotations
