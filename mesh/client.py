@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh.core.channels import PLAINTEXT, ChannelClient, ChannelSecurity
 from mesh.core.grpc_status import from_grpc_error
+from mesh.core.untrusted import check_seed
 
 DEFAULT_TIMEOUT_S = 120.0
 NODE_SERVICE = "edgemesh.v1.NodeService"
@@ -48,6 +49,7 @@ def build_generate_request(
     if top_p is not None:
         sampling.top_p = top_p
     if seed is not None:
+        check_seed(seed)  # never protobuf's bare "Value out of range"
         sampling.seed = seed
     request = node_pb2.GenerateRequest(
         model=model,

@@ -20,6 +20,7 @@ import grpc
 from edgemesh.v1 import mesh_pb2, mesh_pb2_grpc, node_pb2
 from mesh.core.channels import PLAINTEXT, ChannelClient, ChannelSecurity, Keepalive
 from mesh.core.grpc_status import error_from_detail, from_grpc_error
+from mesh.core.untrusted import check_seed
 
 DEFAULT_TIMEOUT_S = 130.0  # a little over the default task deadline (120 s)
 _MARGIN_S = 5.0  # the RPC outlives the task's own deadline, so the coordinator's error arrives
@@ -44,6 +45,7 @@ def build_submit_request(
 ) -> mesh_pb2.SubmitRequest:
     """A SubmitRequest from plain values. `agent` ("auto": the intent router picks) runs an agent
     task; `tier` starts it on that model tier instead of the lowest."""
+    check_seed(seed)  # never protobuf's bare "Value out of range"
     sampling = node_pb2.Sampling(stop=list(stop))
     for name, value in (
         ("max_tokens", max_tokens),

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgemesh.v1 import node_pb2
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
+from mesh.core.untrusted import quoted
 from nodes.backends import Backend, ModelStatus
 from nodes.backends.onnx import Classification
 from nodes.backends.tensors import TensorSpec, array_to_tensor, tensor_to_array
@@ -56,12 +57,12 @@ def _tensor_model(backends: Mapping[str, Backend], model_id: str) -> TensorModel
     backend = backends.get(model_id)
     if backend is None:
         raise NotFoundError(
-            f"model {model_id!r} is not served by this node; it serves: "
+            f"model {quoted(model_id)} is not served by this node; it serves: "
             f"{', '.join(sorted(backends))}"
         )
     if not isinstance(backend, TensorModel):
         raise InvalidRequestError(
-            f"model {model_id!r} is a {backend.descriptor.backend} text "
+            f"model {quoted(model_id)} is a {backend.descriptor.backend} text "
             "generator; Classify and Infer need a tensor model (ONNX)"
         )
     if backend.status is not ModelStatus.READY:

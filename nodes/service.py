@@ -18,6 +18,7 @@ import grpc
 from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
 from mesh.core.grpc_status import abort_with_error
+from mesh.core.untrusted import quoted
 from nodes import inference
 from nodes.admission import AdmissionController, Ticket
 from nodes.agents import AgentHost
@@ -61,7 +62,9 @@ def to_generation_input(
     backend = backends.get(model_id)
     if backend is None:
         known = ", ".join(sorted(backends))
-        raise NotFoundError(f"model {model_id!r} is not served by this node; it serves: {known}")
+        raise NotFoundError(
+            f"model {quoted(model_id)} is not served by this node; it serves: {known}"
+        )
     if backend.status is not ModelStatus.READY:
         raise NotReadyError(f"model {model_id!r} is {backend.status.value}; retry when it is ready")
 
@@ -76,7 +79,7 @@ def to_generation_input(
     for index, message in enumerate(messages):
         if message.role not in ROLES:
             raise InvalidRequestError(
-                f"messages[{index}].role {message.role!r} is not one of {', '.join(sorted(ROLES))}"
+                f"messages[{index}].role {quoted(message.role)} is not one of {', '.join(sorted(ROLES))}"
             )
     if not messages and request.prompt.strip():
         messages = [Message("user", request.prompt)]
@@ -206,9 +209,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def RunAgent(
         self, request: node_pb2.AgentRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[node_pb2.AgentEvent]:
-        # Agents (nodes/agents): a whole agent task holds one admission slot.
+        # Agents (nodes/agents): a whole agent task holds one admission slot. A request that
+        # cannot run (forged steps, a raised step limit) is refused before it waits for one.
         task_id = request.task.task_id
         try:
+            self.agents.check(request)
             async with self.admission.ticket() as ticket:
                 async for _ in _wait_reporting(ticket, request.report_waiting_ms):
                     yield node_pb2.AgentEvent(waiting=True)

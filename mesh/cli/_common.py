@@ -12,6 +12,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mesh.core.errors import MeshError
+from mesh.core.untrusted import printable
 
 T = TypeVar("T")
 
@@ -24,7 +25,9 @@ def run_async(make: Callable[[], Awaitable[T]]) -> T | int:
     try:
         return asyncio.run(make())  # type: ignore[arg-type]
     except MeshError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # The message may quote a peer's text: escaped, line by line.
+        lines = [printable(line) for line in str(error).split("\n")]
+        print("error: " + "\n".join(lines), file=sys.stderr)
         return EXIT_ERROR
 
 

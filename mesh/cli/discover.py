@@ -9,10 +9,12 @@ import json
 from typing import Any
 
 from mesh.cli._common import run_async
+from mesh.core.untrusted import printable
 from mesh.nodes_view import NodeState, NodeView
 
 _STATE_ORDER = {NodeState.READY: 0, NodeState.JOINING: 1, NodeState.SUSPECT: 2, NodeState.GONE: 3}
 _DEFAULT_HEALTH_INTERVAL_S = 1.0  # mesh.node_table.RegistryTimings.health_interval_s
+_CELL_CHARS = 80  # longest cell printed (names, ids, model lists)
 
 
 def positive_seconds(text: str) -> float:
@@ -104,13 +106,16 @@ def _print_event(kind: str, reason: str, view: NodeView, *, as_json: bool) -> No
     if as_json:
         line = json.dumps({"event": str(kind), "reason": reason, "node": _view_dict(view)})
     else:
-        line = f"{kind:<8} {view.name} ({view.node_id}) at {view.address}: {reason}"
+        line = (
+            f"{kind:<8} {printable(view.name, _CELL_CHARS)} ({printable(view.node_id, _CELL_CHARS)}) "
+            f"at {printable(view.address, _CELL_CHARS)}: {printable(reason, 200)}"
+        )
     print(line, flush=True)
 
 
 def format_table(views: list[NodeView]) -> str:
     header = ("NAME", "NODE ID", "ADDRESS", "STATE", "LOAD", "CORES", "RAM", "ACCEL", "MODELS")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for v in views:
         load = f"{v.in_flight}/{v.max_concurrent}" + (f"+{v.queued}q" if v.queued else "")
         rows.append(
@@ -126,6 +131,8 @@ def format_table(views: list[NodeView]) -> str:
                 ",".join(v.models) or "-",
             )
         )
+    # Every cell comes from a node (TXT record or Describe): control and bidi characters escaped.
+    rows = [tuple(printable(cell, _CELL_CHARS) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()

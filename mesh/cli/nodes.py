@@ -6,6 +6,9 @@ import argparse
 
 from mesh.cli._common import message_to_dict, print_json, run_async
 from mesh.cli.coordinator import DEFAULT_ENDPOINT
+from mesh.core.untrusted import printable
+
+_NAME_CHARS = 64
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,10 +42,13 @@ def _nodes(args: argparse.Namespace) -> int:
                 f"{node.capacity.max_concurrent + node.capacity.max_queued}"
             )
             speed = f"{node.ewma_ms_per_token:.1f}" if node.ewma_ms_per_token else "-"
-            state = node.state + ("*" if node.cooling_down else "")
+            state = printable(node.state, 16) + ("*" if node.cooling_down else "")
+            # Names, addresses and models come from the nodes: escaped, never raw escapes.
+            name, address = printable(node.name, _NAME_CHARS), printable(node.address, 64)
+            models = printable(",".join(node.models), 80)
             print(
-                f"{node.name:<16} {state:<8} {node.address:<22} "
-                f"{','.join(node.models):<18} {load:>7} {speed:>7} {node.source}"
+                f"{name:<16} {state:<8} {address:<22} "
+                f"{models:<18} {load:>7} {speed:>7} {printable(node.source, 16)}"
             )
         if any(node.cooling_down for node in nodes):
             print("* cooling down after repeated failures")

@@ -35,6 +35,7 @@ from mesh.coordinator.settings import DispatcherSettings
 from mesh.coordinator.tasks import AttemptOutcome, LedgerEntry, TaskResult, TaskSpec
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError, UnavailableError
 from mesh.core.ids import NodeId
+from mesh.core.untrusted import quoted
 from mesh.nodes_view import NodeView
 from mesh.routing import TaskShape
 
@@ -95,7 +96,9 @@ class AgentRun:
         reasons = [choice.reason] if choice.reason else []
         if level and not self._tier_served(model):
             if choice.reason == "requested":
-                raise NotFoundError(f"no ready node runs agent {self.agent!r} on tier {model!r}")
+                raise NotFoundError(
+                    f"no ready node runs agent {quoted(self.agent)} on tier {quoted(model)}"
+                )
             reasons, level, model = [], 0, self.policy.tiers[0]  # unsure, but nothing higher
         kept: list[node_pb2.AgentStep] = []
         answered: tuple[node_pb2.AgentResult, NodeView, int] | None = None  # last that answered
@@ -167,7 +170,7 @@ class AgentRun:
                 continue
             if not pool.serves_ready(TaskShape(agent=reply.label)):
                 raise NotFoundError(
-                    f"the intent router chose agent {reply.label!r} "
+                    f"the intent router chose agent {quoted(reply.label)} "
                     f"(confidence {reply.confidence:.2f}), which no ready node offers"
                 )
             self.agent = reply.label

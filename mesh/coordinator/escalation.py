@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
+from mesh.core.agent_limits import escalation_max_steps
 from mesh.core.errors import InvalidRequestError
 from mesh.core.model import FrozenModel
+from mesh.core.untrusted import quoted
 
 if TYPE_CHECKING:
     from edgemesh.v1 import node_pb2
@@ -77,7 +79,7 @@ def first_tier(
     if requested:
         if requested not in tiers:
             raise InvalidRequestError(
-                f"tier {requested!r} is not one of this mesh's tiers: {', '.join(tiers)}"
+                f"tier {quoted(requested)} is not one of this mesh's tiers: {', '.join(tiers)}"
             )
         level = tiers.index(requested)
         return TierChoice(level, requested, "requested" if level else "")
@@ -149,7 +151,7 @@ def steps_to_keep(steps: Sequence[node_pb2.AgentStep]) -> list[node_pb2.AgentSte
 def escalated_max_steps(kept: Sequence[node_pb2.AgentStep], finish_reason: str) -> int:
     """AgentRequest.max_steps for the next tier: 0 (the agent's own limit), except after
     "max_steps", where the replayed steps alone would use the whole limit: room for one more
-    tool call and the answer (the node caps it at 16)."""
+    tool call and the answer, never above 16: what nodes accept (mesh.core.agent_limits)."""
     if finish_reason == "max_steps":
-        return min(16, len(kept) + 2)
+        return escalation_max_steps(len(kept))  # what nodes accept (mesh.core.agent_limits)
     return 0

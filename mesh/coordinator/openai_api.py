@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from mesh.coordinator.agent_run import AgentItem
 from mesh.coordinator.dispatch import Dispatcher
@@ -29,6 +29,7 @@ from mesh.coordinator.tasks import (
     check_max_tokens,
 )
 from mesh.core.errors import InvalidRequestError, MeshError
+from mesh.core.untrusted import printable, quoted
 
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": (400, "invalid_request_error"),
@@ -54,6 +55,12 @@ class _Message(BaseModel):
         return self.content or ""
 
 
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False  # JSON true/false only: "no" is not true
+
+
 class ChatCompletionRequest(BaseModel):
     """The fields of OpenAI's request the mesh uses; other fields are accepted and ignored."""
 
@@ -61,7 +68,7 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[_Message]
-    stream: bool = False
+    stream: StrictBool = False
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
@@ -69,8 +76,15 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
-    stream_options: dict[str, Any] | None = None
+    stream_options: _StreamOptions | None = None
     user: str | None = None
+
+
+def _first_error(error: ValidationError) -> str:
+    """`stream_options.include_usage: Input should be a valid boolean`: where, then what."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{printable(where, 80)}: {first['msg']}" if where else first["msg"]
 
 
 def error_body(error: MeshError) -> tuple[int, dict[str, Any]]:
@@ -99,7 +113,9 @@ def task_from_chat(body: ChatCompletionRequest, headers: Any) -> TaskSpec:
     try:
         deadline_s = float(deadline) if deadline else None
     except ValueError:
-        raise InvalidRequestError(f"X-Mesh-Deadline-S must be seconds, got {deadline!r}") from None
+        raise InvalidRequestError(
+            f"X-Mesh-Deadline-S must be seconds, got {quoted(deadline)}"
+        ) from None
     check_deadline_s(deadline_s, "X-Mesh-Deadline-S")
     max_tokens, name = body.max_completion_tokens, "max_completion_tokens"
     if max_tokens is None:
@@ -257,12 +273,12 @@ def build_openai_app(
             body = ChatCompletionRequest.model_validate(raw)
             task = task_from_chat(body, request.headers)
         except (ValueError, ValidationError) as error:  # JSONDecodeError is a ValueError
-            message = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
+            message = _first_error(error) if isinstance(error, ValidationError) else str(error)
             return error_response(InvalidRequestError(f"invalid request body: {message}"))
         except MeshError as error:
             return error_response(error)
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
             items = coalesce(dispatcher.stream(task), stream_window_s)
             try:  # an error before the first token is an HTTP error, not an event
                 first = await anext(items)

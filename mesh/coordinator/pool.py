@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -29,6 +29,7 @@ from mesh.coordinator.intent import ClassifierIndex
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.core.errors import MeshError, NotFoundError, OverloadedError, UnavailableError
 from mesh.core.ids import NodeId
+from mesh.core.untrusted import printable, quoted
 from mesh.nodes_view import NodeState, NodeView
 from mesh.routing import (
     CooldownTracker,
@@ -43,6 +44,8 @@ from mesh.routing import (
 )
 
 _POLL_S = 0.1  # re-check while waiting for capacity or a node (cool-downs end silently)
+_MAX_NAMED = 4  # nodes or labels an error message names
+_LABEL_CHARS = 32
 
 
 class NodeLink(Protocol):
@@ -124,10 +127,20 @@ def _share(view: NodeView, share: int) -> NodeView:
 
 def describe_shape(shape: TaskShape) -> str:
     """What a task asks for, as an error message names it."""
-    what = repr(shape.model) if shape.model else "the default model"
+    what = quoted(shape.model) if shape.model else "the default model"
     if shape.agent:
-        what = f"agent {shape.agent!r}" + (f" on model {shape.model!r}" if shape.model else "")
+        what = f"agent {quoted(shape.agent)}" + (
+            f" on model {quoted(shape.model)}" if shape.model else ""
+        )
     return what
+
+
+def describe_labels(labels: Mapping[str, str], only: Collection[str] | None = None) -> str:
+    """`site='shop', zone='a'`: caller-chosen text, each key and value cut short; `only` keeps
+    the keys a task asks for."""
+    items = [(k, v) for k, v in sorted(labels.items()) if only is None or k in only]
+    shown = [f"{printable(k, _LABEL_CHARS)}={quoted(v, _LABEL_CHARS)}" for k, v in items]
+    return ", ".join(shown[:_MAX_NAMED]) + (" ..." if len(shown) > _MAX_NAMED else "")
 
 
 class NodePool:
@@ -316,7 +329,14 @@ class NodePool:
     def _no_node(self, shape: TaskShape, reason: NoNodeReason) -> NoNodeError:
         what = describe_shape(shape)
         if reason is NoNodeReason.NONE:
-            if shape.agent:
+            excluded = self._excluded_by_labels(shape)
+            if excluded:
+                subject = what if shape.agent else f"model {what}"
+                message = (
+                    f"no node with labels {describe_labels(shape.labels)} serves {subject}; "
+                    f"the labels excluded {excluded}"
+                )
+            elif shape.agent:
                 known = ", ".join(self.agents()) or "none"
                 message = f"no node runs {what}; agents offered: {known}"
             else:
@@ -344,6 +364,22 @@ class NodePool:
             return NoNodeError(message, reason=reason, public=OverloadedError)
         message = f"no ready node serves {what} ({reason.value}); check `mesh nodes`"
         return NoNodeError(message, reason=reason, public=UnavailableError)
+
+    def _excluded_by_labels(self, shape: TaskShape) -> str:
+        """The ready nodes that serve `shape` but lack its labels, with the labels they have
+        ("" when the labels exclude none, or the task asks for none)."""
+        if not shape.labels:
+            return ""
+        unlabelled = TaskShape(model=shape.model, agent=shape.agent)
+        views = [view for view in self._ready() if serves(view, unlabelled)]
+        if not views:
+            return ""
+        shown = [
+            f"{quoted(view.name)} ({describe_labels(view.labels, shape.labels) or 'none of them'})"
+            for view in views[:_MAX_NAMED]
+        ]
+        more = f" and {len(views) - _MAX_NAMED} more" if len(views) > _MAX_NAMED else ""
+        return f"{len(views)} ready node(s) serving it: {', '.join(shown)}{more}"
 
     async def close(self) -> None:
         links = [link for _address, link in self._links.values()]

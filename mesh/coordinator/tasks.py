@@ -7,6 +7,7 @@ request, and the hot path has a budget of about a millisecond.
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import time
 from collections import OrderedDict
@@ -18,6 +19,7 @@ from edgemesh.v1 import node_pb2
 from mesh.core.attempts import AttemptOutcome, AttemptRecord  # in the core: errors carry them
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError
 from mesh.core.ids import NodeId, TaskId, new_task_id
+from mesh.core.untrusted import check_seed, quoted
 
 MAX_DEADLINE_S = 86_400.0  # the longest deadline a task may ask for (a day)
 
@@ -43,6 +45,18 @@ def check_max_tokens(max_tokens: int | None, name: str = "max_tokens") -> None:
     """InvalidRequestError unless `max_tokens` is None (the node's default) or at least 1."""
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequestError(f"{name} must be at least 1, got {max_tokens}")
+
+
+def detached(error: MeshError) -> MeshError:
+    """`error` without its traceback, for keeping: the frames it holds (the task's request
+    among them: a 10 KB model name, kept ~5 times over) would stay alive as long as the ledger
+    keeps the task. The caller still gets the original, traceback and all."""
+    try:
+        clone = copy.copy(error)  # the class, message and fields; no __traceback__
+    except TypeError:  # a subclass whose constructor takes more than the message
+        return error
+    clone.__cause__ = clone.__context__ = None
+    return clone
 
 
 class TaskState(StrEnum):
@@ -197,6 +211,7 @@ class TaskLedger:
         """Callers waiting on the task get `error`. A repeat of its key runs it again, unless
         the error is the caller's (`caller_error`): overloaded, unavailable or out of time now
         says nothing about later."""
+        error = detached(error)
         entry.state, entry.error, entry.attempts = TaskState.FAILED, error, attempts
         if not entry.future.done():
             entry.future.set_exception(error)
@@ -236,7 +251,7 @@ class TaskLedger:
         entry = self._entries.get(TaskId(task_id))
         if entry is None:
             raise NotFoundError(
-                f"task {task_id!r} is not known here: it never ran, was forgotten (the ledger keeps "
+                f"task {quoted(task_id)} is not known here: it never ran, was forgotten (the ledger keeps "
                 f"the last {self.max_finished} tasks), or ran on another dispatcher replica "
                 "that has not published it yet"
             )
@@ -294,6 +309,7 @@ def build_task(
     if top_p is not None:
         sampling.top_p = top_p
     if seed is not None:
+        check_seed(seed)  # never protobuf's bare "Value out of range"
         sampling.seed = seed
     request = node_pb2.GenerateRequest(
         model=model or "",

@@ -4,6 +4,7 @@
 Nothing here imports Ray, zeroconf or a model runtime.
 
     errors       the one exception hierarchy
+    agent_limits agent tasks' step limits: what a node accepts, what escalation asks for
     attempts     what one attempt at a task did (errors of failed tasks carry them)
     grpc_status  exceptions <-> gRPC status (`google.rpc.Status` with an `ErrorDetail`): one
                  abort helper for servers, one reader for clients
@@ -11,5 +12,6 @@ Nothing here imports Ray, zeroconf or a model runtime.
     ids          distinct id types and their constructors
     model        the frozen base model of every config and record
     records      the mDNS TXT record schema
+    untrusted    caller and peer text: quoted short in errors, escaped for a terminal; seeds
     version      the package and protocol versions
 """

@@ -42,6 +42,7 @@ _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _ITEM_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,99}$")
 _SMALL_INT_PATTERN = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() takes "²"
 _REQUIRED_KEYS = ("v", "id", "n", "c", "p", "inc")
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # "this host on this network": never a peer
 
 
 class MalformedRecordError(MeshError):
@@ -232,8 +233,9 @@ def _decode(properties: Mapping[bytes, bytes | None]) -> dict[str, str]:
         except (UnicodeDecodeError, AttributeError):
             # AttributeError: a key or value that is not bytes at all.
             raise MalformedRecordError(f"TXT key {key!r} is not valid ASCII/UTF-8") from None
-        if any(ord(ch) < 32 for ch in txt[name]):
-            raise MalformedRecordError(f"TXT value of {name!r} has control characters")
+        if not txt[name].isprintable():  # control, bidi, zero-width, separators: a name
+            # that rewrites the terminal or reorders a table when printed
+            raise MalformedRecordError(f"TXT value of {name[:16]!r} has unprintable characters")
     return txt
 
 
@@ -267,15 +269,35 @@ def _parse_list(txt: Mapping[str, str], key: str) -> tuple[str, ...]:
 
 
 def _order_addresses(addresses: Sequence[str]) -> tuple[str, ...]:
-    """Valid IP addresses, IPv4 first, link-local and unspecified ones dropped."""
+    """Valid IP addresses, IPv4 first; link-local, multicast, unspecified ("this network",
+    0.0.0.0/8) and reserved (240.0.0.0/4, broadcast) ones dropped; IPv4-mapped IPv6 addresses
+    (::ffff:a.b.c.d) read as the IPv4 address they carry."""
     parsed = []
     for text in addresses:
-        try:
-            address = ipaddress.ip_address(text.split("%")[0])
-        except ValueError:
+        address = _parse_address(text)
+        if address is None:
             continue
         if address.is_unspecified or address.is_link_local or address.is_multicast:
             continue
-        parsed.append(address)
+        if address.version == 4 and (address in _THIS_NETWORK or address.is_reserved):
+            continue
+        if address not in parsed:
+            parsed.append(address)
     parsed.sort(key=lambda a: (a.version, a.is_loopback))
     return tuple(str(a) for a in parsed)
+
+
+def is_loopback_address(text: str) -> bool:
+    """Whether `text` is a loopback address (127.0.0.0/8, ::1, or one of them IPv4-mapped)."""
+    address = _parse_address(text)
+    return address is not None and address.is_loopback
+
+
+def _parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

@@ -4,7 +4,11 @@
         async for event in browser.events():
             print(event.kind, event.record)
 
-Malformed or hostile records are logged once per service name and otherwise ignored.
+Malformed or hostile records are logged once per service name and otherwise ignored. So are
+records that point at a loopback address (127.0.0.1, ::1): no other host can reach a node there,
+and a rogue record could aim the coordinator at a service on its own machine. A browser that
+itself listens on a loopback interface (a one-machine lab: `--interface 127.0.0.1`) accepts
+them; static node addresses (`--node 127.0.0.1:50051`) never pass through here.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from mesh.core.errors import ConfigError
 from mesh.core.model import FrozenModel
-from mesh.core.records import SERVICE_TYPE, MalformedRecordError, NodeRecord
+from mesh.core.records import (
+    SERVICE_TYPE,
+    MalformedRecordError,
+    NodeRecord,
+    is_loopback_address,
+)
 
 logger = logging.getLogger("mesh.discovery")
 
@@ -52,8 +61,15 @@ class MdnsBrowser:
         service_type: str = SERVICE_TYPE,
         resolve_timeout_s: float = 3.0,
         zeroconf: AsyncZeroconf | None = None,
+        accept_loopback: bool | None = None,
     ) -> None:
         self.interface_ip = interface_ip
+        # None: only when listening on a loopback interface ourselves.
+        self.accept_loopback = (
+            accept_loopback
+            if accept_loopback is not None
+            else bool(interface_ip) and is_loopback_address(interface_ip or "")
+        )
         self.service_type = service_type
         self.resolve_timeout_s = resolve_timeout_s
         self._given_zeroconf = zeroconf
@@ -167,6 +183,7 @@ class MdnsBrowser:
             record = NodeRecord.from_txt(properties, addresses=addresses, port=port)
             if not record.addresses:
                 raise MalformedRecordError("no usable address")
+            record = self._without_loopback(record)
         except (MalformedRecordError, ValueError, TypeError) as error:
             # Peer data: a parser gap (ValueError/TypeError) must not become a traceback on
             # every re-announce, nor keep a node whose record turned bad.
@@ -180,6 +197,17 @@ class MdnsBrowser:
         self._known.add(name)
         self._warned.discard(name)
         self._queue.put_nowait(DiscoveryEvent(kind=kind, name=name, record=record))
+
+    def _without_loopback(self, record: NodeRecord) -> NodeRecord:
+        if self.accept_loopback:
+            return record
+        kept = tuple(a for a in record.addresses if not is_loopback_address(a))
+        if not kept:
+            raise MalformedRecordError(
+                f"it advertises only loopback addresses ({', '.join(record.addresses)}), "
+                "which other hosts cannot reach"
+            )
+        return record if kept == record.addresses else record.model_copy(update={"addresses": kept})
 
     def _warn_once(self, name: str, why: str) -> None:
         if name in self._warned:

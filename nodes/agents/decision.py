@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.core.untrusted import quoted
 from nodes.tools import Tool, validate
 
 FINAL_KEY = "final"
@@ -111,7 +112,7 @@ def parse_decision(
         tool = offered.get(name) if isinstance(name, str) else None
         if tool is None:
             choices = ", ".join(offered) or "none (give the final answer)"
-            raise DecisionError(f"{name!r} is not a tool you can call now; tools: {choices}")
+            raise DecisionError(f"{quoted(name)} is not a tool you can call now; tools: {choices}")
         extra = set(value) - {"tool", "arguments"}
         if extra:
             raise DecisionError(f"unexpected key(s) {', '.join(sorted(extra))} next to 'tool'")
@@ -125,7 +126,7 @@ def parse_decision(
             raise DecisionError(f"call one of the tools first: {', '.join(offered)}")
         schema = output_schema or {"type": "string"}
         errors = validate(value[FINAL_KEY], schema, FINAL_KEY) + [
-            f"unexpected key {k!r}" for k in value if k != FINAL_KEY
+            f"unexpected key {quoted(k)}" for k in value if k != FINAL_KEY
         ]
         if errors:
             raise DecisionError(f"invalid final answer: {'; '.join(errors)}")

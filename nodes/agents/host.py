@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 from edgemesh.v1 import node_pb2
 from mesh.core.errors import ConfigError, InvalidRequestError, NotFoundError
 from mesh.core.ids import new_task_id
+from mesh.core.untrusted import quoted
 from nodes.agents.demo import DEMO_AGENTS
 from nodes.agents.records import (
     AgentEventData,
@@ -166,14 +167,24 @@ class AgentHost:
         spec = self.agents.get(name)
         if spec is None:
             known = ", ".join(sorted(self.agents)) or "none"
-            raise NotFoundError(f"agent {name!r} is not offered by this node; it offers: {known}")
+            raise NotFoundError(
+                f"agent {quoted(name)} is not offered by this node; it offers: {known}"
+            )
         return spec
+
+    def check(self, request: node_pb2.AgentRequest) -> tuple[AgentSpec, AgentTask]:
+        """The agent and task of a RunAgent request, checked (replayed steps and step limit
+        included: nodes/agents/replay.py) before it waits for a slot; MeshError if it cannot
+        run as asked."""
+        spec = self.get(request.agent)
+        task = task_from_request(request, self.max_input_bytes)
+        self.runtime.check(spec, task)
+        return spec, task
 
     async def run(self, request: node_pb2.AgentRequest) -> AsyncIterator[node_pb2.AgentEvent]:
         """The RunAgent RPC: AgentEvents for each new step, the answer text, then the result."""
-        spec = self.get(request.agent)
+        spec, task = self.check(request)
         await self.open()
-        task = task_from_request(request, self.max_input_bytes)
         async for event in self.runtime.run(spec, task):
             yield event_to_proto(event)
 
@@ -203,13 +214,15 @@ def task_from_request(request: node_pb2.AgentRequest, max_input_bytes: int) -> A
         history=tuple(Message(m.role, m.content) for m in request.history),
         completed_steps=tuple(step_from_proto(s) for s in request.completed_steps),
         model=request.model,
-        max_steps=min(request.max_steps, 16),
+        max_steps=request.max_steps,  # checked against the agent's limit by the runtime
     )
 
 
 def step_from_proto(step: node_pb2.AgentStep) -> StepRecord:
     if step.kind not in ("tool_call", "final", "invalid"):
-        raise InvalidRequestError(f"completed step {step.index} has unknown kind {step.kind!r}")
+        raise InvalidRequestError(
+            f"completed step {step.index} has unknown kind {quoted(step.kind)}"
+        )
     if step.kind == "tool_call":
         try:
             json.loads(step.call.arguments_json or "{}")

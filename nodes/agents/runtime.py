@@ -9,10 +9,10 @@ escalate. The last allowed step may only answer, so a task ends with an answer
 unless the model cannot produce valid JSON at all.
 
 Steps completed elsewhere (`AgentTask.completed_steps`, after a failover) go back
-into the conversation as they were: their tools are never run again. Within a
-task, a non-idempotent tool called again with the same arguments returns the
-first result instead of acting twice, and its idempotency key (task id and step
-index) lets the tool itself refuse a duplicate.
+into the conversation as they were, once checked (`replay.py`: a caller may forge
+them): their tools are never run again. Within a task, a non-idempotent tool called
+again with the same arguments returns the first result instead of acting twice, and
+its idempotency key (task id and step index) lets the tool itself refuse a duplicate.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from mesh.core.errors import InvalidRequestError, NotFoundError, NotReadyError
+from mesh.core.errors import NotFoundError, NotReadyError
+from mesh.core.untrusted import quoted
 from nodes.agents.decision import (
     Decision,
     DecisionError,
@@ -35,7 +36,7 @@ from nodes.agents.decision import (
     parse_decision,
     select_tools,
 )
-from nodes.agents.prompts import repair_messages, step_messages
+from nodes.agents.prompts import clip, repair_messages, step_messages
 from nodes.agents.records import (
     AgentEventData,
     AgentOutcome,
@@ -45,6 +46,13 @@ from nodes.agents.records import (
     OutcomeEvent,
     StepEvent,
     StepRecord,
+)
+from nodes.agents.replay import (
+    bounded_result,
+    check_max_steps,
+    check_replay,
+    clip_error,
+    step_text_bytes,
 )
 from nodes.agents.spec import AgentSpec
 from nodes.backends import Backend, Completion, GenerationInput, Message, ModelStatus
@@ -72,26 +80,6 @@ class _Attempts:
     error: str
     prompt_tokens: int
     completion_tokens: int
-
-
-def check_replay(steps: Sequence[StepRecord], spec: AgentSpec) -> list[StepRecord]:
-    """Steps completed elsewhere, checked and marked as replayed; InvalidRequestError if inconsistent."""
-    checked = []
-    for position, step in enumerate(steps):
-        if step.index != position:
-            raise InvalidRequestError(
-                f"completed_steps[{position}] has index {step.index}; steps must be numbered "
-                "0, 1, 2, ... in order"
-            )
-        if step.kind == "tool_call" and step.tool not in spec.tools:
-            raise InvalidRequestError(
-                f"completed_steps[{position}] calls {step.tool!r}, which agent {spec.name} "
-                "does not have"
-            )
-        if step.kind == "final" and position != len(steps) - 1:
-            raise InvalidRequestError(f"completed_steps[{position}] is final but is not the last")
-        checked.append(step.model_copy(update={"replayed": True}))
-    return checked
 
 
 def offered_tools(
@@ -131,22 +119,28 @@ class AgentRuntime:
         backend = self.backends.get(model_id)
         if backend is None:
             raise NotFoundError(
-                f"agent {spec.name} needs model {model_id!r}, which this node "
+                f"agent {spec.name} needs model {quoted(model_id)}, which this node "
                 f"does not serve; it serves: {', '.join(sorted(self.backends))}"
             )
         if backend.status is not ModelStatus.READY:
             raise NotReadyError(f"model {model_id!r} is {backend.status.value}; retry when ready")
         return backend
 
+    def check(self, spec: AgentSpec, task: AgentTask) -> tuple[Backend, int, list[StepRecord]]:
+        """(the backend, the step limit, the replayed steps) of `task`; InvalidRequestError,
+        NotFoundError or NotReadyError before any work when the task cannot run as asked."""
+        steps = check_replay(task.completed_steps, spec, self.registry)
+        max_steps = check_max_steps(spec, task.max_steps, len(steps))
+        return self.backend_for(spec, task.model), max_steps, steps
+
     async def run(self, spec: AgentSpec, task: AgentTask) -> AsyncIterator[AgentEventData]:
         """Run `task`; yields a StepEvent per new step, the answer text, then the outcome."""
         began = self._clock()
-        backend = self.backend_for(spec, task.model)
+        backend, max_steps, steps = self.check(spec, task)
         model_id = backend.descriptor.model_id
         tools = [self.registry.get(name) for name in spec.tools]
         relevant = select_tools(task.input, tools, spec.offered_tools)
-        max_steps = task.max_steps or spec.max_steps
-        steps = check_replay(task.completed_steps, spec)
+        text_bytes = step_text_bytes(spec)  # what a replay of these steps may carry
         prompt_tokens = completion_tokens = 0
 
         def outcome(answer: str, reason: FinishReason) -> OutcomeEvent:
@@ -186,8 +180,8 @@ class AgentRuntime:
                 steps.append(
                     StepRecord(
                         kind="invalid",
-                        result_json=json.dumps({"reply": attempt.reply}),
-                        error=attempt.error,
+                        result_json=json.dumps({"reply": clip(attempt.reply, text_bytes // 16)}),
+                        error=clip_error(attempt.error),
                         duration_ms=(self._clock() - step_began) * 1000,
                         **common,
                     )
@@ -214,9 +208,9 @@ class AgentRuntime:
                     kind="tool_call",
                     tool=decision.tool,
                     arguments_json=json.dumps(decision.arguments),
-                    result_json=result_json,
+                    result_json=bounded_result(result_json, text_bytes),
                     idempotent=idempotent,
-                    error=error,
+                    error=clip_error(error),
                     duration_ms=(self._clock() - step_began) * 1000,
                     **common,
                 )

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from mesh.core.agent_limits import MAX_AGENT_STEPS
 from mesh.core.model import FrozenModel
 from nodes.tools import Tool, ToolRegistry
 
@@ -27,7 +28,7 @@ class AgentSpec(FrozenModel):
     model: str = ""
     system_prompt: Annotated[str, Field(min_length=1)] = "You are a helpful assistant."
     tools: tuple[str, ...] = ()
-    max_steps: Annotated[int, Field(ge=1, le=16)] = 4
+    max_steps: Annotated[int, Field(ge=1, le=MAX_AGENT_STEPS)] = 4
     # The answer's JSON schema; None: the answer is free text.
     output_schema: dict[str, Any] | None = None
     # How many tools the model is offered for a request, the most relevant first

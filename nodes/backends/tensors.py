@@ -13,6 +13,7 @@ import numpy as np
 
 from edgemesh.v1 import node_pb2
 from mesh.core.errors import InvalidRequestError
+from mesh.core.untrusted import quoted
 
 # Wire dtype names (numpy's) by ONNX Runtime type string.
 ONNX_TYPES: dict[str, str] = {
@@ -72,34 +73,38 @@ def tensor_to_array(name: str, tensor: node_pb2.Tensor) -> np.ndarray:
     """The numpy array a wire tensor describes; InvalidRequestError says what is wrong with it."""
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
-        raise InvalidRequestError(f"input {name!r}: shape {list(shape)} has a negative dimension")
+        raise InvalidRequestError(
+            f"input {quoted(name)}: shape {list(shape)} has a negative dimension"
+        )
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if count > MAX_TENSOR_ELEMENTS:
         raise InvalidRequestError(
-            f"input {name!r}: {count} elements is over the limit of {MAX_TENSOR_ELEMENTS}"
+            f"input {quoted(name)}: {count} elements is over the limit of {MAX_TENSOR_ELEMENTS}"
         )
     if tensor.dtype == "string":
         if tensor.raw:
             raise InvalidRequestError(
-                f"input {name!r}: a string tensor carries `strings`, not `raw`"
+                f"input {quoted(name)}: a string tensor carries `strings`, not `raw`"
             )
         if len(tensor.strings) != count:
             raise InvalidRequestError(
-                f"input {name!r}: shape {list(shape)} needs {count} strings, "
+                f"input {quoted(name)}: shape {list(shape)} needs {count} strings, "
                 f"got {len(tensor.strings)}"
             )
         return np.array(list(tensor.strings), dtype=object).reshape(shape)
     if tensor.dtype not in NUMERIC_DTYPES:
         known = ", ".join(sorted(NUMERIC_DTYPES | {"string"}))
-        raise InvalidRequestError(f"input {name!r}: dtype {tensor.dtype!r} is not one of {known}")
+        raise InvalidRequestError(
+            f"input {quoted(name)}: dtype {quoted(tensor.dtype)} is not one of {known}"
+        )
     if tensor.strings:
         raise InvalidRequestError(
-            f"input {name!r}: a {tensor.dtype} tensor carries `raw`, not `strings`"
+            f"input {quoted(name)}: a {tensor.dtype} tensor carries `raw`, not `strings`"
         )
     dtype = np.dtype(tensor.dtype).newbyteorder("<")
     if len(tensor.raw) != count * dtype.itemsize:
         raise InvalidRequestError(
-            f"input {name!r}: shape {list(shape)} of {tensor.dtype} needs "
+            f"input {quoted(name)}: shape {list(shape)} of {tensor.dtype} needs "
             f"{count * dtype.itemsize} bytes, got {len(tensor.raw)}"
         )
     # Native byte order for ONNX Runtime; a copy, so the array owns writable memory.
@@ -137,7 +142,7 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) 
     unknown = sorted(set(arrays) - set(by_name))
     if unknown:
         raise InvalidRequestError(
-            f"unknown input(s) {', '.join(unknown)}; the model takes {', '.join(by_name)}"
+            f"unknown input(s) {', '.join(quoted(n) for n in unknown[:8])}; the model takes {', '.join(by_name)}"
         )
     missing = [n for n in by_name if n not in arrays]
     if missing:
@@ -146,16 +151,16 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) 
         spec = by_name[name]
         got = "string" if array.dtype == object else array.dtype.name
         if got != spec.dtype:
-            raise InvalidRequestError(f"input {name!r} must be {spec.dtype}, got {got}")
+            raise InvalidRequestError(f"input {quoted(name)} must be {spec.dtype}, got {got}")
         if spec.shape and len(spec.shape) != array.ndim:
             raise InvalidRequestError(
-                f"input {name!r} must have {len(spec.shape)} dimensions "
+                f"input {quoted(name)} must have {len(spec.shape)} dimensions "
                 f"(shape {list(spec.shape)}), got {list(array.shape)}"
             )
         for axis, (want, have) in enumerate(zip(spec.shape, array.shape, strict=False)):
             if want >= 0 and want != have:
                 raise InvalidRequestError(
-                    f"input {name!r}: dimension {axis} must be {want}, "
+                    f"input {quoted(name)}: dimension {axis} must be {want}, "
                     f"got {have} (shape {list(array.shape)})"
                 )
 
@@ -166,6 +171,6 @@ def check_output_names(specs: Sequence[TensorSpec], wanted: Sequence[str]) -> li
     unknown = [w for w in wanted if w not in names]
     if unknown:
         raise InvalidRequestError(
-            f"unknown output(s) {', '.join(unknown)}; the model gives {', '.join(names)}"
+            f"unknown output(s) {', '.join(quoted(n) for n in unknown[:8])}; the model gives {', '.join(names)}"
         )
     return list(wanted) or names

@@ -14,6 +14,7 @@ from typing import Any, get_type_hints
 
 from mesh.core.errors import ConfigError, NotFoundError
 from mesh.core.model import FrozenModel
+from mesh.core.untrusted import quoted
 from nodes.tools._schema import SchemaError, parameters_schema
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,9 @@ class ToolRegistry:
             return self._tools[name]
         except KeyError:
             known = ", ".join(sorted(self._tools)) or "none"
-            raise NotFoundError(f"no tool named {name!r} on this node; tools: {known}") from None
+            raise NotFoundError(
+                f"no tool named {quoted(name)} on this node; tools: {known}"
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._tools

@@ -16,6 +16,8 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args, get_origin
 
+from mesh.core.untrusted import quoted
+
 _SCALARS: dict[type, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
 _ARGS_HEADERS = ("args:", "arguments:", "parameters:", "params:")
 _SECTION_HEADER = re.compile(r"^(returns?|raises|yields|examples?|notes?|see also):\s*$", re.I)
@@ -183,7 +185,7 @@ def validate(value: Any, schema: Mapping[str, Any], path: str = "$") -> list[str
         return [f"{path}: must be {schema['const']!r}"]
     if "enum" in schema and value not in schema["enum"]:
         allowed = ", ".join(repr(v) for v in schema["enum"])
-        return [f"{path}: {value!r} is not one of {allowed}"]
+        return [f"{path}: {quoted(value)} is not one of {allowed}"]
     kind = schema.get("type")
     if kind is not None:
         kinds = [kind] if isinstance(kind, str) else list(kind)
@@ -226,5 +228,5 @@ def _object_errors(value: dict[str, Any], schema: Mapping[str, Any], path: str) 
         if name in properties:
             errors += validate(item, properties[name], f"{path}.{name}")
         elif schema.get("additionalProperties", True) is False:
-            errors.append(f"{path}: unexpected property {name!r}")
+            errors.append(f"{path}: unexpected property {quoted(name)}")
     return errors

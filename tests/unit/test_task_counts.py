@@ -238,6 +238,9 @@ def test_run_agent_counts_a_run_started_and_completed(tmp_path):
     servicer, counts = make_servicer(tmp_path)
 
     class Host:  # what the servicer uses of AgentHost: a step, then the result
+        def check(self, request):
+            pass  # a well-formed request
+
         async def run(self, request):
             yield node_pb2.AgentEvent(step=node_pb2.AgentStep(index=0, kind="final"))
             assert counts.get("t").agent_runs_completed == 0
