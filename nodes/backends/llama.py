@@ -4,8 +4,10 @@ A llama.cpp context is not safe for concurrent calls, so each instance has one
 worker thread and requests for it are serialised; `instances` > 1 loads more
 contexts over the same (memory-mapped) weights. Tokens travel from the worker
 thread to the event loop through `call_soon_threadsafe`; closing the async
-iterator sets a flag the worker checks after every token, so a cancelled or
-timed-out request stops producing tokens at once and frees its instance.
+iterator sets a flag the worker checks after every token, and llama.cpp checks
+while it evaluates the prompt (`llama_interrupt`), so a cancelled or timed-out
+request stops at once and frees its instance. What a request may cost before
+that is bounded: the rendered prompt's size is checked before tokenizing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from mesh.core.errors import InvalidRequestError, ModelLoadError
 from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
+from nodes.backends.llama_interrupt import interruptible
 from nodes.model_files import resolve_gguf
 
 logger = logging.getLogger(__name__)
@@ -52,8 +55,10 @@ class LlamaBackend:
         system_prompt: str | None = None,
         kv_cache: str = "q8_0",
         stream_interval_s: float = 0.0,
+        max_rendered_bytes: int | None = None,
     ) -> None:
         self._stream_interval_s = stream_interval_s
+        self._max_rendered_bytes = max_rendered_bytes  # None: unbounded
         self._kv_cache = kv_cache
         self._system_prompt = system_prompt
         self._source = source
@@ -163,6 +168,15 @@ class LlamaBackend:
         stops += [s for s in template_stops if s and s not in stops]
         return response.prompt + request.continuation, stops
 
+    def _check_rendered(self, prompt: str) -> None:
+        limit = self._max_rendered_bytes
+        size = len(prompt.encode("utf-8")) if limit is not None else 0
+        if limit is not None and size > limit:
+            raise InvalidRequestError(
+                f"the rendered prompt is {size} bytes, over this node's limit of {limit}; "
+                "send fewer or shorter messages"
+            )
+
     def _strip_control(self, text: str) -> str:
         for control in self._control_texts:
             if control in text:
@@ -244,6 +258,7 @@ class LlamaBackend:
         self, llama: Any, request: GenerationInput, stop: threading.Event
     ) -> Iterator[Piece]:
         prompt, stops = self.render_prompt(request)
+        self._check_rendered(prompt)  # before tokenizing, whose cost grows faster than its input
         tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         n_ctx = llama.n_ctx()
         if len(tokens) >= n_ctx:
@@ -276,7 +291,9 @@ class LlamaBackend:
         finish = "length"
         pending = ""  # text held back until the healed prefix is matched
         unsent = 0  # tokens sampled since the last piece (some carry no text yet)
-        for chunk in llama.create_completion(tokens, **kwargs):
+        stopping = functools.partial(_should_stop, stop, self._closing)
+        chunks = interruptible(llama, llama.create_completion(tokens, **kwargs), stopping)
+        for chunk in chunks:
             choice = chunk["choices"][0]
             text = choice.get("text") or ""
             if text or not choice.get("finish_reason"):  # one chunk per sampled token
@@ -300,9 +317,16 @@ class LlamaBackend:
             if stop.is_set() or self._closing.is_set():
                 finish = "cancelled"
                 break
+        if stopping():  # also when stopped during the prompt, before any chunk
+            finish = "cancelled"
         completion.finish_reason = finish
         completion.decode_s = last_at - first_at
         yield Piece("", completion, unsent)
+
+
+def _should_stop(stop: threading.Event, closing: threading.Event) -> bool:
+    """Whether a generation must end: its caller went away or timed out, or the node stops."""
+    return stop.is_set() or closing.is_set()
 
 
 @functools.lru_cache(maxsize=64)
