@@ -24,7 +24,7 @@ from typing import Any
 
 from mesh.core.errors import InvalidRequestError, ModelLoadError
 from nodes.backends import Completion, GenerationInput, ModelDescriptor, ModelStatus, Piece
-from nodes.backends.llama_interrupt import interruptible
+from nodes.backends.llama_interrupt import StopFlag, interruptible
 from nodes.model_files import resolve_gguf
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class LlamaBackend:
         self._free: asyncio.Queue[_Instance] | None = None
         self._formatter: Any = None
         self._control_texts: tuple[str, ...] = ()
-        self._closing = threading.Event()  # set by close(): every generation stops
+        self._closing = StopFlag()  # set by close(): every generation stops
 
     # ------------------------------------------------------------------ loading
 
@@ -191,7 +191,7 @@ class LlamaBackend:
         instance = await self._free.get()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
+        stop = StopFlag()
 
         def emit(item: Any) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, item)
@@ -291,9 +291,8 @@ class LlamaBackend:
         finish = "length"
         pending = ""  # text held back until the healed prefix is matched
         unsent = 0  # tokens sampled since the last piece (some carry no text yet)
-        stopping = functools.partial(_should_stop, stop, self._closing)
-        chunks = interruptible(llama, llama.create_completion(tokens, **kwargs), stopping)
-        for chunk in chunks:
+        flags = (stop, self._closing)
+        for chunk in interruptible(llama, llama.create_completion(tokens, **kwargs), flags):
             choice = chunk["choices"][0]
             text = choice.get("text") or ""
             if text or not choice.get("finish_reason"):  # one chunk per sampled token
@@ -317,16 +316,11 @@ class LlamaBackend:
             if stop.is_set() or self._closing.is_set():
                 finish = "cancelled"
                 break
-        if stopping():  # also when stopped during the prompt, before any chunk
+        if stop.is_set() or self._closing.is_set():  # also when stopped during the prompt
             finish = "cancelled"
         completion.finish_reason = finish
         completion.decode_s = last_at - first_at
         yield Piece("", completion, unsent)
-
-
-def _should_stop(stop: threading.Event, closing: threading.Event) -> bool:
-    """Whether a generation must end: its caller went away or timed out, or the node stops."""
-    return stop.is_set() or closing.is_set()
 
 
 @functools.lru_cache(maxsize=64)

@@ -7,8 +7,15 @@ callback between the operations of its compute graph, so while `interruptible` w
 first chunk a set stop flag ends the evaluation within one operation (milliseconds): decode
 returns 2, llama-cpp-python raises RuntimeError, and the stream simply ends. The context keeps
 only the batches it finished, and its next evaluation drops what was left half-done, so the
-instance serves the next request as if nothing happened. The callback is armed only until the
-first chunk: while decoding it would be called some hundreds of times per token.
+instance serves the next request as if nothing happened.
+
+The callback is asked some hundreds of times per batch, from llama.cpp's thread. A Python
+callback would need the GIL each time, and wait for it while the event loop is busy (up to the
+5 ms switch interval, seconds per batch under load), so the callback is native: C's `strlen`
+over a two-byte buffer [flag, NUL], which returns 1 (true: abort) once a `StopFlag` linked to
+it is set and 0 before. Where that cannot be used (another ABI, no C library found, plain
+`threading.Event`s) a Python callback checks the flags instead. Armed only until the first
+chunk: during decoding it would be asked hundreds of times per token for nothing.
 
 Not interruptible: tokenizing and rendering the chat template (one call each; bounded instead
 by the message-count and rendered-size limits checked before them), and evaluation on a backend
@@ -21,16 +28,56 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-from collections.abc import Callable, Iterator
+import platform
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-ShouldStop = Callable[[], bool]
+# ABIs where a `size_t f(const char *)` called as `bool f(void *)` reads the same register
+# for its argument and its result (System V x86-64, AAPCS64).
+_NATIVE_ABIS = frozenset({"x86_64", "amd64", "aarch64", "arm64"})
+
+
+class _AbortByte:
+    """Two bytes [flag, NUL] that llama.cpp reads through `strlen`: 0 until raised, then 1."""
+
+    def __init__(self) -> None:
+        self.buffer = ctypes.create_string_buffer(2)
+
+    def raise_flag(self) -> None:
+        self.buffer[0] = b"\x01"
+
+
+class StopFlag(threading.Event):
+    """A threading.Event that, once set, also raises the abort bytes linked to it, so native
+    code sees it without Python."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._linked: set[_AbortByte] = set()
+
+    def set(self) -> None:
+        super().set()
+        with self._lock:
+            for byte in self._linked:
+                byte.raise_flag()
+
+    def _link(self, byte: _AbortByte) -> None:
+        with self._lock:
+            self._linked.add(byte)
+        if self.is_set():
+            byte.raise_flag()
+
+    def _unlink(self, byte: _AbortByte) -> None:
+        with self._lock:
+            self._linked.discard(byte)
 
 
 @functools.cache
-def _abort_setter() -> tuple[Any, Any] | None:
-    """(`llama_set_abort_callback`, its callback type) from llama-cpp-python's library, or None
-    where this version does not export it (then prompts are not interruptible)."""
+def _abort_api() -> tuple[Any, Any, Any] | None:
+    """(`llama_set_abort_callback`, the callback type, native strlen as one or None) from
+    llama-cpp-python, or None where this version does not export it (no interrupting)."""
     import llama_cpp
 
     library = getattr(llama_cpp.llama_cpp, "_lib", None)
@@ -40,39 +87,57 @@ def _abort_setter() -> tuple[Any, Any] | None:
         return None
     setter.argtypes = [ctypes.c_void_p, callback_type, ctypes.c_void_p]
     setter.restype = None
-    return setter, callback_type
+    native = None
+    if platform.machine().lower() in _NATIVE_ABIS:
+        try:
+            strlen = ctypes.CDLL(None).strlen  # the process's C library
+        except (OSError, AttributeError):  # no C library to be found: Python callback
+            strlen = None
+        if strlen is not None:
+            native = callback_type(ctypes.cast(strlen, ctypes.c_void_p).value)
+    return setter, callback_type, native
 
 
 @contextlib.contextmanager
-def _armed(llama: Any, should_stop: ShouldStop) -> Iterator[None]:
-    """llama.cpp aborts any evaluation of `llama`'s context once `should_stop()` is true."""
-    found = _abort_setter()
+def _armed(llama: Any, flags: Sequence[threading.Event]) -> Iterator[None]:
+    """llama.cpp aborts any evaluation of `llama`'s context once one of `flags` is set."""
+    api = _abort_api()
     context = getattr(getattr(llama, "_ctx", None), "ctx", None)
-    if found is None or context is None:  # an older llama-cpp-python, or a fake in a test
+    if api is None or context is None:  # an older llama-cpp-python, or a fake in a test
         yield
         return
-    setter, callback_type = found
-    callback = callback_type(lambda _data: bool(should_stop()))  # alive while armed
-    setter(context, callback, None)
+    setter, callback_type, native = api
+    byte = _AbortByte()
+    stop_flags = [f for f in flags if isinstance(f, StopFlag)]
+    if native is not None and len(stop_flags) == len(flags):
+        callback, data = native, ctypes.cast(byte.buffer, ctypes.c_void_p)
+    else:  # needs the GIL at each call
+        callback = callback_type(lambda _data: any(f.is_set() for f in flags))
+        data, stop_flags = None, []
+    for flag in stop_flags:
+        flag._link(byte)
+    setter(context, callback, data)
     try:
         yield
     finally:
-        setter(context, callback_type(), None)  # no callback: NULL, llama.cpp's default
+        setter(context, callback_type(), None)  # no callback (NULL): llama.cpp's default
+        for flag in stop_flags:
+            flag._unlink(byte)
 
 
 def interruptible(
-    llama: Any, chunks: Iterator[dict[str, Any]], should_stop: ShouldStop
+    llama: Any, chunks: Iterator[dict[str, Any]], flags: Sequence[threading.Event]
 ) -> Iterator[dict[str, Any]]:
     """`chunks` of `llama.create_completion(..., stream=True)`, with the prompt's evaluation
-    (everything before the first chunk) aborted as soon as `should_stop()` is true; then the
+    (everything before the first chunk) aborted as soon as one of `flags` is set; then the
     stream ends early, without an error."""
-    with _armed(llama, should_stop):
+    with _armed(llama, flags):
         try:
             first = next(chunks)
         except StopIteration:
             return
         except RuntimeError:  # llama_decode returned 2: aborted by the callback
-            if should_stop():
+            if any(flag.is_set() for flag in flags):
                 return
             raise
     yield first

@@ -31,7 +31,7 @@ from mesh.core.grpc_status import from_grpc_error, grpc_status_for
 from nodes.agents.host import MAX_STEP_JSON_DEPTH, task_from_request
 from nodes.backends import GenerationInput, Message
 from nodes.backends.llama import LlamaBackend
-from nodes.backends.llama_interrupt import interruptible
+from nodes.backends.llama_interrupt import StopFlag, interruptible
 from nodes.config import TENSOR_REQUEST_BYTES, NodeConfig
 from nodes.service import to_generation_input
 from tests.coordinator_fakes import Fail, FakeMesh, view
@@ -118,11 +118,13 @@ def test_a_stop_during_the_prompt_ends_the_stream_and_other_failures_still_raise
         raise RuntimeError("llama_decode returned 2")
         yield  # a generator
 
-    assert list(interruptible(object(), aborted(), lambda: True)) == []
+    stopped = StopFlag()
+    stopped.set()
+    assert list(interruptible(object(), aborted(), (threading.Event(), stopped))) == []
     with pytest.raises(RuntimeError, match="returned 2"):
-        list(interruptible(object(), aborted(), lambda: False))
+        list(interruptible(object(), aborted(), (StopFlag(),)))
     chunks = iter([{"n": 1}, {"n": 2}])
-    assert list(interruptible(object(), chunks, lambda: False)) == [{"n": 1}, {"n": 2}]
+    assert list(interruptible(object(), chunks, (StopFlag(),))) == [{"n": 1}, {"n": 2}]
 
 
 # ---------------------------------------------------------------------- item 3: the coordinator
