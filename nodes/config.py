@@ -11,6 +11,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from mesh.core.bounds import (
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_PROMPT_BYTES,
+    receive_limit_bytes,
+    rendered_limit_bytes,
+)
 from mesh.core.errors import ConfigError
 from mesh.core.model import FrozenModel
 from nodes.agents.spec import AgentSpec
@@ -18,6 +24,8 @@ from nodes.router import ROUTER_ALIAS
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 DEFAULT_PORT = 50051
+TENSOR_REQUEST_BYTES = 16 * 1024 * 1024  # receive limit of a node serving ONNX tensor models
+RPC_HEADROOM = 64  # calls beyond admission's: coordinators' health watches, Describe, Classify
 
 
 def _default_threads() -> int:
@@ -129,7 +137,15 @@ class NodeConfig(FrozenModel):
     default_model: str | None = None
     max_concurrent: Annotated[int, Field(ge=1, le=256)] = 1
     max_queued: Annotated[int, Field(ge=0, le=10_000)] = 8
-    max_prompt_bytes: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] = 64 * 1024
+    max_prompt_bytes: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] = DEFAULT_MAX_PROMPT_BYTES
+    # ---- bounded cost (mesh/core/bounds.py): refused before any rendering or tokenizing
+    max_messages: Annotated[int, Field(ge=1, le=100_000)] = DEFAULT_MAX_MESSAGES
+    # The largest gRPC message the server takes (refused unread beyond); None: from the prompt
+    # limits (`receive_limit_bytes`), or 16 MiB when a tensor model (ONNX, not the router) is served
+    max_request_bytes: Annotated[int, Field(ge=4096, le=256 * 1024 * 1024)] | None = None
+    # Calls the server takes at once (more are refused); None: admission's places plus
+    # RPC_HEADROOM (health watches, Describe, Classify).
+    max_concurrent_rpcs: Annotated[int, Field(ge=1, le=100_000)] | None = None
     default_max_tokens: Annotated[int, Field(ge=1)] = 256
     default_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
     # Streamed text is sent at most this often after the first token (0: every token).
@@ -191,6 +207,27 @@ class NodeConfig(FrozenModel):
     @property
     def default_model_id(self) -> str:
         return self.default_model or self.models[0].id
+
+    def receive_limit_bytes(self, *, tensor_models: bool) -> int:
+        """The largest gRPC message the node's server takes: `max_request_bytes`, or from the
+        prompt limits, or TENSOR_REQUEST_BYTES with `tensor_models` (Infer's input tensors)."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        limit = receive_limit_bytes(self.max_prompt_bytes, self.max_messages)
+        return max(limit, TENSOR_REQUEST_BYTES) if tensor_models else limit
+
+    @property
+    def rpc_limit(self) -> int:
+        """The calls the node's server takes at once (`max_concurrent_rpcs`, or derived)."""
+        if self.max_concurrent_rpcs is not None:
+            return self.max_concurrent_rpcs
+        return self.max_concurrent + self.max_queued + RPC_HEADROOM
+
+    def rendered_limit_bytes(self, model: ModelConfig) -> int:
+        """The longest prompt `model`'s chat template may render; checked before tokenizing."""
+        return rendered_limit_bytes(
+            self.max_prompt_bytes, self.max_messages, model.system_prompt or ""
+        )
 
     def resolved_state_dir(self) -> pathlib.Path:
         if self.state_dir:

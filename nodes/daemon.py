@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol, TextIO
 
 import grpc
@@ -35,9 +35,11 @@ from nodes.admission import AdmissionController
 from nodes.backends import Backend
 from nodes.backends.factory import build_backend
 from nodes.backends.llama import LlamaBackend
+from nodes.backends.onnx import BACKEND_NAME as ONNX_BACKEND
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, probe_hardware
 from nodes.model_files import resolve_gguf
+from nodes.router import ROUTER_ALIAS
 from nodes.service import NodeIdentity, NodeServicer
 from nodes.task_counts import JOURNAL_NAME, TaskCounts
 
@@ -103,10 +105,21 @@ def build_backends(config: NodeConfig) -> dict[str, Backend]:
             system_prompt=model.system_prompt,
             kv_cache=model.kv_cache,
             stream_interval_s=config.stream_interval_ms / 1000,
+            max_rendered_bytes=config.rendered_limit_bytes(model),
         )
     if config.router is not None:  # the intent router (ONNX), served like any model
         backends[config.router.id] = build_backend(config.router)
     return backends
+
+
+def serves_tensor_models(backends: Mapping[str, Backend]) -> bool:
+    """Whether a model takes Infer's input tensors, which may be megabytes: an ONNX model other
+    than the bundled intent router (which takes a string)."""
+    router = (f"bundled:{ROUTER_ALIAS}", f"bundled {ROUTER_ALIAS} ")  # before and after load
+    return any(
+        b.descriptor.backend == ONNX_BACKEND and not b.descriptor.source.startswith(router)
+        for b in backends.values()
+    )
 
 
 class NodeDaemon:
@@ -146,7 +159,13 @@ class NodeDaemon:
     async def start(self) -> None:
         """Listen, load models, and turn SERVING. Raises ModelLoadError if a model fails."""
         self.health = health.aio.HealthServicer()
-        self._server = create_server(options=NODE_SERVER_OPTIONS)  # accepts the links' pings
+        self._server = create_server(
+            max_receive_bytes=self.config.receive_limit_bytes(
+                tensor_models=serves_tensor_models(self.backends)
+            ),
+            max_concurrent_rpcs=self.config.rpc_limit,
+            options=NODE_SERVER_OPTIONS,  # accepts the links' pings
+        )
         # The probe (ONNX Runtime providers in a child process) runs while models load.
         probe = asyncio.create_task(asyncio.to_thread(probe_hardware))
         identity = NodeIdentity(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
+from mesh.core.bounds import check_message_count, check_prompt_bytes
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
 from mesh.core.grpc_status import abort_with_error
 from mesh.core.untrusted import quoted
@@ -68,13 +69,10 @@ def to_generation_input(
     if backend.status is not ModelStatus.READY:
         raise NotReadyError(f"model {model_id!r} is {backend.status.value}; retry when it is ready")
 
+    check_message_count(len(request.messages), config.max_messages, "this node's")
     size = len(request.prompt.encode()) + sum(len(m.content.encode()) for m in request.messages)
     size += len(request.continuation.encode())
-    if size > config.max_prompt_bytes:
-        raise InvalidRequestError(
-            f"the prompt is {size} bytes, over this node's limit of {config.max_prompt_bytes}; "
-            "shorten it"
-        )
+    check_prompt_bytes(size, config.max_prompt_bytes, "this node's")
     messages = [Message(m.role, m.content) for m in request.messages]
     for index, message in enumerate(messages):
         if message.role not in ROLES:

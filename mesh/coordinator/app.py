@@ -40,7 +40,9 @@ from mesh.nodes_view import NodeView
 logger = logging.getLogger("mesh.coordinator")
 
 APP_NAME = "mesh"
-MESH_SERVICER = "edgemesh.v1.mesh_pb2_grpc.add_MeshServiceServicer_to_server"
+# MeshService with deserializers that hand a request that does not decode to the ingress, which
+# answers INVALID_ARGUMENT (gRPC's own would answer UNKNOWN): mesh/core/decoding.py.
+MESH_SERVICER = "mesh.core.decoding.add_mesh_service"
 _POLL_WAIT_S = 1.0  # longest a long-poll waits without a change
 _POLL_RETRY_S = 0.2  # pause after a failed poll (the owner restarting)
 
@@ -156,7 +158,9 @@ class MeshIngress:
             port = config.fast_port if config.replicas == 1 else 0
             direct = MeshHandlers(self.dispatcher, stream_window_s=0.0)
             self._fast_server, bound = await start_fast_path(
-                direct, format_address(config.host, port)
+                direct,
+                format_address(config.host, port),
+                max_concurrent_rpcs=config.max_ongoing_requests,
             )
             replica = str(serve.get_replica_context().replica_id)
             await owner.register_fast_path.remote(replica, format_address(config.host, bound))

@@ -32,8 +32,10 @@ from mesh.coordinator.tasks import (
     TaskResult,
     TaskSpec,
     TaskState,
+    check_caller_ids,
     check_deadline_s,
     check_max_tokens,
+    check_prompt_limits,
 )
 from mesh.core.errors import MeshError, UnavailableError
 from mesh.nodes_view import NodeView
@@ -93,7 +95,7 @@ class Dispatcher:
 
     async def submit(self, task: TaskSpec) -> TaskResult:
         """Run `task` to one answer, retrying elsewhere on failure; raises one MeshError."""
-        _check(task)
+        _check(task, self.settings)
         while (existing := self.ledger.find(task.dedup_key)) is not None:
             try:
                 return await self._replay(existing)
@@ -117,7 +119,7 @@ class Dispatcher:
     async def stream(self, task: TaskSpec) -> AsyncGenerator[AgentItem, None]:
         """Text pieces as they come, then the TaskResult; a broken stream continues elsewhere.
         Agent tasks also yield each step (`node_pb2.AgentStep`) as the node completes it."""
-        _check(task)
+        _check(task, self.settings)
         while (existing := self.ledger.find(task.dedup_key)) is not None:
             try:
                 result = await self._replay(existing)
@@ -183,8 +185,13 @@ class Dispatcher:
         self.ledger.close()
 
 
-def _check(task: TaskSpec) -> None:
-    """InvalidRequestError for limits no node could honour (the ingresses check them first)."""
+def _check(task: TaskSpec, settings: DispatcherSettings) -> None:
+    """InvalidRequestError for what no node could honour and for what is over the coordinator's
+    bounds (the ingresses check them first): before the ledger, so it keeps nothing of it."""
+    check_caller_ids(task.task_id, task.idempotency_key)
     check_deadline_s(task.deadline_s)
     sampling = task.request.sampling
     check_max_tokens(sampling.max_tokens if sampling.HasField("max_tokens") else None)
+    check_prompt_limits(
+        task.request, max_prompt_bytes=settings.max_prompt_bytes, max_messages=settings.max_messages
+    )

@@ -25,9 +25,11 @@ from mesh.coordinator.tasks import (
     TaskResult,
     TaskSpec,
     build_task,
+    check_caller_ids,
     check_deadline_s,
     check_max_tokens,
 )
+from mesh.core.bounds import DEFAULT_MAX_MESSAGES, check_message_count
 from mesh.core.errors import InvalidRequestError, MeshError
 from mesh.core.untrusted import printable, quoted
 
@@ -99,16 +101,53 @@ def error_body(error: MeshError) -> tuple[int, dict[str, Any]]:
     }
 
 
-def error_response(error: MeshError) -> JSONResponse:
-    status, body = error_body(error)
-    return JSONResponse(body, status_code=status)
+def error_response(error: MeshError, status: int | None = None) -> JSONResponse:
+    default_status, body = error_body(error)
+    return JSONResponse(body, status_code=status or default_status)
 
 
-def task_from_chat(body: ChatCompletionRequest, headers: Any) -> TaskSpec:
+class _BodyTooLarge(Exception):
+    """The request body is over the coordinator's limit (answered 413)."""
+
+
+async def read_body(request: Request, limit_bytes: int) -> bytes:
+    """The request body, read no further than `limit_bytes` (_BodyTooLarge beyond): a declared
+    Content-Length over the limit is refused before anything is read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit_bytes:
+        raise _BodyTooLarge(
+            f"the request body is {declared} bytes, over the limit of {limit_bytes}"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit_bytes:
+            raise _BodyTooLarge(f"the request body is over the limit of {limit_bytes} bytes")
+    return bytes(body)
+
+
+def parse_body(body: bytes) -> ChatCompletionRequest:
+    """The chat request in `body`; InvalidRequestError says what is wrong with it."""
+    try:
+        return ChatCompletionRequest.model_validate(json.loads(body))
+    except ValidationError as error:
+        raise InvalidRequestError(f"invalid request body: {_first_error(error)}") from None
+    except ValueError as error:  # JSONDecodeError, and UnicodeDecodeError for bytes not UTF-8
+        raise InvalidRequestError(f"invalid request body: {error}") from None
+    except RecursionError:  # JSON nested past the interpreter's stack
+        raise InvalidRequestError("invalid request body: JSON nested too deeply") from None
+
+
+def task_from_chat(
+    body: ChatCompletionRequest, headers: Any, max_messages: int = DEFAULT_MAX_MESSAGES
+) -> TaskSpec:
     if body.n != 1:
         raise InvalidRequestError(f"n must be 1 (the mesh answers once per task), got {body.n}")
     if not body.messages:
         raise InvalidRequestError("messages must not be empty")
+    check_message_count(len(body.messages), max_messages, "the coordinator's")
+    idempotency_key = headers.get("idempotency-key", "")
+    check_caller_ids("", idempotency_key, key_name="the Idempotency-Key header")
     deadline = headers.get("x-mesh-deadline-s")
     try:
         deadline_s = float(deadline) if deadline else None
@@ -126,7 +165,7 @@ def task_from_chat(body: ChatCompletionRequest, headers: Any) -> TaskSpec:
         messages=[{"role": m.role, "content": m.text()} for m in body.messages],
         model=body.model,
         agent=headers.get("x-mesh-agent") or None,
-        idempotency_key=headers.get("idempotency-key", ""),
+        idempotency_key=idempotency_key,
         deadline_s=deadline_s,
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -268,13 +307,12 @@ def build_openai_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+        settings = dispatcher.settings
         try:
-            raw = await request.json()
-            body = ChatCompletionRequest.model_validate(raw)
-            task = task_from_chat(body, request.headers)
-        except (ValueError, ValidationError) as error:  # JSONDecodeError is a ValueError
-            message = _first_error(error) if isinstance(error, ValidationError) else str(error)
-            return error_response(InvalidRequestError(f"invalid request body: {message}"))
+            body = parse_body(await read_body(request, settings.http_body_limit_bytes))
+            task = task_from_chat(body, request.headers, settings.max_messages)
+        except _BodyTooLarge as error:
+            return error_response(InvalidRequestError(f"{error}; shorten the prompt"), 413)
         except MeshError as error:
             return error_response(error)
         if body.stream:

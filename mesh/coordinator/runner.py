@@ -40,6 +40,11 @@ RAY_ENVIRONMENT = {
 # (GCS, raylet, object manager, workers, dashboard agent) there. With this variable off, a
 # local Ray takes 127.0.0.1 instead; Ray reads it at import, so it is set before.
 LOOPBACK_RAY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# The largest message Serve's gRPC proxy takes and sends (ray/serve/_private/constants.py reads
+# it when the proxy actor starts; its default is 2 GiB). Set from the coordinator's prompt
+# limits, so that an oversized Submit is refused unread at the proxy. Like every variable here
+# it reaches the proxy of a Ray this process starts; a joined cluster needs it set on its nodes.
+PROXY_MESSAGE_SIZE_VARIABLE = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ def prepare_ray_environment(config: CoordinatorConfig) -> None:
     """Set Ray's environment for `config` (values already set win); call before Ray is
     imported, as `start_coordinator` does."""
     environment = dict(RAY_ENVIRONMENT)
+    environment[PROXY_MESSAGE_SIZE_VARIABLE] = str(config.proxy_receive_limit_bytes)
     if local_loopback_ray(config):
         environment[LOOPBACK_RAY_VARIABLE] = "0"
     for key, value in environment.items():

@@ -23,10 +23,18 @@ from mesh.coordinator.tasks import (
     TaskRecord,
     TaskResult,
     TaskSpec,
+    check_caller_ids,
     check_deadline_s,
     check_max_tokens,
 )
+from mesh.core.bounds import (
+    DEFAULT_MAX_MESSAGES,
+    MAX_TASK_ID_CHARS,
+    check_caller_id,
+    check_message_count,
+)
 from mesh.core.channels import add_server_port, create_server
+from mesh.core.decoding import undecodable_error
 from mesh.core.errors import InvalidRequestError, MeshError, UnavailableError
 from mesh.core.grpc_status import abort_with_error
 from mesh.core.ids import TaskId, new_task_id
@@ -43,13 +51,19 @@ _OUTCOMES = {
     "running": mesh_pb2.ATTEMPT_OUTCOME_UNSPECIFIED,  # in progress (a running task)
 }
 _END = object()
+FAST_PATH_MAX_RPCS = 1000  # calls at once on a fast path (CoordinatorConfig.max_ongoing_requests)
 
 
 # ---------------------------------------------------------------------- conversion
 
 
-def task_from_submit(request: mesh_pb2.SubmitRequest) -> TaskSpec:
-    """A TaskSpec from a SubmitRequest; InvalidRequestError says what to change."""
+def task_from_submit(
+    request: mesh_pb2.SubmitRequest, max_messages: int = DEFAULT_MAX_MESSAGES
+) -> TaskSpec:
+    """A TaskSpec from a SubmitRequest; InvalidRequestError says what to change. Ids and the
+    message count are checked before anything is copied (the dispatcher checks the rest)."""
+    check_caller_ids(request.task_id, request.idempotency_key)
+    check_message_count(len(request.messages), max_messages, "the coordinator's")
     check_deadline_s(request.deadline_s)  # 0: the default; NaN, infinite or negative: refused
     sampling = request.sampling
     check_max_tokens(sampling.max_tokens if sampling.HasField("max_tokens") else None)
@@ -237,13 +251,17 @@ class MeshHandlers:
         self.dispatcher = dispatcher
         self.stream_window_s = stream_window_s
 
+    def _task(self, request: mesh_pb2.SubmitRequest) -> TaskSpec:
+        _raise_if_undecodable(request)
+        return task_from_submit(request, self.dispatcher.settings.max_messages)
+
     async def submit(self, request: mesh_pb2.SubmitRequest) -> mesh_pb2.SubmitResponse:
-        return result_to_proto(await self.dispatcher.submit(task_from_submit(request)))
+        return result_to_proto(await self.dispatcher.submit(self._task(request)))
 
     async def submit_stream(
         self, request: mesh_pb2.SubmitRequest
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
-        task = task_from_submit(request)
+        task = self._task(request)
         index = 0
         async with contextlib.aclosing(
             coalesce(self.dispatcher.stream(task), self.stream_window_s)
@@ -265,7 +283,16 @@ class MeshHandlers:
         )
 
     async def describe_task(self, request: mesh_pb2.DescribeTaskRequest) -> mesh_pb2.TaskRecord:
+        _raise_if_undecodable(request)
+        check_caller_id("task_id", request.task_id, MAX_TASK_ID_CHARS)
         return record_to_proto(await self.dispatcher.describe_task(request.task_id))
+
+
+def _raise_if_undecodable(request: object) -> None:
+    """Serve's proxy hands over a request that did not decode as an Undecodable (`decoding`)."""
+    error = undecodable_error(request)
+    if error is not None:
+        raise error
 
 
 class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
@@ -305,9 +332,16 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
             await abort_with_error(context, error)
 
 
-async def start_fast_path(handlers: MeshHandlers, address: str) -> tuple[grpc.aio.Server, int]:
-    """Serve MeshService directly on `address` ("host:port", port 0: any); returns (server, port)."""
-    server = create_server()
+async def start_fast_path(
+    handlers: MeshHandlers, address: str, *, max_concurrent_rpcs: int = FAST_PATH_MAX_RPCS
+) -> tuple[grpc.aio.Server, int]:
+    """Serve MeshService directly on `address` ("host:port", port 0: any); returns (server, port).
+    Messages over the dispatcher's `receive_limit_bytes` are refused unread, and calls beyond
+    `max_concurrent_rpcs` at once (the replica's max_ongoing_requests) are refused."""
+    server = create_server(
+        max_receive_bytes=handlers.dispatcher.settings.receive_limit_bytes,
+        max_concurrent_rpcs=max_concurrent_rpcs,
+    )
     mesh_pb2_grpc.add_MeshServiceServicer_to_server(MeshServicer(handlers), server)
     port = add_server_port(server, address)
     await server.start()

@@ -7,10 +7,19 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field
 
 from mesh.coordinator.escalation import EscalationPolicy
+from mesh.core.bounds import (
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_PROMPT_BYTES,
+    json_body_limit_bytes,
+    receive_limit_bytes,
+)
 from mesh.core.model import FrozenModel
 
 if TYPE_CHECKING:
     from mesh.topology import Topology
+
+
+PROXY_MIN_MESSAGE_BYTES = 1024 * 1024
 
 
 class DispatcherSettings(FrozenModel):
@@ -43,6 +52,20 @@ class DispatcherSettings(FrozenModel):
     # a Classify for `--agent auto` may take.
     escalation: EscalationPolicy = EscalationPolicy()
     classify_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    # What a task may hold (mesh/core/bounds.py), checked at the ingress before anything else:
+    # the same defaults as a node's, so a request no node would take is refused at the edge.
+    max_prompt_bytes: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] = DEFAULT_MAX_PROMPT_BYTES
+    max_messages: Annotated[int, Field(ge=1, le=100_000)] = DEFAULT_MAX_MESSAGES
+
+    @property
+    def receive_limit_bytes(self) -> int:
+        """The largest gRPC message the fast path takes (refused unread beyond)."""
+        return receive_limit_bytes(self.max_prompt_bytes, self.max_messages)
+
+    @property
+    def http_body_limit_bytes(self) -> int:
+        """The largest request body the OpenAI API reads (413 beyond)."""
+        return json_body_limit_bytes(self.max_prompt_bytes, self.max_messages)
 
     @classmethod
     def from_topology(cls, topology: Topology, **overrides: object) -> DispatcherSettings:
@@ -120,6 +143,12 @@ class CoordinatorConfig(FrozenModel):
         config = cls.model_validate(values)
         # The replica count is final only now (a command line may override the topology's).
         return config.model_copy(update={"dispatcher": config.dispatcher_settings()})
+
+    @property
+    def proxy_receive_limit_bytes(self) -> int:
+        """The largest message Serve's gRPC proxy takes, and sends: the fast path's, but at
+        least PROXY_MIN_MESSAGE_BYTES, as the same number caps its answers (ListNodes)."""
+        return max(self.dispatcher.receive_limit_bytes, PROXY_MIN_MESSAGE_BYTES)
 
     def dispatcher_settings(self) -> DispatcherSettings:
         """The dispatcher settings each replica runs with: capacity shared by `replicas`."""

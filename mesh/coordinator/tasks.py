@@ -17,6 +17,13 @@ from enum import StrEnum
 
 from edgemesh.v1 import node_pb2
 from mesh.core.attempts import AttemptOutcome, AttemptRecord  # in the core: errors carry them
+from mesh.core.bounds import (
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_TASK_ID_CHARS,
+    check_caller_id,
+    check_message_count,
+    check_prompt_bytes,
+)
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError
 from mesh.core.ids import NodeId, TaskId, new_task_id
 from mesh.core.untrusted import check_seed, quoted
@@ -57,6 +64,28 @@ def detached(error: MeshError) -> MeshError:
         return error
     clone.__cause__ = clone.__context__ = None
     return clone
+
+
+def check_caller_ids(
+    task_id: str,
+    idempotency_key: str,
+    *,
+    task_id_name: str = "task_id",
+    key_name: str = "idempotency_key",
+) -> None:
+    """InvalidRequestError when a caller-chosen id is over its limit (the ledger keeps both)."""
+    check_caller_id(task_id_name, task_id, MAX_TASK_ID_CHARS)
+    check_caller_id(key_name, idempotency_key, MAX_IDEMPOTENCY_KEY_CHARS)
+
+
+def check_prompt_limits(
+    request: node_pb2.GenerateRequest, *, max_prompt_bytes: int, max_messages: int
+) -> None:
+    """InvalidRequestError when a task's prompt is over the coordinator's limits (`bounds`):
+    refused at the edge, before it costs a node anything, and never retried."""
+    check_message_count(len(request.messages), max_messages, "the coordinator's")
+    size = len(request.prompt.encode()) + sum(len(m.content.encode()) for m in request.messages)
+    check_prompt_bytes(size, max_prompt_bytes, "the coordinator's")
 
 
 class TaskState(StrEnum):

@@ -9,6 +9,8 @@ Nothing here imports Ray, zeroconf or a model runtime.
     grpc_status  exceptions <-> gRPC status (`google.rpc.Status` with an `ErrorDetail`): one
                  abort helper for servers, one reader for clients
     channels     every gRPC channel and server port (keepalive, limits, transport security)
+    bounds       what one request may cost: the limits nodes and the coordinator share
+    decoding     requests that do not decode answer INVALID_ARGUMENT (never UNKNOWN)
     ids          distinct id types and their constructors
     model        the frozen base model of every config and record
     records      the mDNS TXT record schema

@@ -13,6 +13,8 @@ from typing import Self
 
 import grpc
 
+from mesh.core.decoding import DecodeGuard
+
 # Keepalive lets a client notice a dead peer on an idle connection; retries
 # from the service config cover transient UNAVAILABLE on idempotent reads.
 _SERVICE_CONFIG = json.dumps(
@@ -77,7 +79,6 @@ _SERVER_OPTIONS: tuple[tuple[str, object], ...] = (
     # The pings our servers accept (see Keepalive): every 5 s at most, also without calls.
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
 )
 
@@ -165,11 +166,21 @@ def create_channel(
 
 
 def create_server(
-    max_concurrent_rpcs: int | None = None, *, options: Options = _SERVER_OPTIONS
+    *, max_receive_bytes: int, max_concurrent_rpcs: int, options: Options = _SERVER_OPTIONS
 ) -> grpc.aio.Server:
-    """An asyncio server with the project's options (NODE_SERVER_OPTIONS for a node's); add
-    ports with `add_server_port`."""
-    return grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
+    """An asyncio server with the project's options (NODE_SERVER_OPTIONS for a node's: they
+    accept the coordinator's links' pings); add ports with `add_server_port`.
+
+    Bounded: a message over `max_receive_bytes` is refused unread (RESOURCE_EXHAUSTED "Received
+    message larger than max", which the client library turns into InvalidRequestError), and
+    beyond `max_concurrent_rpcs` calls at once a new call is refused (RESOURCE_EXHAUSTED), so
+    what requests in flight can hold is at most their product. Requests that do not decode are
+    answered INVALID_ARGUMENT (`mesh.core.decoding`)."""
+    return grpc.aio.server(
+        interceptors=(DecodeGuard(),),
+        options=_override(options, grpc__max_receive_message_length=max_receive_bytes),
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
 
 
 def add_server_port(

@@ -28,7 +28,7 @@ from grpc_status import rpc_status
 
 from edgemesh.v1 import errors_pb2
 from mesh.core.attempts import AttemptOutcome, AttemptRecord
-from mesh.core.errors import MeshError, error_for_code_name, kind_of
+from mesh.core.errors import InvalidRequestError, MeshError, error_for_code_name, kind_of
 from mesh.core.ids import NodeId, TaskId
 
 logger = logging.getLogger("mesh.core")
@@ -39,6 +39,9 @@ MAX_DETAIL_BYTES = 2048
 _SHORT_DETAIL_CHARS = 80  # an attempt's text, when the detail is over its size
 _MAX_TASK_ID_CHARS = 128
 _CUT = " [...]"
+# gRPC's own refusal of a message over a server's receive limit ("SERVER: Received message larger
+# than max (N vs. M)"): RESOURCE_EXHAUSTED, the code of overload, but the request's fault.
+_OVER_RECEIVE_LIMIT = "Received message larger than max"
 
 
 class StatusContext(Protocol):
@@ -196,4 +199,24 @@ def from_grpc_error(
     used when the trailer has none."""
     code = _code_of(error)
     message = error.details() if hasattr(error, "details") else str(error)
-    return error_from_detail(code.name, message or code.name.lower(), detail_of(error) or detail)
+    detail = detail_of(error) or detail
+    if too_large_for_the_server(code, message or "", detail):
+        return InvalidRequestError(
+            f"the request is larger than the server accepts ({message}); shorten it",
+            grpc_code=code.name,
+        )
+    return error_from_detail(code.name, message or code.name.lower(), detail)
+
+
+def too_large_for_the_server(
+    code: grpc.StatusCode, message: str, detail: errors_pb2.ErrorDetail | None
+) -> bool:
+    """Whether a failed call is gRPC refusing the request as over the server's receive limit
+    (not a full server: that one says so in its detail). Sending it again anywhere fails the
+    same way, so it is the caller's error (InvalidRequestError), never a node's fault."""
+    return (
+        code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        and detail is None
+        and _OVER_RECEIVE_LIMIT in message
+        and "CLIENT:" not in message  # a reply over this side's own limit: not the request
+    )

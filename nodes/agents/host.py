@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
 from edgemesh.v1 import node_pb2
+from mesh.core.bounds import DEFAULT_MAX_MESSAGES, DEFAULT_MAX_PROMPT_BYTES, check_message_count
 from mesh.core.errors import ConfigError, InvalidRequestError, NotFoundError
 from mesh.core.ids import new_task_id
 from mesh.core.untrusted import quoted
@@ -79,10 +80,12 @@ class AgentHost:
         data_dir: pathlib.Path | str | None = None,
         default_model: str = "",
         node_id: str = "",
-        max_input_bytes: int = 64 * 1024,
+        max_input_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
         counts: TaskCounts | None = None,
     ) -> None:
         self.max_input_bytes = max_input_bytes
+        self.max_messages = max_messages
         self.registry = registry or builtin_registry()
         self.default_model = default_model or next(iter(backends), "")
         self.store = DemoStore(data_dir) if data_dir is not None else None
@@ -138,6 +141,7 @@ class AgentHost:
             default_model=config.default_model_id,
             node_id=node_id,
             max_input_bytes=config.max_prompt_bytes,
+            max_messages=config.max_messages,
             counts=counts,
         )
 
@@ -177,7 +181,7 @@ class AgentHost:
         included: nodes/agents/replay.py) before it waits for a slot; MeshError if it cannot
         run as asked."""
         spec = self.get(request.agent)
-        task = task_from_request(request, self.max_input_bytes)
+        task = task_from_request(request, self.max_input_bytes, self.max_messages)
         self.runtime.check(spec, task)
         return spec, task
 
@@ -192,9 +196,14 @@ class AgentHost:
 # ---------------------------------------------------------------- wire conversion
 
 
-def task_from_request(request: node_pb2.AgentRequest, max_input_bytes: int) -> AgentTask:
+def task_from_request(
+    request: node_pb2.AgentRequest,
+    max_input_bytes: int,
+    max_messages: int = DEFAULT_MAX_MESSAGES,
+) -> AgentTask:
     if not request.input.strip():
         raise InvalidRequestError("the agent request's input is empty")
+    check_message_count(len(request.history), max_messages, "this node's")
     size = len(request.input.encode()) + sum(len(m.content.encode()) for m in request.history)
     if size > max_input_bytes:
         raise InvalidRequestError(
@@ -218,18 +227,47 @@ def task_from_request(request: node_pb2.AgentRequest, max_input_bytes: int) -> A
     )
 
 
+MAX_STEP_JSON_DEPTH = 32  # nesting of a replayed step's JSON (tool arguments, a final answer)
+
+
+def _nesting(value: object, limit: int) -> int:
+    """How deep `value` nests, counted up to `limit + 1` at most."""
+    if limit < 0 or not isinstance(value, dict | list):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_nesting(child, limit - 1) for child in children), default=0)
+
+
+def _step_json(step: node_pb2.AgentStep, field: str, text: str) -> object:
+    """A replayed step's JSON field, parsed; InvalidRequestError if it is not JSON or nests
+    deeper than MAX_STEP_JSON_DEPTH (the runtime parses and renders it again)."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        raise InvalidRequestError(f"completed step {step.index}: {field} is not JSON") from None
+    except RecursionError:  # nested past the interpreter's stack: JSON no agent produces
+        value = None
+        depth = MAX_STEP_JSON_DEPTH + 1
+    else:
+        depth = _nesting(value, MAX_STEP_JSON_DEPTH)
+    if depth > MAX_STEP_JSON_DEPTH:
+        raise InvalidRequestError(
+            f"completed step {step.index}: {field} nests deeper than {MAX_STEP_JSON_DEPTH} levels"
+        )
+    return value
+
+
 def step_from_proto(step: node_pb2.AgentStep) -> StepRecord:
     if step.kind not in ("tool_call", "final", "invalid"):
         raise InvalidRequestError(
             f"completed step {step.index} has unknown kind {quoted(step.kind)}"
         )
     if step.kind == "tool_call":
-        try:
-            json.loads(step.call.arguments_json or "{}")
-        except json.JSONDecodeError:
-            raise InvalidRequestError(
-                f"completed step {step.index}: arguments_json is not JSON"
-            ) from None
+        _step_json(step, "arguments_json", step.call.arguments_json)
+    if step.kind == "final" and not isinstance(
+        _step_json(step, "result_json", step.result_json), dict
+    ):
+        raise InvalidRequestError(f"completed step {step.index}: result_json is not an object")
     return StepRecord(
         index=step.index,
         kind=cast(StepKind, step.kind),  # one of StepKind's values: checked above

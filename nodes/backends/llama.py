@@ -32,6 +32,7 @@ from nodes.backends import (
     ModelStatus,
     Piece,
 )
+from nodes.backends.llama_interrupt import StopFlag, interruptible
 from nodes.backends.token_text import TokenText
 from nodes.model_files import file_sha256, resolve_gguf
 
@@ -73,8 +74,10 @@ class LlamaBackend:
         system_prompt: str | None = None,
         kv_cache: str = "q8_0",
         stream_interval_s: float = 0.0,
+        max_rendered_bytes: int | None = None,
     ) -> None:
         self._stream_interval_s = stream_interval_s
+        self._max_rendered_bytes = max_rendered_bytes  # None: unbounded
         self._kv_cache = kv_cache
         self._system_prompt = system_prompt
         self._source = source
@@ -90,7 +93,7 @@ class LlamaBackend:
         self._instances: list[_Instance] = []
         self._free: asyncio.Queue[_Instance] | None = None
         self._formatter: Any = None
-        self._closing = threading.Event()  # set by close(): every generation stops
+        self._closing = StopFlag()  # set by close(): every generation stops
 
     # ------------------------------------------------------------------ loading
 
@@ -211,6 +214,19 @@ class LlamaBackend:
         segments.append(Segment(rendered))
         return [segment for segment in segments if segment.text], stops
 
+    def _check_rendered(self, segments: Sequence[Segment]) -> None:
+        """InvalidRequestError when the rendered prompt is over the node's limit: checked
+        before tokenizing, whose cost grows faster than its input."""
+        limit = self._max_rendered_bytes
+        if limit is None:
+            return
+        size = sum(len(segment.text.encode("utf-8")) for segment in segments)
+        if size > limit:
+            raise InvalidRequestError(
+                f"the rendered prompt is {size} bytes, over this node's limit of {limit}; "
+                "send fewer or shorter messages"
+            )
+
     def tokenize(self, llama: Any, segments: Sequence[Segment]) -> list[int]:
         """The tokens of `segments`: control tokens are parsed in the template's text only."""
         tokens: list[int] = []
@@ -233,6 +249,7 @@ class LlamaBackend:
         trailing space), so the model samples it again and its text is dropped again.
         """
         segments, stops = self._render(request)
+        self._check_rendered(segments + _as_text(request.continuation))
         ids = list(request.continuation_token_ids)
         if ids:
             tokens = self.tokenize(llama, segments)
@@ -264,7 +281,7 @@ class LlamaBackend:
         instance = await self._free.get()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
+        stop = StopFlag()
 
         def emit(item: Any) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, item)
@@ -353,7 +370,9 @@ class LlamaBackend:
         first_at = last_at = 0.0
         finish = "length"
         ends = _ends_generation(llama)
-        for token in llama.generate(tokens, **self._sampling(llama, request)):
+        flags = (stop, self._closing)  # also abort the prompt's evaluation (llama_interrupt)
+        sampled = llama.generate(tokens, **self._sampling(llama, request))
+        for token in interruptible(llama, sampled, flags):
             if ends(token):
                 finish = "stop"
                 break
@@ -370,6 +389,8 @@ class LlamaBackend:
                 break
             if text.sampled >= budget:
                 break
+        if stop.is_set() or self._closing.is_set():  # also when stopped during the prompt
+            finish = "cancelled"
         if finish != "cancelled" and (piece := text.flush()) is not None:
             yield piece
         completion.completion_tokens = text.counted

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 
 import grpc
@@ -316,6 +317,55 @@ def test_a_plain_grpc_client_reads_the_error_detail_through_serves_proxy(mesh):
             assert chunks[0].error == detail
 
     run(scenario())
+
+
+def test_serves_proxy_refuses_oversized_and_garbled_requests_as_the_callers_error(mesh):
+    """The proxy actor takes messages up to the coordinator's limit (1 MiB, from the
+    RAY_SERVE_GRPC_MAX_MESSAGE_SIZE the runner sets, not Serve's 2 GiB) and hands a request
+    that does not decode to the ingress, which answers INVALID_ARGUMENT (gRPC's own: UNKNOWN)."""
+    running, _nodes = mesh
+    submit = "/edgemesh.v1.MeshService/Submit"
+
+    async def raw(channel, method, body, stream=False):
+        try:
+            if stream:
+                async for _ in channel.unary_stream(method)(body, timeout=30):
+                    pass
+            else:
+                await channel.unary_unary(method)(body, timeout=30)
+        except grpc.aio.AioRpcError as error:
+            return error.code(), error.details()
+        return grpc.StatusCode.OK, ""
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(running.grpc_address) as channel:
+            big = mesh_pb2.SubmitRequest(model="slow", prompt="x" * 2_000_000)
+            code, details = await raw(channel, submit, big.SerializeToString())
+            assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f"vs. {1024 * 1024})" in details  # the proxy's limit is ours
+            for method, stream in ((submit, False), (submit + "Stream", True)):
+                code, details = await raw(channel, method, b"\x12\x02\xff\xfe", stream)
+                assert code is grpc.StatusCode.INVALID_ARGUMENT, details
+                assert "not a valid edgemesh.v1.SubmitRequest" in details
+        async with MeshClient(running.grpc_address) as client:
+            with pytest.raises(InvalidRequestError, match="larger than the server accepts"):
+                await client.submit("x" * 2_000_000, model="slow", timeout_s=30)
+            with pytest.raises(InvalidRequestError, match="task_id is 100000 characters"):
+                await client.submit("hi", model="slow", task_id="t" * 100_000, timeout_s=30)
+            reply = await client.submit("hi", model="slow", timeout_s=30)
+            assert reply.text == SLOW_REPLY and len(reply.attempts) == 1
+
+    run(scenario())
+    body = json.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}]})
+    request = urllib.request.Request(
+        f"{running.openai_base_url}/chat/completions",
+        data=body.encode(),
+        headers={"Content-Type": "application/json", "Idempotency-Key": "k" * 10_000},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    assert "Idempotency-Key header is 10000 characters" in refused.value.read().decode()
 
 
 def test_openai_client_unary_and_streaming(mesh):

@@ -107,7 +107,9 @@ class SlowNode(node_pb2_grpc.NodeServiceServicer):
 
 
 async def _serve(servicer) -> tuple[grpc.aio.Server, str]:
-    server = create_server(options=NODE_SERVER_OPTIONS)
+    server = create_server(
+        max_receive_bytes=1 << 20, max_concurrent_rpcs=64, options=NODE_SERVER_OPTIONS
+    )
     node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
