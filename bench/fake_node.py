@@ -95,7 +95,11 @@ def main() -> int:
     parser.add_argument("--reply", default=DEFAULT_REPLY)
     parser.add_argument("--busy-marker", default="", help="refuse prompts containing it as busy")
     args = parser.parse_args()
-    state_dir = tempfile.mkdtemp(prefix="fake-node-")
+    with tempfile.TemporaryDirectory(prefix="fake-node-") as state_dir:  # removed at exit
+        return _serve(args, state_dir)
+
+
+def _serve(args: argparse.Namespace, state_dir: str) -> int:
     config = NodeConfig(
         name=args.name,
         host=args.host,

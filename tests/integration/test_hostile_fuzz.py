@@ -511,12 +511,9 @@ def test_openai_ingress_answers_garbage_bodies_with_400(live: Live, garbage: byt
     assert status in ("200", "400", "404"), f"HTTP {status} for {garbage[:80]!r}"
 
 
-# ---------------------------------------------------------------- other items' cases (issue 10)
-
-ITEM_6 = pytest.mark.xfail(strict=False, reason="issue 10 item 6, fixed on another branch")
+# ---------------------------------------------------------------- item 6: statuses, never UNKNOWN
 
 
-@ITEM_6
 @settings(FUZZ, max_examples=min(EXAMPLES, 10), phases=[Phase.explicit, Phase.generate])
 @given(garbage=st.binary(min_size=1, max_size=500))
 def test_node_answers_garbage_protobuf_bodies_with_invalid_argument(
@@ -535,7 +532,6 @@ def test_node_answers_garbage_protobuf_bodies_with_invalid_argument(
     assert status in ("OK", "INVALID_ARGUMENT", "NOT_FOUND"), status
 
 
-@ITEM_6
 @pytest.mark.parametrize("depth", [2_000, 50_000])
 def test_deeply_nested_json_in_completed_steps_is_invalid_argument(live: Live, depth: int) -> None:
     nested = "[" * depth + "]" * depth
@@ -559,7 +555,6 @@ def test_deeply_nested_json_in_completed_steps_is_invalid_argument(live: Live, d
     assert live.check(send, retry_free=True) == "INVALID_ARGUMENT"
 
 
-@ITEM_6
 @pytest.mark.parametrize("depth", [2_000, 50_000])
 def test_deeply_nested_json_in_an_openai_body_is_400(live: Live, depth: int) -> None:
     async def send() -> str:
