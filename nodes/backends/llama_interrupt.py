@@ -128,9 +128,7 @@ def _armed(llama: Any, flags: Sequence[threading.Event]) -> Iterator[None]:
             flag._unlink(byte)
 
 
-def interruptible(
-    llama: Any, chunks: Iterator[T], flags: Sequence[threading.Event]
-) -> Iterator[T]:
+def interruptible(llama: Any, chunks: Iterator[T], flags: Sequence[threading.Event]) -> Iterator[T]:
     """`chunks` of `llama.create_completion(..., stream=True)`, with the prompt's evaluation
     (everything before the first chunk) aborted as soon as one of `flags` is set; then the
     stream ends early, without an error."""
