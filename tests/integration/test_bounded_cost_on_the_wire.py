@@ -357,8 +357,8 @@ def long_prompt(words: int) -> str:
 
 def prompt_size(backend, llama, text: str) -> int:
     """The tokens of `text` as the node's one user message (while the instance is free)."""
-    rendered, _ = backend.render_prompt(GenerationInput(messages=[Message("user", text)]))
-    return len(llama.tokenize(rendered.encode(), add_bos=True, special=True))
+    segments, _ = backend.render_prompt(GenerationInput(messages=[Message("user", text)]))
+    return len(backend.tokenize(llama, segments))
 
 
 def test_a_long_prompt_stops_evaluating_on_cancel_and_on_shutdown(tmp_path):
