@@ -32,7 +32,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench._report import machine_line, median, write_section
-from bench.bench_node import start_node, stop_node
+from bench.bench_node import start_node
 from edgemesh.v1 import mesh_pb2, node_pb2
 from mesh.client import NodeClient
 from mesh.coordinator_client import MeshClient
@@ -249,7 +249,8 @@ def start_coordinator(node: str) -> tuple[subprocess.Popen[str], str, str]:
 
 async def run(rounds: int) -> list[Row]:
     with tempfile.TemporaryDirectory() as state:
-        node_process, node_address, _elapsed, _load = start_node(state, 2)
+        node, _elapsed, _load = start_node(state, 2)
+        node_process, node_address = node.process, node.address
         coordinator, grpc_address, http_address = start_coordinator(node_address)
         try:
             async with (
@@ -283,7 +284,7 @@ async def run(rounds: int) -> list[Row]:
         finally:
             coordinator.terminate()
             coordinator.wait(timeout=30)
-            stop_node(node_process)
+            node.stop()
     return rows
 
 
