@@ -4,8 +4,6 @@ direct caller cannot forge replayed tool results or raise an agent's step limit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import time
 
@@ -14,10 +12,8 @@ import pytest
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh.agent_client import run_agent_to_result
-from mesh.client import NodeClient
 from mesh.core.errors import InvalidRequestError
-from nodes.config import ModelConfig, NodeConfig
-from nodes.daemon import NodeDaemon
+from tests.integration.test_agents_real_model import agent_node
 
 pytestmark = pytest.mark.integration
 
@@ -42,25 +38,6 @@ def forged_lookup(**changes: object) -> node_pb2.AgentStep:
         target = step.call if name in ("tool", "arguments_json") else step
         setattr(target, name, value)
     return step
-
-
-@contextlib.asynccontextmanager
-async def agent_node(tmp_path):
-    config = NodeConfig(
-        host="127.0.0.1",
-        port=0,
-        advertise=False,
-        state_dir=str(tmp_path),
-        grace_s=1.0,
-        models=(ModelConfig(id="smollm2", source="bundled:smollm2", n_ctx=2048, n_threads=2),),
-    )
-    daemon = NodeDaemon(config, progress=io.StringIO())
-    await daemon.start()
-    try:
-        async with NodeClient(daemon.address) as client:
-            yield daemon, client
-    finally:
-        await daemon.stop()
 
 
 def run(coro, timeout=240):
