@@ -150,6 +150,10 @@ class NodeConfig(FrozenModel):
     default_temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
     # Streamed text is sent at most this often after the first token (0: every token).
     stream_interval_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 25.0
+    # Prometheus `/metrics` (nodes/metrics.py) on this HTTP port; None: off, 0: any free port
+    # (the daemon logs the one it bound). Loopback by default: metrics_host to expose it.
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    metrics_host: str = "127.0.0.1"
     grace_s: Annotated[float, Field(ge=0.0, le=600.0)] = 10.0
     advertise: bool = True
     interface: str | None = None  # IP of the interface to advertise on; None: all

@@ -141,6 +141,7 @@ class NodeDaemon:
         self.health: health.aio.HealthServicer | None = None
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        self.metrics_port = 0  # bound when config.metrics_port is set
         self.servicer: NodeServicer | None = None
         self._announcer_factory = announcer_factory
         self._announcer: Announcer | None = None
@@ -197,6 +198,14 @@ class NodeDaemon:
                 "pick another --port (0 for any free port)"
             ) from None
         await self._server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.servicer.metrics.serve(
+                self.config.metrics_host, self.config.metrics_port
+            )
+            self._say(
+                f"metrics on http://{format_address(self.config.metrics_host, self.metrics_port)}"
+                "/metrics"
+            )
         try:
             await self._load_models()
         finally:
@@ -244,6 +253,8 @@ class NodeDaemon:
         for backend in self.backends.values():
             await backend.close()
         self.counts.close()
+        if self.servicer is not None:
+            self.servicer.metrics.close()
 
     async def refresh_announcement(self) -> None:
         if self._announcer is not None:

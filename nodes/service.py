@@ -26,6 +26,7 @@ from nodes.agents import AgentHost
 from nodes.backends import ROLES, Backend, Completion, GenerationInput, Message, ModelStatus
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, system_load
+from nodes.metrics import NodeMetrics
 from nodes.task_counts import TaskCounts, TaskEvent
 
 logger = logging.getLogger(__name__)
@@ -154,8 +155,10 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         admission: AdmissionController,
         agents: AgentHost | None = None,
         counts: TaskCounts | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.identity = identity
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self.config = config
         self.backends = backends
         self.hardware = hardware
@@ -168,6 +171,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             if agents is not None
             else AgentHost.from_config(config, backends, identity.node_id, counts=self.counts)
         )
+        self.metrics.watch(self._live_state)
 
     # ------------------------------------------------------------------ gRPC edge
 
@@ -217,6 +221,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                     yield node_pb2.AgentEvent(waiting=True)
                 self.counts.record(task_id, TaskEvent.AGENT_RUN_STARTED)
                 async for event in self.agents.run(request):
+                    if event.HasField("step"):
+                        step = event.step
+                        self.metrics.agent_step(
+                            request.agent, step.kind, step.call.tool, step.error
+                        )
                     if event.HasField("result"):
                         self.counts.record(task_id, TaskEvent.AGENT_RUN_COMPLETED)
                     yield event
@@ -346,10 +355,51 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             max_concurrent=self.admission.max_concurrent, max_queued=self.admission.max_queued
         )
 
+    def _live_state(self) -> tuple[int, int, int, dict[str, tuple[str, int]]]:
+        models = {
+            model_id: (backend.status.value, backend.descriptor.size_bytes)
+            for model_id, backend in self.backends.items()
+        }
+        a = self.admission
+        return a.in_flight, a.queued, a.rejected, models
+
     async def generate(
         self, request: node_pb2.GenerateRequest
     ) -> AsyncGenerator[node_pb2.GenerateChunk, None]:
-        """Chunks of new text, then one chunk whose `final` carries usage and timing."""
+        """Chunks of new text, then one chunk whose `final` carries usage and timing; each
+        generation is counted in the node's metrics by model and outcome."""
+        model = request.model or self.config.default_model_id
+        outcome = "cancelled"
+        try:
+            async with contextlib.aclosing(self._generate(request)) as chunks:
+                async for chunk in chunks:
+                    if chunk.HasField("final"):
+                        outcome = "ok"
+                        self._measured(chunk.final)
+                    yield chunk
+        except MeshError as error:
+            outcome = error.grpc_code_name.lower()
+            raise
+        finally:
+            if outcome != "ok":
+                self.metrics.requests.labels(self.metrics.models(model), outcome).inc()
+
+    def _measured(self, final: node_pb2.GenerateResponse) -> None:
+        timing, usage = final.timing, final.usage
+        rate = timing.tokens_per_second
+        decode_s = (usage.completion_tokens - 1) / rate if rate > 0 else 0.0
+        self.metrics.generation(
+            self.metrics.models(final.model),
+            "ok",
+            prompt=usage.prompt_tokens,
+            completion=usage.completion_tokens,
+            ttft_s=timing.time_to_first_token_ms / 1000,
+            decode_s=decode_s,
+        )
+
+    async def _generate(
+        self, request: node_pb2.GenerateRequest
+    ) -> AsyncGenerator[node_pb2.GenerateChunk, None]:
         backend, generation = to_generation_input(request, self.config, self.backends)
         arrived = time.perf_counter()
         index = 0

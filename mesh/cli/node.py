@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve the bundled ONNX intent router for Classify and `--agent auto` "
         "(on unless the config says `router: null`; --no-router saves ~40 MB)",
     )
+    start.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics on this port of 127.0.0.1 (0: any free port; logged)",
+    )
     start.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
     start.add_argument("--interface", help="IP of the interface to advertise on")
     start.set_defaults(func=_start)
@@ -88,6 +93,7 @@ def _start(args: argparse.Namespace) -> int:
             labels=_labels(args.label),
             advertise=False if args.no_advertise else None,
             interface=args.interface,
+            metrics_port=args.metrics_port,
             router=default_router_config() if args.router else None,
         )
         if args.router is False:

@@ -36,6 +36,7 @@ from mesh.core.errors import MeshError
 from mesh.core.grpc_status import error_detail, set_error
 from mesh.core.ids import TaskId
 from mesh.nodes_view import NodeView
+from mesh.observe.metrics import CoordinatorMetrics
 
 logger = logging.getLogger("mesh.coordinator")
 
@@ -148,7 +149,12 @@ class MeshIngress:
         self._owner = owner
         self._config = config
         directory = _OwnerDirectory(owner) if config.replicas > 1 else None
-        self.dispatcher = Dispatcher(config.dispatcher_settings(), directory=directory)
+        replica = str(serve.get_replica_context().replica_id.unique_id)
+        self.dispatcher = Dispatcher(
+            config.dispatcher_settings(),
+            directory=directory,
+            metrics=CoordinatorMetrics(replica),  # each replica its own (mesh/observe/metrics.py)
+        )
         self.handlers = MeshHandlers(self.dispatcher, stream_window_s=config.stream_window_s)
         self._version = -1
         await self._poll_once(wait_s=0.0)

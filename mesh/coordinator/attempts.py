@@ -135,6 +135,7 @@ class Attempts:
         self.tried: set[NodeId] = set()
         self.first_token_at: float | None = None
         self.round_start = 0  # attempts before this round (an agent's tier) do not count
+        self.failed_at: float | None = None  # when the last attempt failed (reroute latency)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -191,6 +192,7 @@ class Attempts:
             )
         )
         self.entry.attempts = tuple(self.records)
+        self.pool.metrics.attempt(outcome.value)
 
     def waiting_report_ms(self) -> int:
         """How often a node is asked to say that the task still waits in its queue: well
@@ -263,6 +265,10 @@ class Attempts:
                 _attempts=self,
             )
             view = attempt.view
+            if self.failed_at is not None:  # a failover: the task moves on after a failure
+                reason = self.records[-1].outcome.value if self.records else "unknown"
+                self.pool.metrics.failover(reason, attempt.began - self.failed_at)
+                self.failed_at = None
             self.entry.current = (view.node_id, view.name, attempt.began, 0)
             deadline_bound = False
             try:
@@ -318,6 +324,7 @@ class Attempts:
         outcome, node_fault = classify(error)
         detail = str(error) or type(error).__name__
         self._record(attempt, outcome, detail=detail[:300])
+        self.failed_at = self.clock()
         self.tried.add(attempt.view.node_id)
         if node_fault:
             self.pool.failed(attempt.view.node_id)

@@ -39,6 +39,7 @@ from mesh.coordinator.tasks import (
 )
 from mesh.core.errors import MeshError, UnavailableError
 from mesh.nodes_view import NodeView
+from mesh.observe.metrics import CoordinatorMetrics
 
 
 class Dispatcher:
@@ -49,17 +50,29 @@ class Dispatcher:
         connect: NodeConnector = connect_grpc,
         clock: Callable[[], float] = time.monotonic,
         directory: DirectoryClient | None = None,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         """`directory`: the task directory shared with other replicas (none with one replica)."""
         self.settings = settings = settings or DispatcherSettings()
-        self.pool = NodePool(settings, connect=connect, clock=clock)
+        self.pool = NodePool(settings, connect=connect, clock=clock, metrics=metrics)
         self.ledger = TaskLedger(settings.ledger_size, clock=clock)
+        self.metrics = self.pool.metrics
+        self.ledger.listen(self._ended)
         self.shared: SharedTasks | None = None
         if directory is not None:
             self.shared = SharedTasks(
                 directory, self.ledger, default_deadline_s=settings.deadline_s
             )
         self._closed = False
+
+    def _ended(self, entry: LedgerEntry) -> None:
+        """Count a task that ended (the ledger also tells when one begins)."""
+        if entry.state is TaskState.DONE:
+            self.metrics.task_ended("ok")
+        elif entry.state is TaskState.FAILED:
+            error = entry.error
+            code = error.grpc_code_name if error is not None else "CANCELLED"
+            self.metrics.task_ended(code.lower())
 
     # ------------------------------------------------------------------ node table
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from mesh.coordinator.agent_run import AgentItem
@@ -32,6 +32,7 @@ from mesh.coordinator.tasks import (
 from mesh.core.bounds import DEFAULT_MAX_MESSAGES, check_message_count
 from mesh.core.errors import InvalidRequestError, MeshError
 from mesh.core.untrusted import printable, quoted
+from mesh.observe.metrics import CONTENT_TYPE
 
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": (400, "invalid_request_error"),
@@ -294,6 +295,10 @@ def build_openai_app(
     @app.get("/v1/mesh/info")
     async def mesh_info() -> dict[str, Any]:
         return await info() if info is not None else {}
+
+    @app.get("/metrics", response_model=None)
+    async def metrics() -> Response:
+        return Response(dispatcher.metrics.text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -31,6 +31,7 @@ from mesh.core.errors import MeshError, NotFoundError, OverloadedError, Unavaila
 from mesh.core.ids import NodeId
 from mesh.core.untrusted import printable, quoted
 from mesh.nodes_view import NodeState, NodeView
+from mesh.observe.metrics import CoordinatorMetrics
 from mesh.routing import (
     CooldownTracker,
     Ewma,
@@ -150,6 +151,7 @@ class NodePool:
         *,
         connect: NodeConnector = connect_grpc,
         clock: Callable[[], float] = time.monotonic,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -170,6 +172,8 @@ class NodePool:
         self.outstanding: dict[NodeId, int] = {}
         self._changed = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
+        self.metrics = metrics if metrics is not None else CoordinatorMetrics()
+        self.metrics.watch_nodes(lambda: [view.state.value for view in self._raw_views])
 
     # ------------------------------------------------------------------ node table
 
@@ -300,11 +304,14 @@ class NodePool:
             if candidates:
                 node_id = self._policy(candidates, shape, self._policy_state)
                 if node_id is not None:
+                    self.metrics.routed(self.settings.policy)
                     return self._by_id[node_id]
             reason, limit_s = self._why_none(shape, exclude)
             now = self.clock()
             remaining, waited = deadline_at - now, now - waited_from
             if reason is NoNodeReason.TRIED or remaining <= 0 or waited >= limit_s:
+                if reason is not NoNodeReason.TRIED:  # TRIED: the attempt loop waits, not a refusal
+                    self.metrics.refused(reason.value)
                 raise self._no_node(shape, reason)
             await self.wait_for_change(min(remaining, limit_s - waited, _POLL_S))
 

@@ -1,0 +1,1 @@
+"""Observability of the coordinator: Prometheus metrics (`metrics.py`) served on its HTTP app."""
