@@ -14,6 +14,12 @@ gate = @echo "== $(1): $(2)"; $(2) || { status=$$?; echo "*** gate '$(1)' failed
   proto proto-check bench clean
 
 $(STAMP): pyproject.toml
+	@# The dashboard's browser test (tests/integration/test_dashboard.py) needs Debian's chromium.
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	  else echo "not root: cannot apt-get install chromium chromium-driver; the dashboard test will fail without them" >&2; fi; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel
 	@echo "installing dependencies (llama-cpp-python builds from source the first time: ~5-7 min on 2 cores)"

@@ -32,6 +32,7 @@ from mesh.coordinator.tasks import (
 from mesh.core.bounds import DEFAULT_MAX_MESSAGES, check_message_count
 from mesh.core.errors import InvalidRequestError, MeshError
 from mesh.core.untrusted import printable, quoted
+from mesh.observe.dashboard_api import add_dashboard
 from mesh.observe.metrics import CONTENT_TYPE
 
 _HTTP_STATUS = {
@@ -338,4 +339,5 @@ def build_openai_app(
             return error_response(error)
         return JSONResponse(completion_body(result, body.model))
 
+    add_dashboard(app, dispatcher)  # /dashboard (mesh/observe/dashboard_api.py)
     return app
