@@ -55,7 +55,9 @@ async def run_agent_request(
 ) -> AsyncIterator[node_pb2.AgentEvent]:
     """The node's AgentEvents: one per completed step, the answer text, then `result` (last)."""
     # NodeClient keeps its stub private; the agent RPC lives here to keep that module small.
-    call = node._stub.RunAgent(request, timeout=timeout_s or DEFAULT_AGENT_TIMEOUT_S)
+    call = node._stub.RunAgent(
+        request, timeout=timeout_s or DEFAULT_AGENT_TIMEOUT_S, metadata=node._call_metadata()
+    )
     try:
         async for event in call:
             yield event

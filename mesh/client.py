@@ -80,6 +80,11 @@ class NodeClient(ChannelClient):
         self._stub = node_pb2_grpc.NodeServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
+    def _call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Metadata for a generation or agent call (the coordinator's link adds its trace
+        context); none here."""
+        return None
+
     async def classify(
         self, text: str, *, model: str = "", timeout_s: float | None = None
     ) -> node_pb2.ClassifyResponse:
@@ -122,18 +127,34 @@ class NodeClient(ChannelClient):
             raise from_grpc_error(error) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
+    async def get_trace(
+        self, trace_id: str, *, timeout_s: float | None = None
+    ) -> node_pb2.GetTraceResponse:
+        """The spans the node kept of one trace (32 hex digits)."""
+        try:
+            return await self._stub.GetTrace(
+                node_pb2.GetTraceRequest(trace_id=trace_id),
+                timeout=timeout_s or min(self.timeout_s, 10.0),
+            )
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from None
+
     async def generate_request(
         self, request: node_pb2.GenerateRequest, *, timeout_s: float | None = None
     ) -> node_pb2.GenerateResponse:
         try:
-            return await self._stub.Generate(request, timeout=timeout_s or self.timeout_s)
+            return await self._stub.Generate(
+                request, timeout=timeout_s or self.timeout_s, metadata=self._call_metadata()
+            )
         except grpc.RpcError as error:
             raise from_grpc_error(error) from None
 
     async def stream_request(
         self, request: node_pb2.GenerateRequest, *, timeout_s: float | None = None
     ) -> AsyncIterator[node_pb2.GenerateChunk]:
-        call = self._stub.GenerateStream(request, timeout=timeout_s or self.timeout_s)
+        call = self._stub.GenerateStream(
+            request, timeout=timeout_s or self.timeout_s, metadata=self._call_metadata()
+        )
         try:
             async for chunk in call:
                 yield chunk

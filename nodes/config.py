@@ -154,6 +154,11 @@ class NodeConfig(FrozenModel):
     # (the daemon logs the one it bound). Loopback by default: metrics_host to expose it.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     metrics_host: str = "127.0.0.1"
+    # Traces (mesh/core/tracing.py): the share of traces that begin on this node to record
+    # (a request with a sampled `traceparent` is recorded whatever this says); the node keeps
+    # its recent spans for GetTrace, and also exports them over OTLP/gRPC to otlp_endpoint.
+    trace_sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    otlp_endpoint: str = ""
     grace_s: Annotated[float, Field(ge=0.0, le=600.0)] = 10.0
     advertise: bool = True
     interface: str | None = None  # IP of the interface to advertise on; None: all

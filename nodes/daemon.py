@@ -255,6 +255,7 @@ class NodeDaemon:
         self.counts.close()
         if self.servicer is not None:
             self.servicer.metrics.close()
+            self.servicer.tracing.shutdown()
 
     async def refresh_announcement(self) -> None:
         if self._announcer is not None:

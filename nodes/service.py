@@ -19,6 +19,13 @@ from edgemesh.v1 import node_pb2, node_pb2_grpc
 from mesh.core.bounds import check_message_count, check_prompt_bytes
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError, NotReadyError
 from mesh.core.grpc_status import abort_with_error
+from mesh.core.tracing import (
+    Tracing,
+    fail_with,
+    incoming_traceparent,
+    spans_to_proto,
+    valid_trace_id,
+)
 from mesh.core.untrusted import quoted
 from nodes import inference
 from nodes.admission import AdmissionController, Ticket
@@ -28,6 +35,7 @@ from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, system_load
 from nodes.metrics import NodeMetrics
 from nodes.task_counts import TaskCounts, TaskEvent
+from nodes.traces import step_spans
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +164,16 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         agents: AgentHost | None = None,
         counts: TaskCounts | None = None,
         metrics: NodeMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.identity = identity
         self.metrics = metrics if metrics is not None else NodeMetrics()
+        # Spans of this node's part of each task (mesh/core/tracing.py), kept for GetTrace.
+        self.tracing = tracing or Tracing(
+            f"node {identity.name}",
+            sample_ratio=config.trace_sample_ratio,
+            otlp_endpoint=config.otlp_endpoint,
+        )
         self.config = config
         self.backends = backends
         self.hardware = hardware
@@ -186,7 +201,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         try:
             text: list[str] = []
             final = None
-            async with contextlib.aclosing(self.generate(request)) as chunks:
+            parent = incoming_traceparent(context)
+            async with contextlib.aclosing(self.generate(request, traceparent=parent)) as chunks:
                 async for chunk in chunks:
                     if chunk.HasField("final"):
                         final = chunk.final
@@ -202,7 +218,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[node_pb2.GenerateChunk]:
         try:
-            async with contextlib.aclosing(self.generate(request)) as chunks:
+            parent = incoming_traceparent(context)
+            async with contextlib.aclosing(self.generate(request, traceparent=parent)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except MeshError as error:
@@ -214,8 +231,15 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         # Agents (nodes/agents): a whole agent task holds one admission slot. A request that
         # cannot run (forged steps, a raised step limit) is refused before it waits for one.
         task_id = request.task.task_id
+        span = self.tracing.start(
+            "node.agent",
+            parent=incoming_traceparent(context),
+            attributes={"attempt": request.task.attempt},
+        )
+        outcome = "cancelled"
         try:
             self.agents.check(request)
+            span.set_attribute("agent", request.agent)  # one this node offers: checked
             async with self.admission.ticket() as ticket:
                 async for _ in _wait_reporting(ticket, request.report_waiting_ms):
                     yield node_pb2.AgentEvent(waiting=True)
@@ -226,11 +250,17 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                         self.metrics.agent_step(
                             request.agent, step.kind, step.call.tool, step.error
                         )
+                        step_spans(self.tracing, span, step)
                     if event.HasField("result"):
                         self.counts.record(task_id, TaskEvent.AGENT_RUN_COMPLETED)
+                        outcome = "ok"
                     yield event
         except MeshError as error:
+            outcome = error.grpc_code_name.lower()
             await abort_with_error(context, error)
+        finally:
+            fail_with(span, outcome)
+            span.end()
 
     # Classifiers and tensor models (nodes/inference.py): no admission slot, the
     # ONNX backend bounds its own runs (a sub-millisecond route must not queue
@@ -251,6 +281,16 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             return await inference.infer(request, self.backends)
         except MeshError as error:
             await abort_with_error(context, error)
+
+    async def GetTrace(
+        self, request: node_pb2.GetTraceRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.GetTraceResponse:
+        if not valid_trace_id(request.trace_id):
+            await abort_with_error(
+                context, InvalidRequestError("trace_id must be 32 hex digits, not all zero")
+            )
+        spans = self.tracing.spans(request.trace_id)
+        return node_pb2.GetTraceResponse(spans=spans_to_proto(spans))
 
     async def Heartbeat(
         self, request: node_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
@@ -364,11 +404,17 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         return a.in_flight, a.queued, a.rejected, models
 
     async def generate(
-        self, request: node_pb2.GenerateRequest
+        self, request: node_pb2.GenerateRequest, *, traceparent: str = ""
     ) -> AsyncGenerator[node_pb2.GenerateChunk, None]:
         """Chunks of new text, then one chunk whose `final` carries usage and timing; each
-        generation is counted in the node's metrics by model and outcome."""
-        model = request.model or self.config.default_model_id
+        generation is counted in the node's metrics by model and outcome, and traced as a
+        `node.generate` span (a child of `traceparent`, the caller's span, if any)."""
+        model = self.metrics.models(request.model or self.config.default_model_id)
+        span = self.tracing.start(
+            "node.generate",
+            parent=traceparent,
+            attributes={"model": model, "attempt": request.task.attempt},
+        )
         outcome = "cancelled"
         try:
             async with contextlib.aclosing(self._generate(request)) as chunks:
@@ -376,13 +422,22 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                     if chunk.HasField("final"):
                         outcome = "ok"
                         self._measured(chunk.final)
+                        span.set_attributes(
+                            {
+                                "prompt_tokens": chunk.final.usage.prompt_tokens,
+                                "completion_tokens": chunk.final.usage.completion_tokens,
+                                "ttft_ms": round(chunk.final.timing.time_to_first_token_ms, 3),
+                            }
+                        )
                     yield chunk
         except MeshError as error:
             outcome = error.grpc_code_name.lower()
             raise
         finally:
             if outcome != "ok":
-                self.metrics.requests.labels(self.metrics.models(model), outcome).inc()
+                self.metrics.requests.labels(model, outcome).inc()
+            fail_with(span, outcome)
+            span.end()
 
     def _measured(self, final: node_pb2.GenerateResponse) -> None:
         timing, usage = final.timing, final.usage

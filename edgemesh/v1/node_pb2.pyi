@@ -361,7 +361,7 @@ class ToolCall(_message.Message):
     def __init__(self, tool: _Optional[str] = ..., arguments_json: _Optional[str] = ...) -> None: ...
 
 class AgentStep(_message.Message):
-    __slots__ = ("index", "kind", "call", "result_json", "idempotent", "tokens", "duration_ms", "model", "error", "node_id")
+    __slots__ = ("index", "kind", "call", "result_json", "idempotent", "tokens", "duration_ms", "model", "error", "node_id", "tool_ms")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
@@ -372,6 +372,7 @@ class AgentStep(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_MS_FIELD_NUMBER: _ClassVar[int]
     index: int
     kind: str
     call: ToolCall
@@ -382,7 +383,8 @@ class AgentStep(_message.Message):
     model: str
     error: str
     node_id: str
-    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., call: _Optional[_Union[ToolCall, _Mapping]] = ..., result_json: _Optional[str] = ..., idempotent: _Optional[bool] = ..., tokens: _Optional[int] = ..., duration_ms: _Optional[float] = ..., model: _Optional[str] = ..., error: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+    tool_ms: float
+    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., call: _Optional[_Union[ToolCall, _Mapping]] = ..., result_json: _Optional[str] = ..., idempotent: _Optional[bool] = ..., tokens: _Optional[int] = ..., duration_ms: _Optional[float] = ..., model: _Optional[str] = ..., error: _Optional[str] = ..., node_id: _Optional[str] = ..., tool_ms: _Optional[float] = ...) -> None: ...
 
 class AgentResult(_message.Message):
     __slots__ = ("agent", "answer", "finish_reason", "steps", "usage", "total_ms", "model", "node_id", "tier", "escalation_reason")
@@ -507,3 +509,44 @@ class HeartbeatBeat(_message.Message):
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     def __init__(self, sequence: _Optional[int] = ...) -> None: ...
+
+class GetTraceRequest(_message.Message):
+    __slots__ = ("trace_id",)
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    trace_id: str
+    def __init__(self, trace_id: _Optional[str] = ...) -> None: ...
+
+class Span(_message.Message):
+    __slots__ = ("name", "trace_id", "span_id", "parent_span_id", "start_unix_nanos", "end_unix_nanos", "process", "attributes", "error")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_SPAN_ID_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    start_unix_nanos: int
+    end_unix_nanos: int
+    process: str
+    attributes: _containers.ScalarMap[str, str]
+    error: bool
+    def __init__(self, name: _Optional[str] = ..., trace_id: _Optional[str] = ..., span_id: _Optional[str] = ..., parent_span_id: _Optional[str] = ..., start_unix_nanos: _Optional[int] = ..., end_unix_nanos: _Optional[int] = ..., process: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., error: _Optional[bool] = ...) -> None: ...
+
+class GetTraceResponse(_message.Message):
+    __slots__ = ("spans",)
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    spans: _containers.RepeatedCompositeFieldContainer[Span]
+    def __init__(self, spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...

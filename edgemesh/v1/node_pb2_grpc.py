@@ -69,6 +69,11 @@ class NodeServiceStub:
                 request_serializer=edgemesh_dot_v1_dot_node__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=edgemesh_dot_v1_dot_node__pb2.HeartbeatBeat.FromString,
                 _registered_method=True)
+        self.GetTrace = channel.unary_unary(
+                '/edgemesh.v1.NodeService/GetTrace',
+                request_serializer=edgemesh_dot_v1_dot_node__pb2.GetTraceRequest.SerializeToString,
+                response_deserializer=edgemesh_dot_v1_dot_node__pb2.GetTraceResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -129,6 +134,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTrace(self, request, context):
+        """The spans this node kept of one trace (W3C trace id, 32 hex digits): its part of a
+        task's trace, which the coordinator joins to its own for `mesh trace`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +179,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=edgemesh_dot_v1_dot_node__pb2.HeartbeatRequest.FromString,
                     response_serializer=edgemesh_dot_v1_dot_node__pb2.HeartbeatBeat.SerializeToString,
+            ),
+            'GetTrace': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrace,
+                    request_deserializer=edgemesh_dot_v1_dot_node__pb2.GetTraceRequest.FromString,
+                    response_serializer=edgemesh_dot_v1_dot_node__pb2.GetTraceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +375,33 @@ class NodeService:
             '/edgemesh.v1.NodeService/Heartbeat',
             edgemesh_dot_v1_dot_node__pb2.HeartbeatRequest.SerializeToString,
             edgemesh_dot_v1_dot_node__pb2.HeartbeatBeat.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgemesh.v1.NodeService/GetTrace',
+            edgemesh_dot_v1_dot_node__pb2.GetTraceRequest.SerializeToString,
+            edgemesh_dot_v1_dot_node__pb2.GetTraceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,6 +18,8 @@ _COMMAND_MODULES = (
     "coordinator",
     "submit",
     "nodes",
+    "top",
+    "trace",
 )
 
 

@@ -44,6 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="serve Prometheus /metrics on this port of 127.0.0.1 (0: any free port; logged)",
     )
+    start.add_argument(
+        "--trace-sample-ratio",
+        type=float,
+        help="share of traces that begin here to record, 0..1 (default 1; a sampled "
+        "traceparent from the coordinator is always followed)",
+    )
+    start.add_argument(
+        "--otlp-endpoint", help="also export spans over OTLP/gRPC, e.g. http://127.0.0.1:4317"
+    )
     start.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
     start.add_argument("--interface", help="IP of the interface to advertise on")
     start.set_defaults(func=_start)
@@ -94,6 +103,8 @@ def _start(args: argparse.Namespace) -> int:
             advertise=False if args.no_advertise else None,
             interface=args.interface,
             metrics_port=args.metrics_port,
+            trace_sample_ratio=args.trace_sample_ratio,
+            otlp_endpoint=args.otlp_endpoint,
             router=default_router_config() if args.router else None,
         )
         if args.router is False:

@@ -35,6 +35,7 @@ from mesh.core.channels import format_address
 from mesh.core.errors import MeshError
 from mesh.core.grpc_status import error_detail, set_error
 from mesh.core.ids import TaskId
+from mesh.core.tracing import incoming_traceparent
 from mesh.nodes_view import NodeView
 from mesh.observe.metrics import CoordinatorMetrics
 
@@ -204,7 +205,8 @@ class MeshIngress:
         self, request: mesh_pb2.SubmitRequest, grpc_context: RayServegRPCContext
     ) -> mesh_pb2.SubmitResponse:
         try:
-            return await self.handlers.submit(request)
+            parent = incoming_traceparent(grpc_context)
+            return await self.handlers.submit(request, traceparent=parent)
         except MeshError as error:
             set_error(grpc_context, error)  # the proxy sends code, message and trailer
             return mesh_pb2.SubmitResponse()
@@ -214,7 +216,8 @@ class MeshIngress:
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
         sent = 0
         try:
-            async for chunk in self.handlers.submit_stream(request):
+            parent = incoming_traceparent(grpc_context)
+            async for chunk in self.handlers.submit_stream(request, traceparent=parent):
                 yield chunk
                 sent += 1
         except MeshError as error:

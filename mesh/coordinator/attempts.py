@@ -21,6 +21,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from opentelemetry.trace import Span
+
 from edgemesh.v1 import node_pb2
 from mesh.coordinator.pool import NodeLink, NodePool, NoNodeError, NoNodeReason
 from mesh.coordinator.settings import DispatcherSettings
@@ -41,6 +43,7 @@ from mesh.core.errors import (
     UnavailableError,
 )
 from mesh.core.ids import NodeId
+from mesh.core.tracing import OUTGOING_TRACEPARENT, fail_with, trace_id_of, traceparent
 from mesh.nodes_view import NodeView
 from mesh.routing import TaskShape
 
@@ -95,6 +98,7 @@ class Attempt:
     context: node_pb2.TaskContext
     tokens: int = 0
     answered: bool = False
+    span: Span | None = field(default=None, repr=False)  # the attempt's, while it runs
     _entry: LedgerEntry | None = field(default=None, repr=False)
     _attempts: Attempts | None = field(default=None, repr=False)
 
@@ -136,6 +140,22 @@ class Attempts:
         self.first_token_at: float | None = None
         self.round_start = 0  # attempts before this round (an agent's tier) do not count
         self.failed_at: float | None = None  # when the last attempt failed (reroute latency)
+        # The task's span: a child of the caller's traceparent, the parent of each attempt's.
+        self.span = pool.tracing.start(
+            "task",
+            parent=task.traceparent,
+            attributes={"task_id": task.task_id, "kind": "agent" if task.agent else "model"},
+        )
+        entry.trace_id = trace_id_of(self.span)
+        self._finished = False
+
+    def finish(self, outcome: str) -> None:
+        """End the task's span: "ok", or how the task ended ("unavailable", "cancelled")."""
+        if not self._finished:
+            self._finished = True
+            self.span.set_attribute("attempts", len(self.records))
+            fail_with(self.span, outcome)
+            self.span.end()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -191,6 +211,11 @@ class Attempts:
                 completion_tokens=attempt.tokens if tokens < 0 else tokens,
             )
         )
+        if attempt.span is not None:
+            attempt.span.set_attribute("completion_tokens", self.records[-1].completion_tokens)
+            fail_with(attempt.span, outcome.value)
+            attempt.span.end()
+            attempt.span = None
         self.entry.attempts = tuple(self.records)
         self.pool.metrics.attempt(outcome.value)
 
@@ -265,6 +290,12 @@ class Attempts:
                 _attempts=self,
             )
             view = attempt.view
+            attempt.span = self.pool.tracing.start(
+                "attempt",
+                parent=self.span,
+                attributes={"node": view.name, "attempt": attempt.context.attempt},
+            )
+            OUTGOING_TRACEPARENT.set(traceparent(attempt.span))  # the node's spans join it
             if self.failed_at is not None:  # a failover: the task moves on after a failure
                 reason = self.records[-1].outcome.value if self.records else "unknown"
                 self.pool.metrics.failover(reason, attempt.began - self.failed_at)
@@ -313,6 +344,7 @@ class Attempts:
                 return
             finally:
                 self.entry.current = None
+                OUTGOING_TRACEPARENT.set("")
             self._failed(attempt, failure, fatal)
             if after_failure is not None and not after_failure(attempt):
                 return

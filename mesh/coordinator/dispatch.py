@@ -37,7 +37,9 @@ from mesh.coordinator.tasks import (
     check_max_tokens,
     check_prompt_limits,
 )
-from mesh.core.errors import MeshError, UnavailableError
+from mesh.core.errors import MeshError, NotFoundError, UnavailableError
+from mesh.core.tracing import SpanRecord
+from mesh.core.untrusted import quoted
 from mesh.nodes_view import NodeView
 from mesh.observe.metrics import CoordinatorMetrics
 
@@ -121,11 +123,14 @@ class Dispatcher:
         try:
             result = await run.unary()
         except MeshError as error:
+            run.attempts.finish(error.grpc_code_name.lower())
             self.ledger.fail(entry, error, tuple(run.attempts.records))
             raise
         except asyncio.CancelledError:
+            run.attempts.finish("cancelled")
             self.ledger.abandon(entry, tuple(run.attempts.records))
             raise
+        run.attempts.finish("ok")
         self.ledger.succeed(entry, result)
         return result
 
@@ -157,12 +162,15 @@ class Dispatcher:
             async with contextlib.aclosing(run.stream()) as items:
                 async for item in items:
                     if isinstance(item, TaskResult):
+                        run.attempts.finish("ok")
                         self.ledger.succeed(entry, item)
                     yield item
         except MeshError as error:
+            run.attempts.finish(error.grpc_code_name.lower())
             self.ledger.fail(entry, error, tuple(run.attempts.records))
             raise
         except (asyncio.CancelledError, GeneratorExit):
+            run.attempts.finish("cancelled")
             if entry.state is TaskState.RUNNING:
                 self.ledger.abandon(entry, tuple(run.attempts.records))
             raise
@@ -189,6 +197,21 @@ class Dispatcher:
         if self.shared is not None:
             return await self.shared.record(task_id)
         return self.ledger.record(task_id)
+
+    async def trace(self, task_id: str) -> tuple[str, list[SpanRecord]]:
+        """(trace id, spans) of a task this replica ran: its own spans and those the nodes of
+        its attempts still keep. NotFoundError for a task it does not know or did not trace."""
+        entry = self.ledger.entry(task_id)
+        if entry is None or not entry.trace_id:
+            raise NotFoundError(
+                f"no trace of task {quoted(task_id, 64)} here (unknown, not sampled, or "
+                "run by another dispatcher replica)"
+            )
+        nodes = {attempt.node_id for attempt in entry.attempts}
+        spans = self.pool.tracing.spans(entry.trace_id)
+        spans += await self.pool.node_spans(nodes, entry.trace_id)
+        spans.sort(key=lambda span: span.start_ns)
+        return entry.trace_id, spans
 
     async def close(self) -> None:
         self._closed = True

@@ -14,6 +14,7 @@ from edgemesh.v1 import node_pb2
 from mesh.agent_client import run_agent_request
 from mesh.client import NodeClient
 from mesh.core.channels import NODE_LINK_HEARTBEAT_MS, NODE_LINK_OPTIONS, create_channel
+from mesh.core.tracing import OUTGOING_TRACEPARENT, TRACEPARENT
 
 _HEARTBEAT_CALL_S = 600.0  # a Heartbeat call's deadline (every RPC has one); then a new one
 _HEARTBEAT_RETRY_S = 0.25  # after a Heartbeat call broke, before the next while calls remain
@@ -34,6 +35,12 @@ class GrpcNodeLink(NodeClient):
         self._calls = 0
         self._heartbeat: asyncio.Task[None] | None = None
         self._heartbeat_unsupported = False
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The attempt's trace context (set by the attempt loop), so the node's spans join
+        the task's trace."""
+        parent = OUTGOING_TRACEPARENT.get()
+        return ((TRACEPARENT, parent),) if parent else None
 
     @contextlib.contextmanager
     def _in_flight(self) -> Iterator[None]:

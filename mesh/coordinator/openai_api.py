@@ -174,6 +174,7 @@ def task_from_chat(
         top_p=body.top_p,
         seed=body.seed,
         stop=stop,
+        traceparent=headers.get("traceparent", ""),
     )
 
 
@@ -300,6 +301,21 @@ def build_openai_app(
     @app.get("/metrics", response_model=None)
     async def metrics() -> Response:
         return Response(dispatcher.metrics.text(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/mesh/traces/{task_id}", response_model=None)
+    async def task_trace(task_id: str) -> JSONResponse:
+        """The task's span tree as flat spans (parent ids link them), oldest first."""
+        try:
+            trace_id, spans = await dispatcher.trace(task_id)
+        except MeshError as error:
+            return error_response(error)
+        return JSONResponse(
+            {
+                "task_id": task_id,
+                "trace_id": trace_id,
+                "spans": [span.to_json() for span in spans],
+            }
+        )
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

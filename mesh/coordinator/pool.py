@@ -29,6 +29,7 @@ from mesh.coordinator.intent import ClassifierIndex
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.core.errors import MeshError, NotFoundError, OverloadedError, UnavailableError
 from mesh.core.ids import NodeId
+from mesh.core.tracing import SpanRecord, Tracing, spans_from_proto
 from mesh.core.untrusted import printable, quoted
 from mesh.nodes_view import NodeState, NodeView
 from mesh.observe.metrics import CoordinatorMetrics
@@ -69,6 +70,10 @@ class NodeLink(Protocol):
     ) -> node_pb2.ClassifyResponse: ...
 
     async def describe(self, *, timeout_s: float | None = None) -> node_pb2.DescribeResponse: ...
+
+    async def get_trace(
+        self, trace_id: str, *, timeout_s: float | None = None
+    ) -> node_pb2.GetTraceResponse: ...
 
     async def close(self) -> None: ...
 
@@ -152,8 +157,15 @@ class NodePool:
         connect: NodeConnector = connect_grpc,
         clock: Callable[[], float] = time.monotonic,
         metrics: CoordinatorMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing or Tracing(
+            "coordinator",
+            sample_ratio=settings.trace_sample_ratio,
+            otlp_endpoint=settings.otlp_endpoint,
+            keep_traces=settings.traces_kept,
+        )
         self.clock = clock
         self._connect = connect
         self._policy = policy_by_name(settings.policy)
@@ -238,6 +250,23 @@ class NodePool:
         link = self._connect(view)
         self._links[view.node_id] = (view.address, link)
         return link
+
+    async def node_spans(
+        self, node_ids: Collection[NodeId], trace_id: str, *, timeout_s: float = 2.0
+    ) -> list[SpanRecord]:
+        """The spans that the nodes `node_ids` kept of one trace, asked all at once; a node
+        that is gone, too old to say (UNIMPLEMENTED) or slow adds none."""
+
+        async def ask(view: NodeView) -> list[SpanRecord]:
+            try:
+                reply = await self.link(view).get_trace(trace_id, timeout_s=timeout_s)
+            except MeshError:  # gone, unreachable, older: its part is missing
+                return []
+            return spans_from_proto(reply.spans)
+
+        views = [v for v in (self._by_id.get(n) for n in node_ids) if v is not None]
+        found = await asyncio.gather(*(ask(view) for view in views))
+        return [span for spans in found for span in spans]
 
     @contextlib.asynccontextmanager
     async def slot(self, view: NodeView) -> AsyncIterator[NodeLink]:
@@ -394,3 +423,4 @@ class NodePool:
         await asyncio.gather(
             *(link.close() for link in links), *self._closing, return_exceptions=True
         )
+        self.tracing.shutdown()

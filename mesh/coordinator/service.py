@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
@@ -38,6 +39,7 @@ from mesh.core.decoding import undecodable_error
 from mesh.core.errors import InvalidRequestError, MeshError, UnavailableError
 from mesh.core.grpc_status import abort_with_error
 from mesh.core.ids import TaskId, new_task_id
+from mesh.core.tracing import incoming_traceparent
 
 logger = logging.getLogger("mesh.coordinator")
 
@@ -251,17 +253,21 @@ class MeshHandlers:
         self.dispatcher = dispatcher
         self.stream_window_s = stream_window_s
 
-    def _task(self, request: mesh_pb2.SubmitRequest) -> TaskSpec:
+    def _task(self, request: mesh_pb2.SubmitRequest, traceparent: str) -> TaskSpec:
         _raise_if_undecodable(request)
-        return task_from_submit(request, self.dispatcher.settings.max_messages)
+        task = task_from_submit(request, self.dispatcher.settings.max_messages)
+        return dataclasses.replace(task, traceparent=traceparent) if traceparent else task
 
-    async def submit(self, request: mesh_pb2.SubmitRequest) -> mesh_pb2.SubmitResponse:
-        return result_to_proto(await self.dispatcher.submit(self._task(request)))
+    async def submit(
+        self, request: mesh_pb2.SubmitRequest, *, traceparent: str = ""
+    ) -> mesh_pb2.SubmitResponse:
+        """`traceparent`: the caller's W3C trace context (gRPC metadata), if any."""
+        return result_to_proto(await self.dispatcher.submit(self._task(request, traceparent)))
 
     async def submit_stream(
-        self, request: mesh_pb2.SubmitRequest
+        self, request: mesh_pb2.SubmitRequest, *, traceparent: str = ""
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
-        task = self._task(request)
+        task = self._task(request, traceparent)
         index = 0
         async with contextlib.aclosing(
             coalesce(self.dispatcher.stream(task), self.stream_window_s)
@@ -305,7 +311,8 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> mesh_pb2.SubmitResponse:
         try:
-            return await self.handlers.submit(request)
+            parent = incoming_traceparent(context)
+            return await self.handlers.submit(request, traceparent=parent)
         except MeshError as error:
             await abort_with_error(context, error)
 
@@ -313,7 +320,8 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
         try:
-            async for chunk in self.handlers.submit_stream(request):
+            parent = incoming_traceparent(context)
+            async for chunk in self.handlers.submit_stream(request, traceparent=parent):
                 yield chunk
         except MeshError as error:
             await abort_with_error(context, error)

@@ -56,6 +56,12 @@ class DispatcherSettings(FrozenModel):
     # the same defaults as a node's, so a request no node would take is refused at the edge.
     max_prompt_bytes: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] = DEFAULT_MAX_PROMPT_BYTES
     max_messages: Annotated[int, Field(ge=1, le=100_000)] = DEFAULT_MAX_MESSAGES
+    # Traces (mesh/core/tracing.py): the share of tasks traced when the caller sends no
+    # sampled `traceparent` (0: none, 1: all), the traces kept in memory for `mesh trace`, and
+    # where to export spans over OTLP/gRPC ("": nowhere).
+    trace_sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    traces_kept: Annotated[int, Field(ge=1, le=100_000)] = 256
+    otlp_endpoint: str = ""
 
     @property
     def receive_limit_bytes(self) -> int:

@@ -114,6 +114,7 @@ class TaskSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     caller_task_id: bool = False  # the caller chose the id (a repeat means the same task)
     tier: str | None = None  # agent tasks: the model tier to start on
+    traceparent: str = ""  # the caller's W3C trace context: the task's trace continues it
 
     @property
     def dedup_key(self) -> str:
@@ -162,7 +163,17 @@ class TaskRecord:
 
 
 class LedgerEntry:
-    __slots__ = ("attempts", "current", "error", "future", "key", "result", "state", "task_id")
+    __slots__ = (
+        "attempts",
+        "current",
+        "error",
+        "future",
+        "key",
+        "result",
+        "state",
+        "task_id",
+        "trace_id",
+    )
 
     def __init__(self, task_id: TaskId, key: str) -> None:
         self.task_id = task_id
@@ -173,6 +184,7 @@ class LedgerEntry:
         self.error: MeshError | None = None
         # The attempt in progress: (node id, node name, started at (clock), tokens so far).
         self.current: tuple[NodeId, str, float, int] | None = None
+        self.trace_id = ""  # the task's trace, where it is traced (mesh trace TASK_ID)
         self.future: asyncio.Future[TaskResult] = asyncio.get_running_loop().create_future()
         # Nobody may be waiting on it: mark a failure as seen so asyncio does not log it.
         self.future.add_done_callback(_consume)
@@ -276,6 +288,9 @@ class TaskLedger:
                 del self._by_key[oldest.key]
             self._finished -= 1
 
+    def entry(self, task_id: str) -> LedgerEntry | None:
+        return self._entries.get(TaskId(task_id))
+
     def record(self, task_id: str) -> TaskRecord:
         entry = self._entries.get(TaskId(task_id))
         if entry is None:
@@ -328,6 +343,7 @@ def build_task(
     seed: int | None = None,
     stop: Sequence[str] = (),
     tier: str | None = None,
+    traceparent: str = "",
 ) -> TaskSpec:
     """A TaskSpec from plain values (tests, benchmarks, the OpenAI ingress)."""
     sampling = node_pb2.Sampling(stop=list(stop))
@@ -358,4 +374,5 @@ def build_task(
         labels=dict(labels or {}),
         caller_task_id=bool(task_id),
         tier=tier or None,
+        traceparent=traceparent,
     )

@@ -280,6 +280,7 @@ def step_from_proto(step: node_pb2.AgentStep) -> StepRecord:
         model=step.model,
         error=step.error,
         node_id=step.node_id,
+        tool_ms=step.tool_ms,
     )
 
 
@@ -295,6 +296,7 @@ def step_to_proto(step: StepRecord) -> node_pb2.AgentStep:
         model=step.model,
         error=step.error,
         node_id=step.node_id,
+        tool_ms=step.tool_ms,
     )
 
 

@@ -26,6 +26,7 @@ class StepRecord(FrozenModel):
     model: str = ""
     error: str = ""
     node_id: str = ""
+    tool_ms: float = 0.0  # a tool_call step: how long the tool itself ran (the step's end)
     replayed: bool = False  # completed elsewhere and given back to this node
 
     def arguments(self) -> dict[str, Any]:

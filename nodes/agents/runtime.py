@@ -202,7 +202,9 @@ class AgentRuntime:
                 yield AnswerEvent(text=decision.text())
                 yield outcome(decision.text(), "answer")
                 return
+            tool_began = self._clock()
             result_json, error, idempotent = await self._execute(decision, task, index, steps)
+            tool_ms = (self._clock() - tool_began) * 1000
             steps.append(
                 StepRecord(
                     kind="tool_call",
@@ -212,6 +214,7 @@ class AgentRuntime:
                     idempotent=idempotent,
                     error=clip_error(error),
                     duration_ms=(self._clock() - step_began) * 1000,
+                    tool_ms=tool_ms,
                     **common,
                 )
             )
