@@ -11,6 +11,7 @@ from mesh.coordinator.shared_tasks import Claim, Outcome, TaskDirectory
 from mesh.coordinator.tasks import TaskRecord
 from mesh.core.errors import MeshError
 from mesh.core.ids import NodeId, TaskId
+from mesh.core.tracing import OUTGOING_TRACEPARENT
 from mesh.nodes_view import NodeSource, NodeState, NodeView
 
 ANSWER = "Paris is the capital of France and a city of art."
@@ -127,12 +128,14 @@ class FakeLink:
         self.requests: list[node_pb2.GenerateRequest] = []
         self.closed = False
         self.token_ids = True  # chunks carry their token ids (one per word), as a real node's
+        self.traceparents: list[str] = []  # what each call would send in its metadata
 
     def _next(self) -> object:
         return self.script.pop(0) if self.script else self.default
 
     def _start(self, request: node_pb2.GenerateRequest) -> str:
         self.requests.append(request)
+        self.traceparents.append(OUTGOING_TRACEPARENT.get())
         task_id = request.task.task_id
         self.calls.events.append(("start", self.node_id, task_id))
         self.calls.running[task_id] = self.calls.running.get(task_id, 0) + 1
@@ -215,6 +218,11 @@ class FakeLink:
             yield node_pb2.GenerateChunk(index=index, final=self._final(request, index))
         finally:
             self._end(task_id)
+
+    async def get_trace(
+        self, trace_id: str, *, timeout_s: float | None = None
+    ) -> node_pb2.GetTraceResponse:
+        return node_pb2.GetTraceResponse()  # a fake node records no spans of its own
 
     async def close(self) -> None:
         self.closed = True

@@ -54,6 +54,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--no-mdns", action="store_true", help="static nodes only")
     start.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
     start.add_argument("--num-cpus", type=float, help="CPUs of a locally started Ray")
+    start.add_argument(
+        "--trace-sample-ratio",
+        type=float,
+        help="share of tasks traced when the caller sends no sampled traceparent, 0..1 "
+        "(default 1: every task; `mesh trace TASK_ID` shows one)",
+    )
+    start.add_argument(
+        "--otlp-endpoint", help="also export spans over OTLP/gRPC, e.g. http://127.0.0.1:4317"
+    )
     start.set_defaults(func=_start)
     parser.set_defaults(func=lambda _args: parser.print_help() or 2)
 
@@ -111,7 +120,7 @@ def _config(args: argparse.Namespace) -> object:
         topology = default_topology()
         if args.node:  # nodes named on the command line replace the default local one
             topology = topology.model_copy(update={"nodes": ()})
-    return CoordinatorConfig.from_topology(
+    config = CoordinatorConfig.from_topology(
         topology,
         nodes=tuple(args.node),
         host=args.host,
@@ -124,6 +133,18 @@ def _config(args: argparse.Namespace) -> object:
         mdns=False if args.no_mdns else None,
         fast_path=False if args.no_fast_path else None,
     )
+    tracing = {
+        key: value
+        for key, value in (
+            ("trace_sample_ratio", args.trace_sample_ratio),
+            ("otlp_endpoint", args.otlp_endpoint),
+        )
+        if value is not None
+    }
+    if not tracing:
+        return config
+    dispatcher = config.dispatcher.model_validate({**config.dispatcher.model_dump(), **tracing})
+    return config.model_copy(update={"dispatcher": dispatcher})
 
 
 def _start(args: argparse.Namespace) -> int:

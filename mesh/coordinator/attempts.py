@@ -146,7 +146,7 @@ class Attempts:
             parent=task.traceparent,
             attributes={"task_id": task.task_id, "kind": "agent" if task.agent else "model"},
         )
-        entry.trace_id = trace_id_of(self.span)
+        entry.trace_id = trace_id_of(self.span) if self.span.is_recording() else ""
         self._finished = False
 
     def finish(self, outcome: str) -> None:
