@@ -23,13 +23,13 @@ logger = logging.getLogger(__name__)
 _generate = NodeServicer.generate
 
 
-async def _generate_with_pause(self, request):  # type: ignore[no-untyped-def]
+async def _generate_with_pause(self, request, **options):  # type: ignore[no-untyped-def]
     marked = (
         request.task.task_id.startswith(f"{PREFIX}{self.identity.name}-")
         and request.task.attempt <= 1
     )
     sent = 0
-    async for chunk in _generate(self, request):
+    async for chunk in _generate(self, request, **options):
         yield chunk
         if chunk.text:
             sent += 1

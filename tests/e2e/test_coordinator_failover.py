@@ -206,16 +206,28 @@ def _nodes_own_counts(nodes: dict[str, LocalNode]) -> list[NodeCounts]:
 def _check_exactly_once(results, nodes, killed_name: str, killed_unix_s: float) -> list:
     task_ids = [result.task_id for _q, _t, result, _at in results]
     assert len(set(task_ids)) == TASKS  # one answer per task, none lost
+    unfinished = []  # answers whole before their node died: it never sent their end
     for _question, text, result, _at in results:
         outcomes = [a.outcome for a in result.attempts]
-        assert outcomes.count(1) == 1 and outcomes[-1] == 1  # exactly one OK, and it is last
+        if outcomes[-1] != 1:
+            # The killed node had sent every token asked for, then died before the end of its
+            # stream: the answer is whole and no other node is needed (runs.TaskRun).
+            assert outcomes == [2] and result.node_name == killed_name, outcomes
+            assert result.usage.completion_tokens in (TOKENS, STREAM_TOKENS), result
+            unfinished.append(result.task_id)
+        else:
+            assert outcomes.count(1) == 1  # exactly one OK, and it is last
         assert result.node_name != killed_name or len(result.attempts) == 1
         assert text
     # The nodes' side: each task ran to its end once, on the node the coordinator says answered
     # (a result the killed node finished as it died, never sent, is the one thing excused).
     lost = [LostWindow(killed_name, killed_unix_s, killed_unix_s)]
-    verdict = check_exactly_once(task_ids, _nodes_own_counts(nodes), lost=lost)
+    verdict = check_exactly_once(
+        task_ids, _nodes_own_counts(nodes), lost=lost, may_be_unfinished=unfinished
+    )
     for _question, _text, result, _at in results:
+        if result.task_id in unfinished and not verdict.completed_on[result.task_id]:
+            continue
         assert result.node_name in verdict.completed_on[result.task_id], (
             result.task_id,
             result.node_name,
