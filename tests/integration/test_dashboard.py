@@ -101,16 +101,14 @@ async def drive(base: str, nodes, shots) -> float:
         cells = page.find_element(By.CSS_SELECTOR, row).text
         assert "done" in cells
 
-        page.find_element(By.CSS_SELECTOR, row).click()  # the task view: attempts, no trace yet
+        page.find_element(By.CSS_SELECTOR, row).click()  # the task view: attempts and trace
         await asyncio.to_thread(
-            wait_until,
-            lambda: (
-                page.find_element(By.ID, "task-trace").text in ("no trace",)
-                or "trace " in page.find_element(By.ID, "task-trace").text
-            ),
-            5,
+            wait_until, lambda: "trace " in page.find_element(By.ID, "task-trace").text, 5
         )
         assert "ok" in page.find_element(By.ID, "task-attempts").text
+        trace = page.find_element(By.ID, "task-trace").text  # the node's span, from its process
+        assert "task " in trace and "attempt " in trace and "node.generate " in trace
+        assert "[node node-a]" in trace or "[node node-b]" in trace
 
         victim = next(n for n in nodes if n.name == "node-b")
         victim.kill_hard()
