@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -64,6 +65,20 @@ def _check_range(name: str, value: float, low: float, high: float, hint: str) ->
         )
 
 
+def _checked_schema(text: str) -> str:
+    """The request's JSON schema (JSON text naming a JSON object's schema), or ""; what is
+    wrong with it, in an InvalidRequestError."""
+    if not text:
+        return ""
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidRequestError(f"json_schema is not valid JSON: {error.msg}") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("json_schema must be a JSON object (a JSON schema)")
+    return text
+
+
 def to_generation_input(
     request: node_pb2.GenerateRequest, config: NodeConfig, backends: Mapping[str, Backend]
 ) -> tuple[Backend, GenerationInput]:
@@ -80,7 +95,7 @@ def to_generation_input(
 
     check_message_count(len(request.messages), config.max_messages, "this node's")
     size = len(request.prompt.encode()) + sum(len(m.content.encode()) for m in request.messages)
-    size += len(request.continuation.encode())
+    size += len(request.continuation.encode()) + len(request.json_schema.encode())
     check_prompt_bytes(size, config.max_prompt_bytes, "this node's")
     messages = [Message(m.role, m.content) for m in request.messages]
     for index, message in enumerate(messages):
@@ -130,6 +145,7 @@ def to_generation_input(
         raw=request.raw,
         continuation=request.continuation,
         continuation_token_ids=tuple(request.continuation_token_ids),
+        json_schema=_checked_schema(request.json_schema),
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,

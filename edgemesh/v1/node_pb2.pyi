@@ -255,7 +255,7 @@ class TaskContext(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., agent: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "sampling", "task", "continuation", "raw", "continuation_token_ids", "report_waiting_ms")
+    __slots__ = ("model", "prompt", "messages", "sampling", "task", "continuation", "raw", "continuation_token_ids", "json_schema", "report_waiting_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +264,7 @@ class GenerateRequest(_message.Message):
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     REPORT_WAITING_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
@@ -273,8 +274,9 @@ class GenerateRequest(_message.Message):
     continuation: str
     raw: bool
     continuation_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    json_schema: str
     report_waiting_ms: int
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., continuation: _Optional[str] = ..., raw: _Optional[bool] = ..., continuation_token_ids: _Optional[_Iterable[int]] = ..., report_waiting_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., task: _Optional[_Union[TaskContext, _Mapping]] = ..., continuation: _Optional[str] = ..., raw: _Optional[bool] = ..., continuation_token_ids: _Optional[_Iterable[int]] = ..., json_schema: _Optional[str] = ..., report_waiting_ms: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens")

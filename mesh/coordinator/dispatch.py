@@ -89,6 +89,10 @@ class Dispatcher:
         """Model aliases served by at least one ready node."""
         return self.pool.models()
 
+    def agents(self) -> list[str]:
+        """Agents offered by at least one ready node ("auto" lets the intent router pick)."""
+        return self.pool.agents()
+
     # ------------------------------------------------------------------ tasks
 
     async def _begin(self, task: TaskSpec) -> tuple[LedgerEntry, TaskRun | AgentRun | None]:

@@ -20,6 +20,17 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from mesh.coordinator.agent_run import AgentItem
 from mesh.coordinator.dispatch import Dispatcher
+from mesh.coordinator.openai_tools import (
+    ResponseFormat,
+    ToolChoice,
+    ToolDef,
+    ToolPlan,
+    answered_calls,
+    history,
+    plan,
+    read_answer,
+    with_system,
+)
 from mesh.coordinator.service import coalesce
 from mesh.coordinator.tasks import (
     TaskResult,
@@ -52,6 +63,8 @@ class _Message(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls (openai_tools)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
@@ -82,6 +95,10 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     stream_options: _StreamOptions | None = None
     user: str | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormat | None = None
 
 
 def _first_error(error: ValidationError) -> str:
@@ -140,9 +157,13 @@ def parse_body(body: bytes) -> ChatCompletionRequest:
         raise InvalidRequestError("invalid request body: JSON nested too deeply") from None
 
 
+AGENT_MODEL_PREFIX = "agent:"  # `model: "agent:customer-service"` runs that agent
+
+
 def task_from_chat(
     body: ChatCompletionRequest, headers: Any, max_messages: int = DEFAULT_MAX_MESSAGES
-) -> TaskSpec:
+) -> tuple[TaskSpec, ToolPlan | None]:
+    """The task, and the plan for its tools or response format (None: a plain answer)."""
     if body.n != 1:
         raise InvalidRequestError(f"n must be 1 (the mesh answers once per task), got {body.n}")
     if not body.messages:
@@ -163,10 +184,31 @@ def task_from_chat(
         max_tokens, name = body.max_tokens, "max_tokens"
     check_max_tokens(max_tokens, name)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
-    return build_task(
-        messages=[{"role": m.role, "content": m.text()} for m in body.messages],
-        model=body.model,
-        agent=headers.get("x-mesh-agent") or None,
+    model, agent = body.model, headers.get("x-mesh-agent") or None
+    if model.startswith(AGENT_MODEL_PREFIX):
+        model, agent = "", model.removeprefix(AGENT_MODEL_PREFIX) or None
+    messages = [
+        {"role": m.role, "content": m.text(), "tool_calls": m.tool_calls} for m in body.messages
+    ]
+    tool_plan = plan(
+        body.tools,
+        body.tool_choice,
+        body.response_format,
+        max_tokens=max_tokens,
+        answered=answered_calls(messages),
+    )
+    if agent and tool_plan is not None:
+        raise InvalidRequestError(
+            "tools and response_format apply to a model; an agent has tools of its own "
+            f"(agent {quoted(agent, 64)})"
+        )
+    turns = history(messages)
+    if tool_plan is not None:
+        turns = with_system(turns, tool_plan.system)
+    task = build_task(
+        messages=turns,
+        model=model,
+        agent=agent,
         idempotency_key=idempotency_key,
         deadline_s=deadline_s,
         max_tokens=max_tokens,
@@ -175,7 +217,9 @@ def task_from_chat(
         seed=body.seed,
         stop=stop,
         traceparent=headers.get("traceparent", ""),
+        json_schema=tool_plan.schema if tool_plan is not None else "",
     )
+    return task, tool_plan
 
 
 def _usage(result: TaskResult) -> dict[str, int]:
@@ -227,7 +271,16 @@ def _mesh_info(result: TaskResult) -> dict[str, Any]:
     return info
 
 
-def completion_body(result: TaskResult, model: str) -> dict[str, Any]:
+def completion_body(
+    result: TaskResult, model: str, tool_plan: ToolPlan | None = None
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result.text}
+    finish = result.finish_reason or "stop"
+    if tool_plan is not None and tool_plan.wrapped:
+        answer = read_answer(result.text, tool_plan, result.task_id, finish)
+        message["content"], finish = answer.content, answer.finish_reason
+        if answer.tool_calls:
+            message["tool_calls"] = answer.tool_calls
     return {
         "id": f"chatcmpl-{result.task_id}",
         "object": "chat.completion",
@@ -236,8 +289,8 @@ def completion_body(result: TaskResult, model: str) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason or "stop",
+                "message": message,
+                "finish_reason": finish,
                 "logprobs": None,
             }
         ],
@@ -247,8 +300,14 @@ def completion_body(result: TaskResult, model: str) -> dict[str, Any]:
 
 
 async def sse_events(
-    items: AsyncIterator[AgentItem], task: TaskSpec, model: str, include_usage: bool
+    items: AsyncIterator[AgentItem],
+    task: TaskSpec,
+    model: str,
+    include_usage: bool,
+    tool_plan: ToolPlan | None = None,
 ) -> AsyncIterator[str]:
+    """OpenAI's chunks. With tools the answer arrives whole (runs.TaskRun takes JSON answers
+    whole) and goes out as one content delta or one tool-call delta."""
     base = {
         "id": f"chatcmpl-{task.task_id}",
         "object": "chat.completion.chunk",
@@ -265,12 +324,25 @@ async def sse_events(
         return f"data: {json.dumps(chunk)}\n\n"
 
     yield event({"role": "assistant", "content": ""})
+    tools = tool_plan is not None and tool_plan.wrapped
+    held: list[str] = []
     try:
         async for item in items:
-            if isinstance(item, str):
+            if isinstance(item, str) and tools:
+                held.append(item)
+            elif isinstance(item, str):
                 yield event({"content": item})
             elif isinstance(item, TaskResult):  # agent steps are not part of the OpenAI stream
-                yield event({}, item.finish_reason or "stop", mesh=_mesh_info(item))
+                finish = item.finish_reason or "stop"
+                if tools:
+                    assert tool_plan is not None
+                    answer = read_answer("".join(held), tool_plan, item.task_id, finish)
+                    finish = answer.finish_reason
+                    for index, call in enumerate(answer.tool_calls):
+                        yield event({"tool_calls": [{"index": index, **call}]})
+                    if answer.content is not None:
+                        yield event({"content": answer.content})
+                yield event({}, finish, mesh=_mesh_info(item))
                 if include_usage:
                     yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(item)})}\n\n"
     except MeshError as error:
@@ -319,11 +391,17 @@ def build_openai_app(
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
+        """Models, then agents as `agent:NAME` (and `agent:auto` while there are agents):
+        choosing one as the model runs that agent."""
+        agents = dispatcher.agents()
+        ids = dispatcher.models() + [
+            f"{AGENT_MODEL_PREFIX}{name}" for name in [*agents, *(["auto"] if agents else [])]
+        ]
         return {
             "object": "list",
             "data": [
-                {"id": model, "object": "model", "created": 0, "owned_by": "edge-agent-mesh"}
-                for model in dispatcher.models()
+                {"id": name, "object": "model", "created": 0, "owned_by": "edge-agent-mesh"}
+                for name in ids
             ],
         }
 
@@ -332,7 +410,7 @@ def build_openai_app(
         settings = dispatcher.settings
         try:
             body = parse_body(await read_body(request, settings.http_body_limit_bytes))
-            task = task_from_chat(body, request.headers, settings.max_messages)
+            task, tool_plan = task_from_chat(body, request.headers, settings.max_messages)
         except _BodyTooLarge as error:
             return error_response(InvalidRequestError(f"{error}; shorten the prompt"), 413)
         except MeshError as error:
@@ -345,7 +423,7 @@ def build_openai_app(
             except MeshError as error:
                 return error_response(error)
             return StreamingResponse(
-                sse_events(_prepend(first, items), task, body.model, include_usage),
+                sse_events(_prepend(first, items), task, body.model, include_usage, tool_plan),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -353,7 +431,7 @@ def build_openai_app(
             result = await dispatcher.submit(task)
         except MeshError as error:
             return error_response(error)
-        return JSONResponse(completion_body(result, body.model))
+        return JSONResponse(completion_body(result, body.model, tool_plan))
 
     add_dashboard(app, dispatcher)  # /dashboard (mesh/observe/dashboard_api.py)
     return app

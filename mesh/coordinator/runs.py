@@ -48,6 +48,10 @@ class TaskRun:
         self._ids_model_hash = ""
         self._final: tuple[Attempt, node_pb2.GenerateResponse] | None = None
         self._broken: Attempt | None = None  # streams: the last attempt that broke
+        # JSON constrained by a schema (tools, response_format) is taken whole: an attempt's
+        # text is passed on only once its node ended it, and a broken attempt is run again
+        # from the start (the grammar cannot continue another node's half-written JSON).
+        self._whole = bool(task.request.json_schema)
 
     def _request(self, attempt: Attempt) -> node_pb2.GenerateRequest:
         request = node_pb2.GenerateRequest()
@@ -123,6 +127,7 @@ class TaskRun:
 
     async def _call_stream(self, link: NodeLink, attempt: Attempt) -> AsyncGenerator[str, None]:
         chunks = link.stream_request(self._request(attempt), timeout_s=attempt.rpc_timeout_s)
+        held: list[str] = []  # a whole answer's text, until its node ends it
         try:
             async for chunk in chunks:
                 if chunk.waiting:
@@ -133,8 +138,15 @@ class TaskRun:
                         attempt.tokens = chunk.final.usage.completion_tokens
                     self._final = (attempt, chunk.final)
                     attempt.answered = True
+                    if held:
+                        self._sent.append("".join(held))
+                        yield self._sent[-1]
                     return
-                if chunk.text:
+                if chunk.text and self._whole:
+                    held.append(chunk.text)
+                    attempt.progress(chunk_tokens(chunk))
+                    yield WAITING  # progress, kept back until the answer is whole
+                elif chunk.text:
                     self._sent.append(chunk.text)
                     self._took(attempt, chunk)
                     attempt.progress(chunk_tokens(chunk))
@@ -143,6 +155,8 @@ class TaskRun:
             await chunks.aclose()  # type: ignore[attr-defined]
 
     def _after_failure(self, attempt: Attempt) -> bool:
+        if self._whole:
+            return True  # nothing of it was passed on: the next attempt starts afresh
         if attempt.tokens and not self.settings.resume_streams:
             raise self.attempts.failure(
                 f"the stream broke after {attempt.tokens} tokens and resuming is off"

@@ -85,6 +85,7 @@ def check_prompt_limits(
     refused at the edge, before it costs a node anything, and never retried."""
     check_message_count(len(request.messages), max_messages, "the coordinator's")
     size = len(request.prompt.encode()) + sum(len(m.content.encode()) for m in request.messages)
+    size += len(request.json_schema.encode())
     check_prompt_bytes(size, max_prompt_bytes, "the coordinator's")
 
 
@@ -344,6 +345,7 @@ def build_task(
     stop: Sequence[str] = (),
     tier: str | None = None,
     traceparent: str = "",
+    json_schema: str = "",
 ) -> TaskSpec:
     """A TaskSpec from plain values (tests, benchmarks, the OpenAI ingress)."""
     sampling = node_pb2.Sampling(stop=list(stop))
@@ -360,6 +362,7 @@ def build_task(
         model=model or "",
         prompt=prompt,
         sampling=sampling,
+        json_schema=json_schema,
         messages=[
             node_pb2.ChatMessage(role=m["role"], content=m.get("content", "")) for m in messages
         ],
