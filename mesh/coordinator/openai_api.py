@@ -1,4 +1,5 @@
-"""An OpenAI-compatible HTTP API over a Dispatcher: `/v1/models` and `/v1/chat/completions`.
+"""An OpenAI-compatible HTTP API over a Dispatcher: `/v1/models`, `/v1/chat/completions` (with
+tools: openai_tools.py) and `/v1/responses` (openai_responses.py).
 
 Usable by the official `openai` client unmodified (`base_url=http://HOST:PORT/v1`). Streams are
 server-sent events in OpenAI's chunk format ending with `data: [DONE]`; errors use OpenAI's
@@ -125,23 +126,23 @@ def error_response(error: MeshError, status: int | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status or default_status)
 
 
-class _BodyTooLarge(Exception):
+class BodyTooLarge(Exception):
     """The request body is over the coordinator's limit (answered 413)."""
 
 
 async def read_body(request: Request, limit_bytes: int) -> bytes:
-    """The request body, read no further than `limit_bytes` (_BodyTooLarge beyond): a declared
+    """The request body, read no further than `limit_bytes` (BodyTooLarge beyond): a declared
     Content-Length over the limit is refused before anything is read."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit_bytes:
-        raise _BodyTooLarge(
+        raise BodyTooLarge(
             f"the request body is {declared} bytes, over the limit of {limit_bytes}"
         )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit_bytes:
-            raise _BodyTooLarge(f"the request body is over the limit of {limit_bytes} bytes")
+            raise BodyTooLarge(f"the request body is over the limit of {limit_bytes} bytes")
     return bytes(body)
 
 
@@ -411,7 +412,7 @@ def build_openai_app(
         try:
             body = parse_body(await read_body(request, settings.http_body_limit_bytes))
             task, tool_plan = task_from_chat(body, request.headers, settings.max_messages)
-        except _BodyTooLarge as error:
+        except BodyTooLarge as error:
             return error_response(InvalidRequestError(f"{error}; shorten the prompt"), 413)
         except MeshError as error:
             return error_response(error)
@@ -434,4 +435,9 @@ def build_openai_app(
         return JSONResponse(completion_body(result, body.model, tool_plan))
 
     add_dashboard(app, dispatcher)  # /dashboard (mesh/observe/dashboard_api.py)
+    # /v1/responses: a module of its own over this one's chat path (imported here: it imports
+    # this module)
+    from mesh.coordinator.openai_responses import add_responses
+
+    add_responses(app, dispatcher, stream_window_s=stream_window_s)
     return app

@@ -112,13 +112,18 @@ class CoordinatorThread:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def base_url(tmp_path_factory):
     directory = tmp_path_factory.mktemp("nodes")
     with (
         running_nodes(directory, ["node-a"], timeout_s=180) as nodes,
         CoordinatorThread([n.address for n in nodes]) as coordinator,
     ):
-        yield openai.OpenAI(base_url=coordinator.base_url, api_key="unused", max_retries=0)
+        yield coordinator.base_url
+
+
+@pytest.fixture
+def client(base_url):
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
 
 
 def chat(client, **options):
@@ -256,3 +261,99 @@ def test_agents_are_models_and_the_header_still_works(client):
     as_header = chat(client, messages=question, extra_headers={"X-Mesh-Agent": "customer-service"})
     assert as_header.model_extra["mesh"]["agent"] == "customer-service"
     assert as_header.choices[0].message.content == as_model.choices[0].message.content
+
+
+RESPONSES_WEATHER = {"type": "function", **WEATHER["function"]}
+RESULT = '{"sky": "sunny", "celsius": 21}'
+
+
+def respond(client, **options):
+    options.setdefault("model", "smollm2")
+    options.setdefault("temperature", 0)
+    options.setdefault("max_output_tokens", 96)
+    return client.responses.create(timeout=120, **options)
+
+
+def test_a_responses_round_trip_with_a_function_tool(client):
+    first = respond(
+        client,
+        input="What is the weather in Paris?",
+        instructions="You answer questions about the weather.",
+        tools=[RESPONSES_WEATHER],
+        tool_choice="required",
+    )
+    assert first.status == "completed" and first.id.startswith("resp_")
+    (call,) = first.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    # The result, continuing the stored response...
+    stored = respond(
+        client,
+        previous_response_id=first.id,
+        instructions="You answer questions about the weather.",
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": RESULT}],
+        tools=[RESPONSES_WEATHER],
+    )
+    # ... or with the whole conversation sent again (store: false keeps nothing).
+    replayed = respond(
+        client,
+        store=False,
+        instructions="You answer questions about the weather.",
+        input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "What is the weather in Paris?"}]},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": RESULT},
+        ],
+        tools=[RESPONSES_WEATHER],
+    )  # fmt: skip
+    for answer in (stored, replayed):
+        assert [item.type for item in answer.output] == ["message"]
+        assert "21" in answer.output_text or "sunny" in answer.output_text.lower()
+    assert stored.output_text == replayed.output_text
+    with pytest.raises(openai.NotFoundError, match="previous_response_id"):
+        respond(client, previous_response_id=replayed.id, input="And tomorrow?")
+
+
+def test_a_streamed_response_sends_the_standard_events(client):
+    events = list(
+        respond(
+            client,
+            input="What is the weather in Paris?",
+            tools=[RESPONSES_WEATHER],
+            tool_choice="required",
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed"
+    assert "response.function_call_arguments.delta" in kinds
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert json.loads(done.arguments) == {"city": "Paris"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = list(respond(client, input="What is the capital city of France?", stream=True))
+    deltas = "".join(e.delta for e in text if e.type == "response.output_text.delta")
+    assert "Paris" in deltas and text[-1].response.output_text == deltas
+
+
+def test_microsoft_agent_framework_agents_call_a_python_tool_through_the_mesh(base_url):
+    from agent_framework import Agent
+    from agent_framework.openai import OpenAIChatClient, OpenAIChatCompletionClient
+
+    asked: list[str] = []
+
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        asked.append(city)
+        return "sunny, 21 degrees Celsius"
+
+    for make in (OpenAIChatCompletionClient, OpenAIChatClient):  # chat completions, Responses
+        asked.clear()
+        agent = Agent(
+            make(model="smollm2", base_url=base_url, api_key="unused"),
+            instructions="You answer questions about the weather.",
+            tools=[get_weather],
+        )
+        reply = asyncio.run(asyncio.wait_for(agent.run("What is the weather in Paris?"), 180))
+        assert asked == ["Paris"], (make.__name__, asked, reply.text)
+        assert "21" in reply.text or "sunny" in reply.text.lower(), (make.__name__, reply.text)
