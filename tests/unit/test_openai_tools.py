@@ -176,3 +176,30 @@ def test_reading_the_answer_back():
     assert (cut.content, cut.finish_reason) == ('{"final": "Sun', "length")
     undeclared = read_answer('{"tool": "rm_rf", "arguments": {}}', tool_plan, "t1", "stop")
     assert undeclared.tool_calls == []  # never a call of a function the caller did not declare
+
+
+def test_a_json_answer_that_breaks_mid_way_is_run_again_whole_never_continued():
+    import asyncio
+
+    from mesh.coordinator.tasks import AttemptOutcome, TaskResult, build_task
+    from mesh.core.errors import UnavailableError
+    from tests.coordinator_fakes import ANSWER, Fail, FakeMesh, view
+    from tests.unit.test_dispatcher import make
+
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", Fail(UnavailableError("node killed"), after_pieces=3))
+        dispatcher = make(mesh, view("a"), view("b"))
+        task = build_task("hi", model="m", json_schema='{"type": "object"}')
+        items = [item async for item in dispatcher.stream(task)]
+        await dispatcher.close()
+        return mesh, items
+
+    mesh, items = asyncio.run(asyncio.wait_for(scenario(), 10))
+    *texts, result = items
+    assert isinstance(result, TaskResult)
+    assert texts == [ANSWER]  # one piece: node b's whole answer, nothing of node a's
+    assert [a.outcome for a in result.attempts] == [AttemptOutcome.UNAVAILABLE, AttemptOutcome.OK]
+    again = mesh.links["b"].requests[0]
+    assert again.continuation == "" and not again.continuation_token_ids  # from the start
+    assert again.json_schema == '{"type": "object"}'
