@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.openai_api import (
-    ChatCompletionRequest,
     BodyTooLarge,
+    ChatCompletionRequest,
     error_body,
     error_response,
     read_body,

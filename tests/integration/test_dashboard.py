@@ -15,15 +15,12 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from mesh.coordinator.dispatch import Dispatcher
-from mesh.coordinator.openai_api import build_openai_app
 from mesh.coordinator.settings import DispatcherSettings
-from mesh.registry import NodeRegistry
+from tests.coordinator_app import coordinator_app
 from tests.mesh_processes import running_nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -59,26 +56,9 @@ def test_dashboard_lists_nodes_shows_a_task_and_marks_a_killed_node_gone(tmp_pat
     with running_nodes(tmp_path, ["node-a", "node-b"], fake=True, model="smollm2") as nodes:
 
         async def scenario():
-            registry = NodeRegistry(static_addresses=[n.address for n in nodes])
-            dispatcher = Dispatcher(DispatcherSettings(deadline_s=30))
-            registry.subscribe(lambda _event: dispatcher.update_nodes(registry.snapshot()))
-            await registry.start()
-            app = build_openai_app(dispatcher)
-            server = uvicorn.Server(
-                uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-            )
-            serving = asyncio.create_task(server.serve())
-            try:
-                async with asyncio.timeout(20):
-                    while not server.started:
-                        await asyncio.sleep(0.05)
-                port = server.servers[0].sockets[0].getsockname()[1]
-                return await drive(f"http://127.0.0.1:{port}", nodes, tmp_path)
-            finally:
-                server.should_exit = True
-                await asyncio.wait_for(serving, 10)
-                await dispatcher.close()
-                await registry.stop()
+            settings = DispatcherSettings(deadline_s=30)
+            async with coordinator_app([n.address for n in nodes], settings) as app:
+                return await drive(app.base, nodes, tmp_path)
 
         gone_after_s = asyncio.run(asyncio.wait_for(scenario(), 200))
     assert gone_after_s < 2.0

@@ -14,12 +14,8 @@ import threading
 
 import openai
 import pytest
-import uvicorn
 
-from mesh.coordinator.dispatch import Dispatcher
-from mesh.coordinator.openai_api import build_openai_app
-from mesh.coordinator.settings import DispatcherSettings
-from mesh.registry import NodeRegistry
+from tests.coordinator_app import coordinator_app
 from tests.mesh_processes import running_nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -73,29 +69,10 @@ class CoordinatorThread:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        registry = NodeRegistry(static_addresses=self.addresses)
-        dispatcher = Dispatcher(DispatcherSettings(deadline_s=120, attempt_timeout_s=60))
-        registry.subscribe(lambda _event: dispatcher.update_nodes(registry.snapshot()))
-        await registry.start()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                build_openai_app(dispatcher), host="127.0.0.1", port=0, log_level="warning"
-            )
-        )
-        serving = asyncio.create_task(server.serve())
-        try:
-            async with asyncio.timeout(60):
-                while not server.started or not dispatcher.models():
-                    await asyncio.sleep(0.05)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            self.base_url = f"http://127.0.0.1:{port}/v1"
+        async with coordinator_app(self.addresses) as app:
+            self.base_url = f"{app.base}/v1"
             self.ready.set()
             await self._stop.wait()
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(serving, 10)
-            await dispatcher.close()
-            await registry.stop()
 
     def __enter__(self) -> CoordinatorThread:
         self.thread.start()

@@ -17,29 +17,14 @@ import sys
 
 import httpx
 import pytest
-import uvicorn
 
-from mesh.coordinator.dispatch import Dispatcher
-from mesh.coordinator.openai_api import build_openai_app
-from mesh.coordinator.settings import DispatcherSettings
-from mesh.registry import NodeRegistry
+from tests.coordinator_app import coordinator_app
 from tests.mesh_processes import running_nodes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
-
-
-async def serving(app):
-    """uvicorn on 127.0.0.1 port 0: (server, serving task, base URL)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(20):
-        while not server.started:
-            await asyncio.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, task, f"127.0.0.1:{port}"
 
 
 def mesh_trace(*args: str) -> subprocess.CompletedProcess[str]:
@@ -55,45 +40,36 @@ def test_an_agent_task_is_one_trace_across_coordinator_and_node(tmp_path):
     with running_nodes(tmp_path, ["node-a"], timeout_s=180) as nodes:
 
         async def scenario():
-            registry = NodeRegistry(static_addresses=[n.address for n in nodes])
-            dispatcher = Dispatcher(DispatcherSettings(deadline_s=120, attempt_timeout_s=60))
-            registry.subscribe(lambda _event: dispatcher.update_nodes(registry.snapshot()))
-            await registry.start()
-            server, serving_task, address = await serving(build_openai_app(dispatcher))
-            try:
-                async with asyncio.timeout(30):
-                    while not dispatcher.models():
-                        await asyncio.sleep(0.1)
-                async with httpx.AsyncClient(base_url=f"http://{address}", timeout=120) as http:
-                    reply = await http.post(
-                        "/v1/chat/completions",
-                        json={
-                            "model": "smollm2",
-                            "messages": [
-                                {"role": "user", "content": "What is the status of order 1042?"}
-                            ],
-                        },
-                        headers={
-                            "X-Mesh-Agent": "customer-service",
-                            "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01",
-                        },
-                    )
-                    assert reply.status_code == 200, reply.text
-                    task_id = reply.json()["mesh"]["task_id"]
-                    task = (await http.get(f"/dashboard/api/tasks/{task_id}")).json()
-                    trace = await http.get(f"/v1/mesh/traces/{task_id}")
-                    assert trace.status_code == 200, trace.text
-                    missing = await http.get("/v1/mesh/traces/no-such-task")
+            async with (
+                coordinator_app([n.address for n in nodes]) as app,
+                httpx.AsyncClient(base_url=app.base, timeout=120) as http,
+            ):
+                reply = await http.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": "smollm2",
+                        "messages": [
+                            {"role": "user", "content": "What is the status of order 1042?"}
+                        ],
+                    },
+                    headers={
+                        "X-Mesh-Agent": "customer-service",
+                        "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01",
+                    },
+                )
+                assert reply.status_code == 200, reply.text
+                task_id = reply.json()["mesh"]["task_id"]
+                task = (await http.get(f"/dashboard/api/tasks/{task_id}")).json()
+                trace = await http.get(f"/v1/mesh/traces/{task_id}")
+                assert trace.status_code == 200, trace.text
+                missing = await http.get("/v1/mesh/traces/no-such-task")
                 assert missing.status_code == 404
                 assert "no trace" in missing.json()["error"]["message"]
-                printed = await asyncio.to_thread(mesh_trace, task_id, "--http", address)
-                as_json = await asyncio.to_thread(mesh_trace, task_id, "--http", address, "--json")
+                printed = await asyncio.to_thread(mesh_trace, task_id, "--http", app.address)
+                as_json = await asyncio.to_thread(
+                    mesh_trace, task_id, "--http", app.address, "--json"
+                )
                 return task, trace.json(), printed, as_json
-            finally:
-                server.should_exit = True
-                await asyncio.wait_for(serving_task, 10)
-                await dispatcher.close()
-                await registry.stop()
 
         task, trace, printed, as_json = asyncio.run(asyncio.wait_for(scenario(), 240))
 
