@@ -135,9 +135,7 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
     Content-Length over the limit is refused before anything is read."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit_bytes:
-        raise BodyTooLarge(
-            f"the request body is {declared} bytes, over the limit of {limit_bytes}"
-        )
+        raise BodyTooLarge(f"the request body is {declared} bytes, over the limit of {limit_bytes}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
