@@ -18,7 +18,7 @@ from mesh.client import NodeClient
 from mesh.core.channels import PLAINTEXT, ChannelSecurity, create_channel
 from mesh.core.errors import DeadlineExceededError, MeshError, UnavailableError
 from mesh.core.ids import NodeId
-from mesh.core.records import accelerator_kinds
+from mesh.core.records import accelerator_kinds, served_models
 from mesh.node_table import NodeDetails, ProbeResult, ProbeStatus
 
 logger = logging.getLogger("mesh.registry")
@@ -46,15 +46,16 @@ class Prober(Protocol):
 
 
 def details_from_describe(reply: node_pb2.DescribeResponse) -> NodeDetails:
-    """The proto-free summary of a Describe reply (only models that are ready count)."""
-    ready = node_pb2.MODEL_STATE_READY
+    """The proto-free summary of a Describe reply (models ready, or loaded when asked)."""
+    served, loaded = served_models(reply.models)
     hardware = reply.hardware
     return NodeDetails(
         node_id=NodeId(reply.node.node_id),
         name=reply.node.name or reply.node.node_id,
         cluster=reply.node.cluster,
         protocol_version=reply.node.protocol_version,
-        models=tuple(m.model_id for m in reply.models if m.state == ready),
+        models=served,
+        loaded_models=loaded,
         agents=tuple(a.name for a in reply.agents),
         labels=dict(reply.node.labels),
         in_flight=reply.load.in_flight,
@@ -68,7 +69,9 @@ def details_from_describe(reply: node_pb2.DescribeResponse) -> NodeDetails:
         accelerators=accelerator_kinds(
             (gpu.vendor for gpu in hardware.gpus), hardware.onnx_providers
         ),
-        model_hashes={m.model_id: m.sha256 for m in reply.models if m.state == ready and m.sha256},
+        model_hashes={
+            m.model_id: m.sha256 for m in reply.models if m.model_id in loaded and m.sha256
+        },
         default_model=next((m.model_id for m in reply.models if m.is_default), ""),
     )
 

@@ -31,7 +31,8 @@ class NodeView(FrozenModel):
     state: NodeState
     source: NodeSource
     cluster: str = ""
-    models: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # served: loaded, or loaded when asked for
+    loaded_models: tuple[str, ...] = ()  # of those, resident now (the pool prefers these)
     agents: tuple[str, ...] = ()
     labels: dict[str, str] = Field(default_factory=dict)
     in_flight: int = 0

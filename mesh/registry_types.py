@@ -24,6 +24,7 @@ class NodeDetails(FrozenModel):
     cluster: str = ""
     protocol_version: int = 0
     models: tuple[str, ...] = ()
+    loaded_models: tuple[str, ...] = ()  # of `models`, those resident now
     agents: tuple[str, ...] = ()
     labels: dict[str, str] = Field(default_factory=dict)
     in_flight: int = 0

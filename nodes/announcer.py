@@ -34,6 +34,7 @@ from mesh.core.records import (
     accelerator_kinds,
     coarse_load_percent,
     is_valid_item,
+    served_models,
 )
 
 if TYPE_CHECKING:
@@ -73,16 +74,18 @@ def service_instance_name(record: NodeRecord, service_type: str = SERVICE_TYPE) 
 def record_from_describe(
     reply: node_pb2.DescribeResponse, *, grpc_port: int, incarnation: str
 ) -> NodeRecord:
-    """The TXT summary of a node's own Describe reply (ready models only; no secrets in it)."""
+    """The TXT summary of a node's own Describe reply (the models it serves, and which of them
+    are loaded; no secrets in it)."""
     hardware, load, capacity = reply.hardware, reply.load, reply.capacity
-    ready = node_pb2.MODEL_STATE_READY
+    served, loaded = served_models(reply.models)
     return NodeRecord(
         node_id=NodeId(reply.node.node_id),
         name=reply.node.name[:MAX_NAME_CHARS] or reply.node.node_id,
         cluster=reply.node.cluster or "default",
         grpc_port=grpc_port,
         incarnation=incarnation,
-        models=tuple(m.model_id for m in reply.models if m.state == ready),
+        models=served,
+        loaded_models=loaded,
         agents=tuple(a.name for a in reply.agents),
         cores=hardware.logical_cores or hardware.physical_cores,
         ram_gb=round(hardware.memory_total_bytes / 1e9, 1),

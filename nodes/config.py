@@ -66,6 +66,8 @@ class ModelConfig(FrozenModel):
     continuation_mode: Literal["prefill", "continue_final_message"] = "prefill"
     # openai: how a JSON schema is sent (json_object: llama-cpp-python's server).
     response_format: Literal["json_schema", "json_object"] = "json_schema"
+    # Kept loaded whatever the caps and idle_unload_s say (nodes/model_manager.py).
+    pinned: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -154,6 +156,12 @@ class NodeConfig(FrozenModel):
     # (the daemon logs the one it bound). Loopback by default: metrics_host to expose it.
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     metrics_host: str = "127.0.0.1"
+    # Models on demand (nodes/model_manager.py): what may be resident at once (None: no cap),
+    # the least recently used unloaded to make room; a model nobody asked for this long is
+    # unloaded (None: never). Pinned models always stay.
+    max_loaded_models: Annotated[int, Field(ge=1, le=1000)] | None = None
+    max_model_memory_mb: Annotated[int, Field(ge=1)] | None = None
+    idle_unload_s: Annotated[float, Field(gt=0)] | None = None
     # Traces (mesh/core/tracing.py): the share of traces that begin on this node to record
     # (a request with a sampled `traceparent` is recorded whatever this says); the node keeps
     # its recent spans for GetTrace, and also exports them over OTLP/gRPC to otlp_endpoint.

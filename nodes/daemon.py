@@ -39,6 +39,7 @@ from nodes.backends.onnx import BACKEND_NAME as ONNX_BACKEND
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, probe_hardware
 from nodes.model_files import resolve_gguf
+from nodes.model_manager import ModelManager
 from nodes.router import ROUTER_ALIAS
 from nodes.service import NodeIdentity, NodeServicer
 from nodes.task_counts import JOURNAL_NAME, TaskCounts
@@ -112,6 +113,23 @@ def build_backends(config: NodeConfig) -> dict[str, Backend]:
     return backends
 
 
+def model_manager(
+    config: NodeConfig, backends: Mapping[str, Backend], say: Callable[[str], None]
+) -> ModelManager:
+    """The node's ModelManager: its GGUF models under the config's caps; ONNX models (the
+    router) and upstreams always loaded."""
+    gguf = {m.id for m in config.models if m.kind not in ("onnx", "openai")}
+    return ModelManager(
+        backends,
+        pinned=frozenset(m.id for m in config.models if m.pinned),
+        unmanaged=frozenset(m for m in backends if m not in gguf),
+        max_loaded_models=config.max_loaded_models,
+        max_model_memory_mb=config.max_model_memory_mb,
+        idle_unload_s=config.idle_unload_s,
+        say=say,
+    )
+
+
 def serves_tensor_models(backends: Mapping[str, Backend]) -> bool:
     """Whether a model takes Infer's input tensors, which may be megabytes: an ONNX model other
     than the bundled intent router (which takes a string)."""
@@ -142,6 +160,7 @@ class NodeDaemon:
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0  # bound when config.metrics_port is set
+        self._idle_unloader: asyncio.Task[None] | None = None
         self.servicer: NodeServicer | None = None
         self._announcer_factory = announcer_factory
         self._announcer: Announcer | None = None
@@ -177,8 +196,15 @@ class NodeDaemon:
             protocol_version=PROTOCOL_VERSION,
             started_at_unix_s=time.time(),
         )
+        self.models = model_manager(self.config, self.backends, self._say)
         self.servicer = NodeServicer(
-            identity, self.config, self.backends, None, self.admission, counts=self.counts
+            identity,
+            self.config,
+            self.backends,
+            None,
+            self.admission,
+            counts=self.counts,
+            models=self.models,
         )
         await self.servicer.agents.open()  # agents' data store: seeded on first start
         node_pb2_grpc.add_NodeServiceServicer_to_server(self.servicer, self._server)
@@ -207,7 +233,8 @@ class NodeDaemon:
                 "/metrics"
             )
         try:
-            await self._load_models()
+            await self.models.start()
+            self._idle_unloader = asyncio.create_task(self.models.run_idle_unloader())
         finally:
             self.hardware = self.servicer.hardware = await probe
         for service in ("", NODE_SERVICE_NAME):
@@ -219,18 +246,6 @@ class NodeDaemon:
         if self.config.advertise and self._announcer_factory is not None:
             self._announcer = self._announcer_factory(self)
             await self._announcer.start()
-
-    async def _load_models(self) -> None:
-        for model_id, backend in self.backends.items():
-            began = time.perf_counter()
-            self._say(f"loading model {model_id} from {backend.descriptor.source} ...")
-            await backend.load()
-            size_mb = backend.descriptor.size_bytes / 1e6
-            self._say(
-                f"model {model_id} ready ({size_mb:.1f} MB, "
-                f"{backend.descriptor.family or 'unknown family'}) "
-                f"in {time.perf_counter() - began:.2f} s"
-            )
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -250,6 +265,9 @@ class NodeDaemon:
             except TimeoutError:
                 logger.warning("mDNS goodbye did not finish within 5 s")
         await self._server.stop(self.config.grace_s)
+        if self._idle_unloader is not None:
+            self._idle_unloader.cancel()
+            await asyncio.gather(self._idle_unloader, return_exceptions=True)
         for backend in self.backends.values():
             await backend.close()
         self.counts.close()

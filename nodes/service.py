@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -35,6 +35,7 @@ from nodes.backends import ROLES, Backend, Completion, GenerationInput, Message,
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, system_load
 from nodes.metrics import NodeMetrics
+from nodes.model_manager import ModelManager
 from nodes.task_counts import TaskCounts, TaskEvent
 from nodes.traces import step_spans
 
@@ -80,9 +81,15 @@ def _checked_schema(text: str) -> str:
 
 
 def to_generation_input(
-    request: node_pb2.GenerateRequest, config: NodeConfig, backends: Mapping[str, Backend]
+    request: node_pb2.GenerateRequest,
+    config: NodeConfig,
+    backends: Mapping[str, Backend],
+    *,
+    on_demand: Callable[[str], bool] = lambda _model_id: False,
 ) -> tuple[Backend, GenerationInput]:
-    """Validate a request against the node's limits; InvalidRequestError/NotFoundError say what to change."""
+    """Validate a request against the node's limits; InvalidRequestError/NotFoundError say
+    what to change. A model that is not loaded is fine where `on_demand` says the node loads
+    it when asked (nodes/model_manager.py)."""
     model_id = request.model or config.default_model_id
     backend = backends.get(model_id)
     if backend is None:
@@ -90,7 +97,7 @@ def to_generation_input(
         raise NotFoundError(
             f"model {quoted(model_id)} is not served by this node; it serves: {known}"
         )
-    if backend.status is not ModelStatus.READY:
+    if backend.status is not ModelStatus.READY and not on_demand(model_id):
         raise NotReadyError(f"model {model_id!r} is {backend.status.value}; retry when it is ready")
 
     check_message_count(len(request.messages), config.max_messages, "this node's")
@@ -181,6 +188,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         counts: TaskCounts | None = None,
         metrics: NodeMetrics | None = None,
         tracing: Tracing | None = None,
+        models: ModelManager | None = None,
     ) -> None:
         self.identity = identity
         self.metrics = metrics if metrics is not None else NodeMetrics()
@@ -192,6 +200,8 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         )
         self.config = config
         self.backends = backends
+        # What is resident, and loading on demand (no caps unless the daemon's config says).
+        self.models = models or ModelManager(backends)
         self.hardware = hardware
         self.admission = admission
         # What this node did per task id (nodes/task_counts.py); Describe shows it on request.
@@ -202,6 +212,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             if agents is not None
             else AgentHost.from_config(config, backends, identity.node_id, counts=self.counts)
         )
+        self.agents.runtime.on_demand = self.models.on_demand
         self.metrics.watch(self._live_state)
 
     # ------------------------------------------------------------------ gRPC edge
@@ -259,18 +270,19 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             async with self.admission.ticket() as ticket:
                 async for _ in _wait_reporting(ticket, request.report_waiting_ms):
                     yield node_pb2.AgentEvent(waiting=True)
-                self.counts.record(task_id, TaskEvent.AGENT_RUN_STARTED)
-                async for event in self.agents.run(request):
-                    if event.HasField("step"):
-                        step = event.step
-                        self.metrics.agent_step(
-                            request.agent, step.kind, step.call.tool, step.error
-                        )
-                        step_spans(self.tracing, span, step)
-                    if event.HasField("result"):
-                        self.counts.record(task_id, TaskEvent.AGENT_RUN_COMPLETED)
-                        outcome = "ok"
-                    yield event
+                async with self.models.use(self.agents.model_for(request)):
+                    self.counts.record(task_id, TaskEvent.AGENT_RUN_STARTED)
+                    async for event in self.agents.run(request):
+                        if event.HasField("step"):
+                            step = event.step
+                            self.metrics.agent_step(
+                                request.agent, step.kind, step.call.tool, step.error
+                            )
+                            step_spans(self.tracing, span, step)
+                        if event.HasField("result"):
+                            self.counts.record(task_id, TaskEvent.AGENT_RUN_COMPLETED)
+                            outcome = "ok"
+                        yield event
         except MeshError as error:
             outcome = error.grpc_code_name.lower()
             await abort_with_error(context, error)
@@ -401,6 +413,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 family=d.family,
                 quantization=d.quantization,
                 sha256=d.sha256,
+                on_demand=self.models.on_demand(model_id),
             )
             inference.describe_tensor_model(backend, info)  # task, inputs, outputs, labels
             models.append(info)
@@ -471,41 +484,44 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
     async def _generate(
         self, request: node_pb2.GenerateRequest
     ) -> AsyncGenerator[node_pb2.GenerateChunk, None]:
-        backend, generation = to_generation_input(request, self.config, self.backends)
+        backend, generation = to_generation_input(
+            request, self.config, self.backends, on_demand=self.models.on_demand
+        )
         arrived = time.perf_counter()
         index = 0
         async with self.admission.ticket() as ticket:
             async for _ in _wait_reporting(ticket, request.report_waiting_ms):
                 yield node_pb2.GenerateChunk(waiting=True)
-            self.counts.record(request.task.task_id, TaskEvent.GENERATION_STARTED)
-            started = time.perf_counter()
-            first_token_at = 0.0
-            completion = Completion()
-            leftover_tokens = 0
-            try:
-                async with contextlib.aclosing(backend.stream(generation)) as pieces:
-                    async for piece in pieces:
-                        if piece.text:
-                            first_token_at = first_token_at or time.perf_counter()
-                            yield node_pb2.GenerateChunk(
-                                text=piece.text,
-                                index=index,
-                                tokens=piece.tokens,
-                                token_ids=piece.token_ids,
-                            )
-                            index += 1
-                        if piece.completion is not None:
-                            completion = piece.completion
-                            leftover_tokens = piece.tokens  # sampled, but no text came of them
-            finally:
-                if request.task.task_id:
-                    logger.debug(
-                        "task %s attempt %d on %s: %s",
-                        request.task.task_id,
-                        request.task.attempt,
-                        backend.descriptor.model_id,
-                        completion.finish_reason,
-                    )
+            async with self.models.use(backend.descriptor.model_id) as backend:
+                self.counts.record(request.task.task_id, TaskEvent.GENERATION_STARTED)
+                started = time.perf_counter()
+                first_token_at = 0.0
+                completion = Completion()
+                leftover_tokens = 0
+                try:
+                    async with contextlib.aclosing(backend.stream(generation)) as pieces:
+                        async for piece in pieces:
+                            if piece.text:
+                                first_token_at = first_token_at or time.perf_counter()
+                                yield node_pb2.GenerateChunk(
+                                    text=piece.text,
+                                    index=index,
+                                    tokens=piece.tokens,
+                                    token_ids=piece.token_ids,
+                                )
+                                index += 1
+                            if piece.completion is not None:
+                                completion = piece.completion
+                                leftover_tokens = piece.tokens  # sampled, but no text came of them
+                finally:
+                    if request.task.task_id:
+                        logger.debug(
+                            "task %s attempt %d on %s: %s",
+                            request.task.task_id,
+                            request.task.attempt,
+                            backend.descriptor.model_id,
+                            completion.finish_reason,
+                        )
         done = time.perf_counter()
         decode_rate = (
             (completion.completion_tokens - 1) / completion.decode_s

@@ -42,6 +42,7 @@ from mesh.routing import (
     filter_candidates,
     ms_per_token,
     policy_by_name,
+    prefer_loaded,
     serves,
 )
 
@@ -330,6 +331,9 @@ class NodePool:
                 outstanding=self.outstanding,
                 share=self.settings.capacity_share,
             )
+            if candidates and shape.model is not None:  # where the model is resident first
+                loaded = {v.node_id for v in self._views if shape.model in v.loaded_models}
+                candidates = prefer_loaded(candidates, loaded)
             if candidates:
                 node_id = self._policy(candidates, shape, self._policy_state)
                 if node_id is not None:

@@ -22,9 +22,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from pydantic import Field, ValidationError
 
+from edgemesh.v1 import node_pb2
 from mesh.core.errors import MeshError
 from mesh.core.ids import NodeId
 from mesh.core.model import FrozenModel
@@ -51,6 +53,14 @@ class MalformedRecordError(MeshError):
     grpc_code_name = "INVALID_ARGUMENT"
 
 
+def served_models(models: Sequence[Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every model served, those loaded now) from Describe's ModelInfo list: a model is
+    served when it is ready or the node loads it when asked (`on_demand`)."""
+    ready = [m.model_id for m in models if m.state == node_pb2.MODEL_STATE_READY]
+    served = [m.model_id for m in models if m.model_id in ready or m.on_demand]
+    return tuple(served), tuple(ready)
+
+
 class NodeRecord(FrozenModel):
     """What one node advertises over mDNS, parsed and validated."""
 
@@ -60,8 +70,9 @@ class NodeRecord(FrozenModel):
     cluster: str = Field(default="default", max_length=MAX_NAME_CHARS)
     grpc_port: int = Field(ge=1, le=65535)
     incarnation: str = Field(pattern=r"^[0-9a-f]{1,16}$")
-    models: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # every model it serves: loaded, or loaded when asked
     models_truncated: bool = False
+    loaded_models: tuple[str, ...] = ()  # those resident now (the rest load on demand)
     agents: tuple[str, ...] = ()
     agents_truncated: bool = False
     cores: int = Field(default=0, ge=0, le=65535)
@@ -90,6 +101,7 @@ class NodeRecord(FrozenModel):
     def to_txt(self) -> dict[bytes, bytes]:
         """The TXT properties, within the DNS-SD budget (long lists are truncated and flagged)."""
         models, models_cut = _fit_list(self.models, MAX_LIST_VALUE_BYTES)
+        loaded, _ = _fit_list(self.loaded_models, MAX_LIST_VALUE_BYTES)
         agents, agents_cut = _fit_list(self.agents, MAX_LIST_VALUE_BYTES)
         accelerators, _ = _fit_list(self.accelerators, 100)
         txt: dict[str, str] = {
@@ -100,6 +112,7 @@ class NodeRecord(FrozenModel):
             "p": str(self.grpc_port),
             "inc": self.incarnation,
             "m": ",".join(models),
+            "ml": ",".join(loaded),
             "a": ",".join(agents),
             "cpu": str(self.cores),
             "ram": f"{self.ram_gb:.1f}",
@@ -148,6 +161,7 @@ class NodeRecord(FrozenModel):
                 incarnation=txt["inc"],
                 models=_parse_list(txt, "m"),
                 models_truncated=txt.get("mt") == "1",
+                loaded_models=_parse_list(txt, "ml") if "ml" in txt else _parse_list(txt, "m"),
                 agents=_parse_list(txt, "a"),
                 agents_truncated=txt.get("at") == "1",
                 cores=_parse_int(txt, "cpu", default=0),

@@ -34,6 +34,7 @@ from mesh.routing._candidates import (
     candidate_from_view,
     capacity_share,
     filter_candidates,
+    prefer_loaded,
     serves,
 )
 from mesh.routing._policies import (
@@ -64,6 +65,7 @@ __all__ = [
     "choose_power_of_two",
     "choose_round_robin",
     "filter_candidates",
+    "prefer_loaded",
     "ms_per_token",
     "policy_by_name",
     "serves",

@@ -161,3 +161,22 @@ def filter_candidates(
             chosen.append(candidate)
     chosen.sort(key=lambda candidate: candidate.node_id)
     return chosen
+
+
+def prefer_loaded(candidates: Sequence[Candidate], loaded: Container[NodeId]) -> list[Candidate]:
+    """The candidates to choose among for a model that some nodes hold resident (`loaded`)
+    and others load when asked: resident with a free slot first; else, rather than queue
+    behind a busy resident node, a node with a free slot that loads it; else all of them.
+    Affinity yields to load: a warm node never takes work it would only queue."""
+
+    def free(candidate: Candidate) -> bool:
+        return candidate.in_flight < candidate.max_concurrent
+
+    warm = [c for c in candidates if c.node_id in loaded]
+    if not warm or len(warm) == len(candidates):
+        return list(candidates)  # all alike: the policy alone decides
+    return (
+        [c for c in warm if free(c)]
+        or [c for c in candidates if c.node_id not in loaded and free(c)]
+        or list(candidates)
+    )

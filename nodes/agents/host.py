@@ -176,6 +176,10 @@ class AgentHost:
             )
         return spec
 
+    def model_for(self, request: node_pb2.AgentRequest) -> str:
+        """The model a RunAgent request runs on (its tier's, the agent's, or the default)."""
+        return self.runtime.model_for(self.get(request.agent), request.model)
+
     def check(self, request: node_pb2.AgentRequest) -> tuple[AgentSpec, AgentTask]:
         """The agent and task of a RunAgent request, checked (replayed steps and step limit
         included: nodes/agents/replay.py) before it waits for a slot; MeshError if it cannot

@@ -113,16 +113,21 @@ class AgentRuntime:
         self.store = store
         self.counts = counts  # side-effecting tool executions are counted per task
         self._clock = clock
+        # Models the node loads when asked (nodes/model_manager.py): not refused as unloaded.
+        self.on_demand: Callable[[str], bool] = lambda _model_id: False
+
+    def model_for(self, spec: AgentSpec, override: str = "") -> str:
+        return override or spec.model or self.default_model
 
     def backend_for(self, spec: AgentSpec, override: str = "") -> Backend:
-        model_id = override or spec.model or self.default_model
+        model_id = self.model_for(spec, override)
         backend = self.backends.get(model_id)
         if backend is None:
             raise NotFoundError(
                 f"agent {spec.name} needs model {quoted(model_id)}, which this node "
                 f"does not serve; it serves: {', '.join(sorted(self.backends))}"
             )
-        if backend.status is not ModelStatus.READY:
+        if backend.status is not ModelStatus.READY and not self.on_demand(model_id):
             raise NotReadyError(f"model {model_id!r} is {backend.status.value}; retry when ready")
         return backend
 

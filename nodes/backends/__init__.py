@@ -94,6 +94,11 @@ class Backend(Protocol):
     async def load(self) -> None:
         """Load the model; raise `mesh.core.errors.ModelLoadError` with a clear message on failure."""
 
+    def expected_bytes(self) -> int:
+        """The model's size before it loads (its file's; 0 where there is none): what the
+        node's memory cap counts (nodes/model_manager.py)."""
+        ...
+
     def stream(self, request: GenerationInput) -> AsyncGenerator[Piece, None]:
         """Generate; closing the iterator early stops generation and frees the model."""
         ...

@@ -97,8 +97,12 @@ class LlamaBackend:
 
     # ------------------------------------------------------------------ loading
 
+    def expected_bytes(self) -> int:
+        return resolve_gguf(self._source).size_bytes
+
     async def load(self) -> None:
         self.status = ModelStatus.LOADING
+        self._closing = StopFlag()  # loaded again after close(): generations may run again
         try:
             resolved = resolve_gguf(self._source)
             self.descriptor = ModelDescriptor(

@@ -175,6 +175,9 @@ class OnnxBackend:
 
     # ------------------------------------------------------------------ loading
 
+    def expected_bytes(self) -> int:
+        return resolve_onnx(self._source)[0].stat().st_size
+
     async def load(self) -> None:
         self.status = ModelStatus.LOADING
         try:

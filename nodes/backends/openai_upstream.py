@@ -201,6 +201,9 @@ class OpenAIUpstreamBackend:
 
     # ------------------------------------------------------------------ loading
 
+    def expected_bytes(self) -> int:
+        return 0  # the upstream server holds the model, not this node
+
     async def load(self) -> None:
         self.status = ModelStatus.LOADING
         try:

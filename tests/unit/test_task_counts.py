@@ -241,6 +241,9 @@ def test_run_agent_counts_a_run_started_and_completed(tmp_path):
         def check(self, request):
             pass  # a well-formed request
 
+        def model_for(self, request):
+            return "fake"  # the servicer's one (loaded) model
+
         async def run(self, request):
             yield node_pb2.AgentEvent(step=node_pb2.AgentStep(index=0, kind="final"))
             assert counts.get("t").agent_runs_completed == 0
