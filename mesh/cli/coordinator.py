@@ -6,9 +6,13 @@ import argparse
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from mesh.cli._common import EXIT_ERROR
 from mesh.core.errors import MeshError
+
+if TYPE_CHECKING:
+    from mesh.coordinator.runner import RunningCoordinator
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"
 
@@ -49,6 +53,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-fast-path",
         action="store_true",
         help="serve MeshService only through Ray Serve's proxy",
+    )
+    start.add_argument(
+        "--http-fast-port",
+        type=_port,
+        help="direct OpenAI API port of the dispatcher, no Ray hop (default: any free)",
+    )
+    start.add_argument(
+        "--no-http-fast-path",
+        action="store_true",
+        help="serve the OpenAI API only through Ray Serve's HTTP proxy",
     )
     start.add_argument("--replicas", type=int, help="dispatcher replicas (default: topology's)")
     start.add_argument("--no-mdns", action="store_true", help="static nodes only")
@@ -132,6 +146,8 @@ def _config(args: argparse.Namespace) -> object:
         num_cpus=args.num_cpus,
         mdns=False if args.no_mdns else None,
         fast_path=False if args.no_fast_path else None,
+        http_fast_port=args.http_fast_port,
+        http_fast_path=False if args.no_http_fast_path else None,
     )
     tracing = {
         key: value
@@ -145,6 +161,17 @@ def _config(args: argparse.Namespace) -> object:
         return config
     dispatcher = config.dispatcher.model_validate({**config.dispatcher.model_dump(), **tracing})
     return config.model_copy(update={"dispatcher": dispatcher})
+
+
+def ready_line(running: RunningCoordinator) -> str:
+    """The one line printed once the coordinator serves (mesh.local_processes parses it)."""
+    fast = ", ".join(running.fast_paths) or "off"
+    http_fast = ", ".join(running.http_fast_paths) or "off"
+    return (
+        f"coordinator ready: grpc {running.grpc_address} (Ray Serve, all interfaces) "
+        f"fast path {fast} http {running.openai_base_url} (OpenAI API) "
+        f"http fast path {http_fast}"
+    )
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -174,12 +201,7 @@ def _start(args: argparse.Namespace) -> int:
         running = start_coordinator(config)  # type: ignore[arg-type]
         for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installed its own: ours again
             signal.signal(sig, on_signal)
-        fast = ", ".join(running.fast_paths) or "off"
-        print(
-            f"coordinator ready: grpc {running.grpc_address} (Ray Serve, all interfaces) "
-            f"fast path {fast} http {running.openai_base_url} (OpenAI API)",
-            flush=True,
-        )
+        print(ready_line(running), flush=True)
         while not stop.wait(0.5):
             pass
         print("coordinator stopping: shutting down Serve and Ray", file=sys.stderr, flush=True)

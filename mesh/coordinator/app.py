@@ -5,8 +5,9 @@
                                      several replicas, keeps the TaskDirectory they share
                                      (one run per idempotency key, any task's record).
     MeshIngress (N replicas)         a Dispatcher each; MeshService for Serve's gRPC proxy, the
-                                     OpenAI API for Serve's HTTP proxy, and MeshService straight
-                                     on grpc.aio (the fast path, no Ray hop).
+                                     OpenAI API for Serve's HTTP proxy, and both straight from
+                                     the replica, no Ray hop: MeshService on grpc.aio (the fast
+                                     path) and the OpenAI API on uvicorn (the HTTP fast path).
 
 The dispatchers hold a snapshot of the node table, refreshed by long-poll (an answer as soon as
 the table changes, at the latest every `_POLL_WAIT_S`): no Ray call happens per request.
@@ -15,11 +16,14 @@ the table changes, at the latest every `_POLL_WAIT_S`): no Ray call happens per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
+import uvicorn
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
@@ -47,6 +51,8 @@ APP_NAME = "mesh"
 MESH_SERVICER = "mesh.core.decoding.add_mesh_service"
 _POLL_WAIT_S = 1.0  # longest a long-poll waits without a change
 _POLL_RETRY_S = 0.2  # pause after a failed poll (the owner restarting)
+_HTTP_START_S = 10.0  # longest uvicorn may take to serve on a socket already listening
+_HTTP_GRACE_S = 1  # calls still open at shutdown get this long, as the gRPC fast path's
 
 
 class NodeTableOwner:
@@ -71,6 +77,7 @@ class NodeTableOwner:
         self.version = 0
         self._changed = asyncio.Event()
         self._fast_paths: dict[str, str] = {}
+        self._http_fast_paths: dict[str, str] = {}
         self.tasks = TaskDirectory(config.dispatcher.ledger_size)
         self.registry.subscribe(self._on_event)
         await self.registry.start()
@@ -98,6 +105,12 @@ class NodeTableOwner:
 
     def fast_paths(self) -> list[str]:
         return sorted(self._fast_paths.values())
+
+    def register_http_fast_path(self, replica: str, base_url: str) -> None:
+        self._http_fast_paths[replica] = base_url
+
+    def http_fast_paths(self) -> list[str]:
+        return sorted(self._http_fast_paths.values())
 
     # The TaskDirectory, for dispatcher replicas (mesh/coordinator/shared_tasks.py).
 
@@ -142,8 +155,76 @@ class _OwnerDirectory:
         return await self._owner.task_record.remote(task_id)
 
 
+class _ReplicaServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the replica's process and its signals are Ray's."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on `host`:`port` (0: any free port). Bound here rather than by
+    uvicorn, which answers a port already taken with SystemExit, not the OSError raised here."""
+    loop = asyncio.get_running_loop()
+    family, *_rest, address = (
+        await loop.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    )[0]
+    return socket.create_server(address[:2], family=family, backlog=2048)
+
+
+class HttpFastPath:
+    """An ASGI app served by uvicorn on the running loop: the HTTP twin of `start_fast_path`.
+
+    `await HttpFastPath.start(app, host, port)` listens (port 0: any free one; `.port` says
+    which); `await stop()` ends it, calls still open getting `_HTTP_GRACE_S`."""
+
+    def __init__(self, server: uvicorn.Server, serving: asyncio.Task[None]) -> None:
+        self._server = server
+        self._serving = serving
+        self.port = int(server.servers[0].sockets[0].getsockname()[1])
+
+    @classmethod
+    async def start(cls, app: Any, host: str, port: int, *, max_connections: int) -> HttpFastPath:
+        listener = await _listen(host, port)
+        config = uvicorn.Config(
+            app,
+            log_config=None,  # the replica's logging stays Ray's; only uvicorn's levels set
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            proxy_headers=False,  # no proxy in front: the peer is the client
+            limit_concurrency=max_connections,  # beyond: 503, as gRPC's max_concurrent_rpcs
+            timeout_graceful_shutdown=_HTTP_GRACE_S,
+        )
+        server = _ReplicaServer(config)
+        serving = asyncio.get_running_loop().create_task(server.serve(sockets=[listener]))
+        try:
+            async with asyncio.timeout(_HTTP_START_S):
+                while not server.started:
+                    if serving.done():  # its error, or the reason it ended
+                        serving.result()
+                        raise RuntimeError("uvicorn stopped before it served")
+                    await asyncio.sleep(0.005)
+        except BaseException:
+            serving.cancel()
+            listener.close()
+            raise
+        return cls(server, serving)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True  # seen within uvicorn's 0.1 s tick
+        try:
+            await asyncio.wait_for(self._serving, _HTTP_GRACE_S + 1.0)
+        except TimeoutError:  # wait_for cancelled it: the calls still open are cut
+            logger.warning("the HTTP fast path did not stop in time; its calls were cut")
+
+
 class MeshIngress:
-    """One dispatcher replica: MeshService (Serve gRPC proxy and fast path) and the OpenAI API."""
+    """One dispatcher replica: MeshService (Serve gRPC proxy and fast path) and the OpenAI API
+    (Serve HTTP proxy and HTTP fast path)."""
 
     # Ray Serve awaits an async constructor of a deployment; mypy allows only a plain one.
     async def __init__(self, owner: DeploymentHandle, config: CoordinatorConfig) -> None:  # type: ignore[misc]
@@ -161,6 +242,7 @@ class MeshIngress:
         await self._poll_once(wait_s=0.0)
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
         self._fast_server: grpc.aio.Server | None = None
+        self._http_fast_path: HttpFastPath | None = None
         if config.fast_path:
             port = config.fast_port if config.replicas == 1 else 0
             direct = MeshHandlers(self.dispatcher, stream_window_s=0.0)
@@ -171,6 +253,24 @@ class MeshIngress:
             )
             replica = str(serve.get_replica_context().replica_id)
             await owner.register_fast_path.remote(replica, format_address(config.host, bound))
+        if config.http_fast_path:
+            await self._start_http_fast_path()
+
+    async def _start_http_fast_path(self) -> None:
+        """The OpenAI API straight on uvicorn. Its own app over this replica's dispatcher (the
+        same ledger and traces as Serve's), with no chunk batching: like the gRPC fast path,
+        no Ray hop per chunk to save."""
+        config = self._config
+        app = build_openai_app(self.dispatcher, stream_window_s=0.0, info=self._info)
+        self._http_fast_path = await HttpFastPath.start(
+            app,
+            config.host,
+            config.http_fast_port if config.replicas == 1 else 0,
+            max_connections=config.max_ongoing_requests,
+        )
+        address = format_address(config.host, self._http_fast_path.port)
+        replica = str(serve.get_replica_context().replica_id)
+        await self._owner.register_http_fast_path.remote(replica, f"http://{address}/v1")
 
     async def _poll_once(self, wait_s: float) -> None:
         version, views = await self._owner.snapshot.remote(self._version, wait_s)
@@ -252,12 +352,15 @@ class MeshIngress:
     async def _info(self) -> dict[str, Any]:
         return {
             "fast_paths": await self._owner.fast_paths.remote(),
+            "http_fast_paths": await self._owner.http_fast_paths.remote(),
             "replicas": self._config.replicas,
             "cluster": self._config.cluster,
         }
 
     async def __del__(self) -> None:
         self._poller.cancel()
+        if self._http_fast_path is not None:
+            await self._http_fast_path.stop()
         if self._fast_server is not None:
             await self._fast_server.stop(1.0)
         await self.dispatcher.close()

@@ -2,7 +2,8 @@
 the application; wait until both ingresses answer.
 
     running = start_coordinator(config)     # blocks until ready (Ray on 2 cores: ~10 s)
-    print(running.grpc_address, running.http_address, running.fast_paths)
+    print(running.grpc_address, running.http_address, running.fast_paths,
+          running.http_fast_paths)
     stop_coordinator()                      # serve.shutdown(); ray.shutdown()
 """
 
@@ -52,6 +53,8 @@ class RunningCoordinator:
     grpc_address: str  # Ray Serve's gRPC proxy (MeshService)
     http_address: str  # Ray Serve's HTTP proxy (OpenAI API under /v1)
     fast_paths: tuple[str, ...]  # MeshService straight on each dispatcher replica
+    # The OpenAI API straight on each dispatcher replica: base URLs, http://HOST:PORT/v1
+    http_fast_paths: tuple[str, ...] = ()
 
     @property
     def openai_base_url(self) -> str:
@@ -147,31 +150,40 @@ def start_coordinator(
         fast_paths=(),
     )
     _wait_ready(running, ready_timeout_s)
+    replicas = config.replicas
     if config.fast_path:
-        paths = _fast_paths(running, config.replicas, ready_timeout_s)
+        paths = _fast_paths(running, replicas, ready_timeout_s)
         running = dataclasses.replace(running, fast_paths=paths)
+    if config.http_fast_path:
+        paths = _fast_paths(running, replicas, ready_timeout_s, kind="http_fast_paths")
+        running = dataclasses.replace(running, http_fast_paths=paths)
     return running
 
 
-def _fast_paths(running: RunningCoordinator, replicas: int, timeout_s: float) -> tuple[str, ...]:
-    """The replicas' direct addresses, asked over HTTP (a Serve handle here would need a loop
-    that outlives this call)."""
+def _fast_paths(
+    running: RunningCoordinator, replicas: int, timeout_s: float, *, kind: str = "fast_paths"
+) -> tuple[str, ...]:
+    """The replicas' direct addresses of `kind` ("fast_paths", "http_fast_paths": a list in
+    /v1/mesh/info), asked over HTTP (a Serve handle here would need a loop that outlives this
+    call)."""
     give_up = time.monotonic() + timeout_s
     addresses: list[str] = []
     last_error = ""
-    while len(addresses) < replicas:
-        if time.monotonic() >= give_up:
-            raise UnavailableError(
-                f"{len(addresses)} of {replicas} dispatcher replicas reported a fast path "
-                f"within {timeout_s:g} s" + (f" (last error: {last_error})" if last_error else "")
-            )
+    while True:
         try:
             with urllib.request.urlopen(f"{running.openai_base_url}/mesh/info", timeout=5) as reply:
-                addresses = list(json.load(reply)["fast_paths"])
-        except (OSError, ValueError, KeyError) as error:  # URLError is an OSError; bad JSON
+                addresses = list(json.load(reply)[kind])
+        except (OSError, ValueError, KeyError, TypeError) as error:  # URLError: an OSError
             last_error = str(error) or type(error).__name__
-        if len(addresses) < replicas:
-            time.sleep(0.1)
+        if len(addresses) >= replicas:
+            break
+        if time.monotonic() >= give_up:
+            raise UnavailableError(
+                f"{len(addresses)} of {replicas} dispatcher replicas reported their "
+                f"{kind.replace('_', ' ')[:-1]} within {timeout_s:g} s"
+                + (f" (last error: {last_error})" if last_error else "")
+            )
+        time.sleep(0.1)
     host = running.grpc_address.rsplit(":", 1)[0]
     # Replicas bind the configured host; a client reaches 0.0.0.0 through loopback.
     return tuple(a.replace("0.0.0.0", host) for a in addresses)

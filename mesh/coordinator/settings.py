@@ -112,6 +112,10 @@ class CoordinatorConfig(FrozenModel):
     # 0: any free port; a fixed port is used only with one replica.
     fast_path: bool = True
     fast_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    # ... and the OpenAI API straight on uvicorn (the HTTP fast path: no Ray hop); the same
+    # rules for its port. Serve's HTTP proxy (`http_port`) stays the entry that scales.
+    http_fast_path: bool = True
+    http_fast_port: Annotated[int, Field(ge=0, le=65535)] = 0
     stream_window_s: Annotated[float, Field(ge=0)] = 0.03  # chunk batching through Serve
     ray_address: str | None = None  # None: start a local Ray
     num_cpus: float | None = None  # for a local Ray; None: all cores

@@ -2,7 +2,7 @@
 
 Ray starts once for this module (about 10 s on 2 cores) and is shut down at its end. Through
 Ray Serve's gRPC proxy, through a dispatcher's direct fast path, and through the HTTP ingress
-with the official `openai` client.
+and the HTTP fast path with the official `openai` client.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 
 import grpc
+import httpx
 import openai
 import pytest
 from grpc_status import rpc_status
@@ -373,7 +374,10 @@ def test_openai_client_unary_and_streaming(mesh):
     client = openai.OpenAI(
         base_url=running.openai_base_url, api_key="unused", max_retries=0, timeout=60
     )
-    assert [m.id for m in client.models.list().data] == ["intent-router", "long", "slow", "smollm2"]
+    listed = [m.id for m in client.models.list().data]
+    models = [name for name in listed if not name.startswith("agent:")]
+    assert models == ["intent-router", "long", "slow", "smollm2"]
+    assert "agent:auto" in listed  # agents are listed as models too (openai_api.py)
     messages = [{"role": "user", "content": QUESTION}]
     reply = client.chat.completions.create(
         model="smollm2", messages=messages, temperature=0, max_tokens=TOKENS
@@ -438,3 +442,64 @@ def test_stream_continues_on_another_node_when_its_node_is_killed(mesh, path):
         assert result.usage.completion_tokens == 20
 
     run(scenario())
+
+
+def test_openai_client_on_the_http_fast_path(mesh):
+    """The OpenAI API served straight by the dispatcher replica (no Ray hop): the official
+    client unary and streamed, and the same ledger as Serve's HTTP proxy: a task's trace and
+    an idempotency key are found through either."""
+    running, _nodes = mesh
+    [base_url] = running.http_fast_paths
+    assert base_url.startswith("http://127.0.0.1:") and base_url != running.openai_base_url
+    messages = [{"role": "user", "content": QUESTION}]
+
+    async def scenario():
+        fast = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        proxy = openai.AsyncOpenAI(
+            base_url=running.openai_base_url, api_key="unused", max_retries=0, timeout=60
+        )
+        async with fast, proxy, httpx.AsyncClient(timeout=30) as http:
+            reply = await fast.chat.completions.create(
+                model="smollm2", messages=messages, temperature=0, max_tokens=16
+            )
+            text = reply.choices[0].message.content
+            assert "Paris" in text and 0 < reply.usage.completion_tokens <= 16
+            stream = await fast.chat.completions.create(
+                model="smollm2",
+                messages=messages,
+                temperature=0,
+                max_tokens=16,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            pieces, usage = [], None
+            async for chunk in stream:
+                usage = chunk.usage or usage
+                pieces.extend(choice.delta.content or "" for choice in chunk.choices)
+            assert "".join(pieces) == text
+            assert usage.completion_tokens == reply.usage.completion_tokens
+
+            task_id = reply.id.removeprefix("chatcmpl-")
+            for base in (base_url, running.openai_base_url):
+                trace = await http.get(f"{base}/mesh/traces/{task_id}")
+                assert trace.status_code == 200, trace.text
+                assert trace.json()["task_id"] == task_id and trace.json()["spans"]
+            info = (await http.get(f"{base_url}/mesh/info")).json()
+            assert info["http_fast_paths"] == [base_url]
+            assert info["fast_paths"] == list(running.fast_paths)
+
+            keyed = dict(
+                model="smollm2",
+                messages=messages,
+                temperature=0.9,
+                max_tokens=16,
+                extra_headers={"Idempotency-Key": "http-fast-path-once"},
+            )
+            first = await fast.chat.completions.create(**keyed)
+            again = await proxy.chat.completions.create(**keyed)
+            assert again.id == first.id
+            assert again.choices[0].message.content == first.choices[0].message.content
+            with pytest.raises(openai.NotFoundError, match="no node serves"):
+                await fast.chat.completions.create(model="gpt-9", messages=messages)
+
+    run(scenario(), timeout=120)
