@@ -68,6 +68,9 @@ class ModelConfig(FrozenModel):
     response_format: Literal["json_schema", "json_object"] = "json_schema"
     # Kept loaded whatever the caps and idle_unload_s say (nodes/model_manager.py).
     pinned: bool = False
+    # gguf: warm prefixes, the KV states of recent prompts kept per context, so that an agent's
+    # long fixed prefix is evaluated once (nodes/backends/prefix_states.py); 0: off.
+    prefix_cache_mb: Annotated[int, Field(ge=0, le=65536)] = 64
 
     @model_validator(mode="before")
     @classmethod

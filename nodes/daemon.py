@@ -107,6 +107,7 @@ def build_backends(config: NodeConfig) -> dict[str, Backend]:
             kv_cache=model.kv_cache,
             stream_interval_s=config.stream_interval_ms / 1000,
             max_rendered_bytes=config.rendered_limit_bytes(model),
+            prefix_cache_mb=model.prefix_cache_mb,
         )
     if config.router is not None:  # the intent router (ONNX), served like any model
         backends[config.router.id] = build_backend(config.router)

@@ -33,6 +33,7 @@ from nodes.backends import (
     Piece,
 )
 from nodes.backends.llama_interrupt import StopFlag, interruptible
+from nodes.backends.prefix_states import PrefixStates
 from nodes.backends.token_text import TokenText
 from nodes.model_files import file_sha256, resolve_gguf
 
@@ -52,11 +53,12 @@ class _Prompt:
 
 
 class _Instance:
-    """One llama.cpp context and the single thread allowed to use it."""
+    """One llama.cpp context, the single thread allowed to use it, and its warm prefixes."""
 
-    def __init__(self, llama: Any, index: int) -> None:
+    def __init__(self, llama: Any, index: int, prefix_cache_bytes: int = 0) -> None:
         self.llama = llama
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{index}")
+        self.prefixes = PrefixStates(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
 
 class LlamaBackend:
@@ -75,7 +77,9 @@ class LlamaBackend:
         kv_cache: str = "q8_0",
         stream_interval_s: float = 0.0,
         max_rendered_bytes: int | None = None,
+        prefix_cache_mb: int = 0,
     ) -> None:
+        self._prefix_cache_bytes = prefix_cache_mb * 1024 * 1024
         self._stream_interval_s = stream_interval_s
         self._max_rendered_bytes = max_rendered_bytes  # None: unbounded
         self._kv_cache = kv_cache
@@ -117,7 +121,7 @@ class LlamaBackend:
             )
             for index in range(self._instance_count):
                 llama = await asyncio.to_thread(self._load_one, str(resolved.path))
-                self._instances.append(_Instance(llama, index))
+                self._instances.append(_Instance(llama, index, self._prefix_cache_bytes))
         except ModelLoadError as error:
             self.status, self.error = ModelStatus.FAILED, str(error)
             raise
@@ -290,9 +294,7 @@ class LlamaBackend:
         def emit(item: Any) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, item)
 
-        future = loop.run_in_executor(
-            instance.executor, self._run, instance.llama, request, stop, emit
-        )
+        future = loop.run_in_executor(instance.executor, self._run, instance, request, stop, emit)
         pending: Any = None
         try:
             while True:
@@ -316,7 +318,9 @@ class LlamaBackend:
             # The instance goes back to the pool only when its thread is done with it.
             future.add_done_callback(lambda _f: self._free.put_nowait(instance))  # type: ignore[union-attr]
 
-    def _run(self, llama: Any, request: GenerationInput, stop: threading.Event, emit: Any) -> None:
+    def _run(
+        self, instance: _Instance, request: GenerationInput, stop: threading.Event, emit: Any
+    ) -> None:
         """Generate in the instance's thread; hand text to the loop at most every stream_interval_s.
 
         The first text goes at once (time to first token is unchanged); after that, text
@@ -326,7 +330,7 @@ class LlamaBackend:
         held: Piece | None = None
         last_emit = 0.0
         try:
-            for piece in self._generate(llama, request, stop):
+            for piece in self._generate(instance.llama, request, stop, instance.prefixes):
                 if piece.completion is not None:
                     if held is not None:
                         emit(held)
@@ -346,7 +350,11 @@ class LlamaBackend:
             emit(_END)
 
     def _generate(
-        self, llama: Any, request: GenerationInput, stop: threading.Event
+        self,
+        llama: Any,
+        request: GenerationInput,
+        stop: threading.Event,
+        prefixes: PrefixStates | None = None,
     ) -> Iterator[Piece]:
         """Sample token after token (llama.generate), turning them into pieces (TokenText).
 
@@ -375,8 +383,14 @@ class LlamaBackend:
         finish = "length"
         ends = _ends_generation(llama)
         flags = (stop, self._closing)  # also abort the prompt's evaluation (llama_interrupt)
+        if prefixes is not None:  # a warm prefix of an earlier prompt (prefix_states.py)
+            prefixes.restore(llama, tokens)
         sampled = llama.generate(tokens, **self._sampling(llama, request))
+        kept = prefixes is None
         for token in interruptible(llama, sampled, flags):
+            if not kept:  # the prompt is evaluated, nothing sampled evaluated yet: keep it
+                prefixes.keep(llama, tokens)  # type: ignore[union-attr]
+                kept = True
             if ends(token):
                 finish = "stop"
                 break
