@@ -340,7 +340,9 @@ class Attempts:
             else:
                 self._record(attempt, AttemptOutcome.OK)
                 duration_s = self.clock() - attempt.began
-                self.pool.succeeded(view.node_id, duration_s, attempt.tokens if measure else 0)
+                self.pool.succeeded(
+                    view.node_id, duration_s, attempt.tokens if measure else 0, self.shape
+                )
                 return
             finally:
                 self.entry.current = None

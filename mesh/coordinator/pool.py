@@ -42,7 +42,7 @@ from mesh.routing import (
     filter_candidates,
     ms_per_token,
     policy_by_name,
-    prefer_loaded,
+    prefer_warm,
     serves,
 )
 
@@ -290,8 +290,13 @@ class NodePool:
 
     # ------------------------------------------------------------------ what attempts teach
 
-    def succeeded(self, node_id: NodeId, duration_s: float, tokens: int) -> None:
+    def succeeded(
+        self, node_id: NodeId, duration_s: float, tokens: int, shape: TaskShape | None = None
+    ) -> None:
+        """`node_id` answered a task (of `shape`: its caches are now warm for such tasks)."""
         self.cooldowns.record_success(node_id)
+        if shape is not None:
+            self._policy_state.remember(shape, node_id)
         sample = ms_per_token(duration_s, tokens)
         if sample is not None:
             self.ewma.update(node_id, sample)
@@ -333,7 +338,7 @@ class NodePool:
             )
             if candidates and shape.model is not None:  # where the model is resident first
                 loaded = {v.node_id for v in self._views if shape.model in v.loaded_models}
-                candidates = prefer_loaded(candidates, loaded)
+                candidates = prefer_warm(candidates, loaded)
             if candidates:
                 node_id = self._policy(candidates, shape, self._policy_state)
                 if node_id is not None:

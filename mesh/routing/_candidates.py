@@ -163,20 +163,21 @@ def filter_candidates(
     return chosen
 
 
-def prefer_loaded(candidates: Sequence[Candidate], loaded: Container[NodeId]) -> list[Candidate]:
-    """The candidates to choose among for a model that some nodes hold resident (`loaded`)
-    and others load when asked: resident with a free slot first; else, rather than queue
-    behind a busy resident node, a node with a free slot that loads it; else all of them.
-    Affinity yields to load: a warm node never takes work it would only queue."""
+def prefer_warm(candidates: Sequence[Candidate], warm: Container[NodeId]) -> list[Candidate]:
+    """The candidates to choose among when some are warm for the task (its model resident,
+    its agent's prefix kept) and others are not: warm ones with a free slot first; else,
+    rather than queue behind a busy warm node, a cold one with a free slot (which warms up);
+    else all of them. Affinity yields to load: a warm node never takes work it would only
+    queue while another node is idle."""
 
     def free(candidate: Candidate) -> bool:
         return candidate.in_flight < candidate.max_concurrent
 
-    warm = [c for c in candidates if c.node_id in loaded]
-    if not warm or len(warm) == len(candidates):
+    hot = [c for c in candidates if c.node_id in warm]
+    if not hot or len(hot) == len(candidates):
         return list(candidates)  # all alike: the policy alone decides
     return (
-        [c for c in warm if free(c)]
-        or [c for c in candidates if c.node_id not in loaded and free(c)]
+        [c for c in hot if free(c)]
+        or [c for c in candidates if c.node_id not in warm and free(c)]
         or list(candidates)
     )

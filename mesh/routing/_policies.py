@@ -13,11 +13,12 @@ generator); it is the only thing a policy mutates, so a policy is unit-tested wi
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from mesh.core.errors import ConfigError
 from mesh.core.ids import NodeId
-from mesh.routing._candidates import Candidate, TaskShape
+from mesh.routing._candidates import Candidate, TaskShape, prefer_warm
 
 
 class PolicyState:
@@ -26,6 +27,26 @@ class PolicyState:
     def __init__(self, *, seed: int | None = None, rng: random.Random | None = None) -> None:
         self.rng = rng if rng is not None else random.Random(seed)
         self.last_chosen: dict[str, NodeId] = {}  # TaskShape.route_key -> node id
+        # Affinity key -> the nodes that last ran such a task, most recent last (cache_aware).
+        self.warm: dict[str, deque[NodeId]] = {}
+
+    def remember(self, task: TaskShape, node_id: NodeId) -> None:
+        """`node_id` ran `task`: its caches (an agent's prefix) are warm for such tasks."""
+        key = affinity_key(task)
+        if key is None:
+            return
+        nodes = self.warm.setdefault(key, deque(maxlen=WARM_NODES_PER_KEY))
+        if node_id in nodes:
+            nodes.remove(node_id)
+        nodes.append(node_id)
+
+
+WARM_NODES_PER_KEY = 2  # an agent stays warm on its last two nodes: room to balance
+
+
+def affinity_key(task: TaskShape) -> str | None:
+    """What makes two tasks share a cache on a node: the agent (its long fixed prefix)."""
+    return f"agent:{task.agent}" if task.agent else None
 
 
 Policy = Callable[[Sequence[Candidate], TaskShape, PolicyState], NodeId | None]
@@ -111,11 +132,24 @@ def choose_latency_aware(
     return min(measured, key=expected).node_id
 
 
+def choose_cache_aware(
+    candidates: Sequence[Candidate], task: TaskShape, state: PolicyState
+) -> NodeId | None:
+    """The least loaded of the nodes where the task's agent ran last (its prefix is warm there:
+    nodes/backends/prefix_states.py), while one of them has a free slot; else the least loaded
+    of the others with a free slot (which then warms up), else the least loaded of all. Warmth
+    yields to load: a warm node is never sent work it would only queue while another is idle."""
+    key = affinity_key(task)
+    warm = state.warm.get(key, ()) if key is not None else ()
+    return choose_least_loaded(prefer_warm(candidates, warm), task, state)
+
+
 POLICIES: dict[str, Policy] = {
     "round_robin": choose_round_robin,
     "least_loaded": choose_least_loaded,
     "power_of_two": choose_power_of_two,
     "latency_aware": choose_latency_aware,
+    "cache_aware": choose_cache_aware,
 }
 
 

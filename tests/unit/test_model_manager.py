@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from mesh.core.errors import ConfigError, OverloadedError
-from mesh.routing import Candidate, prefer_loaded
+from mesh.routing import Candidate, prefer_warm
 from nodes.backends import ModelStatus
 from nodes.model_manager import ModelManager
 from tests.coordinator_fakes import ManualClock
@@ -150,11 +150,11 @@ def candidate(node: str, in_flight: int, max_concurrent: int = 1) -> Candidate:
 def test_affinity_prefers_resident_nodes_and_yields_to_load():
     warm_free, warm_busy = candidate("w1", 0), candidate("w2", 1)
     cold_free, cold_busy = candidate("c1", 0), candidate("c2", 1)
-    assert prefer_loaded([warm_free, cold_free], {"w1"}) == [warm_free]
+    assert prefer_warm([warm_free, cold_free], {"w1"}) == [warm_free]
     # The resident node is busy: a free node loads the model rather than queue behind it.
-    assert prefer_loaded([warm_busy, cold_free], {"w2"}) == [cold_free]
+    assert prefer_warm([warm_busy, cold_free], {"w2"}) == [cold_free]
     # Everything is busy: every candidate stays (the policy ranks the queues).
-    assert prefer_loaded([warm_busy, cold_busy], {"w2"}) == [warm_busy, cold_busy]
+    assert prefer_warm([warm_busy, cold_busy], {"w2"}) == [warm_busy, cold_busy]
     # All alike (none resident, or all): unchanged.
-    assert prefer_loaded([cold_free, cold_busy], set()) == [cold_free, cold_busy]
-    assert prefer_loaded([warm_free, warm_busy], {"w1", "w2"}) == [warm_free, warm_busy]
+    assert prefer_warm([cold_free, cold_busy], set()) == [cold_free, cold_busy]
+    assert prefer_warm([warm_free, warm_busy], {"w1", "w2"}) == [warm_free, warm_busy]

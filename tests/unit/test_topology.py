@@ -346,8 +346,8 @@ def test_routing_policy_and_failover_cross_field_checks(tmp_path):
         """,
     )
     assert problems(path) == [
-        f"{path}: routing.policy: must be one of 'round_robin', 'least_loaded', 'power_of_two' or "
-        "'latency_aware' (got 'fastest') (line 3)",
+        f"{path}: routing.policy: must be one of 'round_robin', 'least_loaded', 'power_of_two', "
+        "'latency_aware' or 'cache_aware' (got 'fastest') (line 3)",
         f"{path}: failover.attempt_timeout_s: must be <= deadline_s (90 > 30) (line 5)",
         f"{path}: coordinator.http_port: must differ from grpc_port (8000) (line 9)",
     ]

@@ -1,0 +1,42 @@
+"""The cache-aware policy: an agent's task goes where its prefix is warm, unless that node is busy."""
+
+from __future__ import annotations
+
+from mesh.routing import Candidate, PolicyState, TaskShape, choose_cache_aware, policy_by_name
+
+
+def candidate(node: str, in_flight: int = 0) -> Candidate:
+    return Candidate(node_id=node, in_flight=in_flight, max_concurrent=1, max_queued=4)
+
+
+def test_an_agent_goes_back_to_the_node_that_ran_it_while_that_node_is_free():
+    state = PolicyState(seed=1)
+    shop, clinic = TaskShape(agent="customer-service"), TaskShape(agent="scheduling")
+    state.remember(shop, "b")
+    state.remember(clinic, "a")
+    nodes = [candidate("a"), candidate("b"), candidate("c")]
+    assert choose_cache_aware(nodes, shop, state) == "b"  # least loaded alone would say a
+    assert choose_cache_aware(nodes, clinic, state) == "a"
+    assert policy_by_name("cache_aware") is choose_cache_aware
+
+
+def test_warmth_yields_to_load_and_an_unknown_agent_is_placed_by_load():
+    state = PolicyState(seed=1)
+    shop = TaskShape(agent="customer-service")
+    state.remember(shop, "b")
+    busy_b = [candidate("a", in_flight=0), candidate("b", in_flight=1)]
+    assert choose_cache_aware(busy_b, shop, state) == "a"  # b is busy, a is idle: a warms up
+    all_busy = [candidate("a", in_flight=1), candidate("b", in_flight=1)]
+    assert choose_cache_aware(all_busy, shop, state) in ("a", "b")
+    other = TaskShape(agent="technical-support")
+    assert choose_cache_aware([candidate("a", 1), candidate("c", 0)], other, state) == "c"
+
+
+def test_an_agent_stays_warm_on_its_last_two_nodes():
+    state = PolicyState(seed=1)
+    shop = TaskShape(agent="customer-service")
+    for node in ("a", "b", "c", "b"):
+        state.remember(shop, node)
+    assert list(state.warm["agent:customer-service"]) == ["c", "b"]
+    state.remember(TaskShape(model="smollm2"), "a")  # model tasks carry no affinity key
+    assert set(state.warm) == {"agent:customer-service"}
