@@ -99,12 +99,13 @@ async def _drive(
 ) -> tuple[list, float, list[float]]:
     """Run TASKS tasks at CONCURRENCY; kill `node` after KILL_AFTER answers.
 
-    Unary: the kill comes right after the KILL_AFTER-th answer. Streams: tasks from the
-    KILL_AFTER-th on are marked `cut-NODE-`, so that `node` pauses a marked task's first attempt
-    after two chunks of text (tests/e2e/stream_pause_hook.py): on 2 busy cores the coordinator
-    may lag its nodes by a whole answer, so only a node held mid-answer makes the kill land
-    there for sure. DescribeTask shows when the coordinator has the first tokens of such a task
-    from `node`; the kill comes then.
+    Tasks from the KILL_AFTER-th on are marked `cut-NODE-`, so that `node` pauses a marked
+    task's first attempt after two chunks of text (tests/e2e/stream_pause_hook.py; unary tasks
+    are streamed from their node too): on 2 busy cores the coordinator may lag its nodes by a
+    whole answer, and a kill right after the KILL_AFTER-th answer once found nothing in flight
+    on `node`, so only a node held mid-answer makes the kill land there for sure. DescribeTask
+    shows when the coordinator has the first tokens of such a task from `node`; the kill comes
+    then.
     Returns (results, kill time, latencies, kill time as unix time)."""
     done = 0
     killed_at = killed_unix_s = 0.0
@@ -124,7 +125,7 @@ async def _drive(
         questions = list(references)
         question = questions[index % len(questions)]
         # From the KILL_AFTER-th stream on: held mid-answer if it runs on `node` first.
-        label = f"cut-{node.name}" if stream and index >= KILL_AFTER else prefix
+        label = f"cut-{node.name}" if index >= KILL_AFTER else prefix
         task_id = f"{label}-{index}-{time.monotonic_ns()}"
         async with gate:
             began = time.monotonic()
@@ -149,8 +150,6 @@ async def _drive(
             running.discard(task_id)
             latencies.append(time.monotonic() - began)
             done += 1
-            if done == KILL_AFTER and not stream:
-                kill()
             return question, text, result, time.monotonic()
 
     async def killer(watch: MeshClient) -> None:
@@ -176,17 +175,15 @@ async def _drive(
             await asyncio.sleep(0.01)
 
     async with MeshClient(addresses["grpc"]) as client, MeshClient(addresses["fast"]) as watch:
-        watching = asyncio.create_task(killer(watch)) if stream else None
+        watching = asyncio.create_task(killer(watch))
         results = await asyncio.gather(*(one(client, i) for i in range(TASKS)))
-        if watching is not None:
-            watching.cancel()
+        watching.cancel()
     assert killed_at, "the node was never killed"
-    if stream:
-        cut_result = next(r for _q, _t, r, _at in results if r.task_id in cut)
-        print(
-            "\ncut mid-answer:",
-            [(a.node_name, a.outcome, a.completion_tokens) for a in cut_result.attempts],
-        )
+    cut_result = next(r for _q, _t, r, _at in results if r.task_id in cut)
+    print(
+        "\ncut mid-answer:",
+        [(a.node_name, a.outcome, a.completion_tokens) for a in cut_result.attempts],
+    )
     return results, killed_at, latencies, killed_unix_s
 
 
@@ -249,7 +246,7 @@ def test_kill_a_node_during_100_unary_tasks(mesh):
     )
     failed_over = _check_exactly_once(results, nodes, "node-c", killed_unix_s)
     for question, text, _result, _at in results:
-        assert text == references[question]  # a retried unary task starts afresh
+        assert text == references[question]  # continued from what it had, or afresh
     assert failed_over, "the kill hit no task in flight"
     assert all(a.node_name == "node-c" for r in failed_over for a in r.attempts[:-1]), [
         [(a.node_name, a.outcome, a.detail[:120]) for a in r.attempts] for r in failed_over

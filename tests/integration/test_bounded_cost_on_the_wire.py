@@ -107,9 +107,9 @@ def count_examined(monkeypatch) -> list[node_pb2.GenerateRequest]:
     examined: list[node_pb2.GenerateRequest] = []
     real = service.to_generation_input
 
-    def counting(request, config, backends):
+    def counting(request, config, backends, **options):
         examined.append(request)
-        return real(request, config, backends)
+        return real(request, config, backends, **options)
 
     monkeypatch.setattr(service, "to_generation_input", counting)
     return examined
