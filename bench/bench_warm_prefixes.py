@@ -7,8 +7,8 @@ one keeps warm prefixes (`prefix_cache_mb: 64`), the other does not (`0`: what l
 own prompt reuse gives, which only keeps the last prompt). The agent scenarios of
 bench.bench_agents, in an order that switches agent at every task (a mixed workload: the
 context of a node never holds the agent that comes next), `--rounds` times; each task goes to
-both nodes in turn, never at once. The first round of each agent is warm-up (the prefix is
-evaluated a first time on both nodes) and is left out. Reported: the node's own first step
+both nodes in turn, never at once. The first round is warm-up (each agent's prefix, with
+each tool its requests select, is evaluated a first time on both nodes) and is left out. Reported: the node's own first step
 (the tool-call decision, which reads the whole prefix), and the task as the client sees it.
 """
 
@@ -70,11 +70,9 @@ async def run(rounds: int, threads: int) -> dict[str, dict[str, list[float]]]:
             daemons[name] = NodeDaemon(config, progress=io.StringIO())
             await daemons[name].start()
         try:
-            seen: set[str] = set()
-            for _ in range(rounds):
+            for round_index in range(rounds):
                 for scenario in mixed_order():
-                    warmup = scenario.agent not in seen
-                    seen.add(scenario.agent)
+                    warmup = round_index == 0
                     for name, daemon in daemons.items():
                         async with NodeClient(daemon.address, timeout_s=300) as client:
                             began = time.perf_counter()
@@ -97,7 +95,7 @@ async def run(rounds: int, threads: int) -> dict[str, dict[str, list[float]]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="the first is warm-up (3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="print, do not update the doc")
     args = parser.parse_args(argv)
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     body = f"""Command: `python -m bench.bench_warm_prefixes --rounds {args.rounds} --threads {args.threads}`
 ({machine_line()}; SmolLM2-135M-Instruct Q4_1, n_ctx 2048, {args.threads} threads, temperature 0;
 the demo agents' scenarios in an order that switches agent at every task, each task on both
-nodes in turn; the first task of each agent left out as warm-up)
+nodes in turn; the first round left out as warm-up)
 
 | node | first step p50 | p90 | agent task p50 | p90 | tasks |
 |---|---|---|---|---|---|
