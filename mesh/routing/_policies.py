@@ -12,6 +12,7 @@ generator); it is the only thing a policy mutates, so a policy is unit-tested wi
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ class PolicyState:
         nodes.append(node_id)
 
 
-WARM_NODES_PER_KEY = 2  # an agent stays warm on its last two nodes: room to balance
+WARM_NODES_PER_KEY = 1  # an agent is warm where it ran last (more: every node soon is)
 
 
 def affinity_key(task: TaskShape) -> str | None:
@@ -135,13 +136,26 @@ def choose_latency_aware(
 def choose_cache_aware(
     candidates: Sequence[Candidate], task: TaskShape, state: PolicyState
 ) -> NodeId | None:
-    """The least loaded of the nodes where the task's agent ran last (its prefix is warm there:
-    nodes/backends/prefix_states.py), while one of them has a free slot; else the least loaded
-    of the others with a free slot (which then warms up), else the least loaded of all. Warmth
-    yields to load: a warm node is never sent work it would only queue while another is idle."""
+    """The node where the task's agent ran last (its prefix is warm there:
+    nodes/backends/prefix_states.py) or, for an agent not seen yet, its home: the candidate
+    that rendezvous hashing of the agent gives, so that agents spread over the nodes and each
+    node keeps few prefixes. Chosen while it has a free slot; else the least loaded of the
+    others with a free slot (which then warms up), else the least loaded of all. Warmth yields
+    to load: a warm node is never sent work it would only queue while another is idle."""
     key = affinity_key(task)
-    warm = state.warm.get(key, ()) if key is not None else ()
+    if key is None or not candidates:
+        return choose_least_loaded(candidates, task, state)
+    warm = state.warm.get(key) or (_home(key, candidates),)
     return choose_least_loaded(prefer_warm(candidates, warm), task, state)
+
+
+def _home(key: str, candidates: Sequence[Candidate]) -> NodeId:
+    """Rendezvous (highest random weight) hashing: stable while the candidates are."""
+
+    def weight(candidate: Candidate) -> bytes:
+        return hashlib.blake2b(f"{key}|{candidate.node_id}".encode(), digest_size=8).digest()
+
+    return max(candidates, key=weight).node_id
 
 
 POLICIES: dict[str, Policy] = {

@@ -32,11 +32,23 @@ def test_warmth_yields_to_load_and_an_unknown_agent_is_placed_by_load():
     assert choose_cache_aware([candidate("a", 1), candidate("c", 0)], other, state) == "c"
 
 
-def test_an_agent_stays_warm_on_its_last_two_nodes():
+def test_an_agent_is_warm_where_it_ran_last():
     state = PolicyState(seed=1)
     shop = TaskShape(agent="customer-service")
     for node in ("a", "b", "c", "b"):
         state.remember(shop, node)
-    assert list(state.warm["agent:customer-service"]) == ["c", "b"]
+    assert list(state.warm["agent:customer-service"]) == ["b"]
     state.remember(TaskShape(model="smollm2"), "a")  # model tasks carry no affinity key
     assert set(state.warm) == {"agent:customer-service"}
+
+
+def test_agents_not_seen_yet_spread_over_the_nodes_by_rendezvous_hashing():
+    state = PolicyState(seed=1)
+    nodes = [candidate(n) for n in ("node-1", "node-2", "node-3")]
+    agents = [f"agent-{i}" for i in range(12)]
+    homes = {a: choose_cache_aware(nodes, TaskShape(agent=a), state) for a in agents}
+    assert len(set(homes.values())) == 3  # least loaded alone would send all to node-1
+    again = {
+        a: choose_cache_aware(list(reversed(nodes)), TaskShape(agent=a), state) for a in agents
+    }
+    assert again == homes  # stable: the order of the candidates does not matter
