@@ -73,6 +73,9 @@ def details_from_describe(reply: node_pb2.DescribeResponse) -> NodeDetails:
             m.model_id: m.sha256 for m in reply.models if m.model_id in loaded and m.sha256
         },
         default_model=next((m.model_id for m in reply.models if m.is_default), ""),
+        decode_tokens_per_s={
+            m.model_id: m.decode_tokens_per_s for m in reply.models if m.decode_tokens_per_s > 0
+        },
     )
 
 

@@ -478,6 +478,7 @@ class NodeTable:
                 accelerators=d.accelerators,
                 model_hashes=d.model_hashes,
                 default_model=d.default_model,
+                decode_tokens_per_s=d.decode_tokens_per_s,
             )
         if r is not None:
             return NodeView(

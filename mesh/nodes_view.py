@@ -33,6 +33,8 @@ class NodeView(FrozenModel):
     cluster: str = ""
     models: tuple[str, ...] = ()  # served: loaded, or loaded when asked for
     loaded_models: tuple[str, ...] = ()  # of those, resident now (the pool prefers these)
+    # Model id -> decode tokens/s the node measured (the latency policy's first estimate).
+    decode_tokens_per_s: dict[str, float] = Field(default_factory=dict)
     agents: tuple[str, ...] = ()
     labels: dict[str, str] = Field(default_factory=dict)
     in_flight: int = 0

@@ -25,6 +25,8 @@ class NodeDetails(FrozenModel):
     protocol_version: int = 0
     models: tuple[str, ...] = ()
     loaded_models: tuple[str, ...] = ()  # of `models`, those resident now
+    # Model id -> decode tokens/s the node measured on its hardware (nodes/capability.py).
+    decode_tokens_per_s: dict[str, float] = Field(default_factory=dict)
     agents: tuple[str, ...] = ()
     labels: dict[str, str] = Field(default_factory=dict)
     in_flight: int = 0

@@ -162,6 +162,9 @@ class NodeConfig(FrozenModel):
     # Models on demand (nodes/model_manager.py): what may be resident at once (None: no cap),
     # the least recently used unloaded to make room; a model nobody asked for this long is
     # unloaded (None: never). Pinned models always stay.
+    # Measure each GGUF model's prompt and decode speed at its first load on this hardware
+    # (a second or so; kept in the state dir) and advertise them (nodes/capability.py).
+    measure_capability: bool = True
     max_loaded_models: Annotated[int, Field(ge=1, le=1000)] | None = None
     max_model_memory_mb: Annotated[int, Field(ge=1)] | None = None
     idle_unload_s: Annotated[float, Field(gt=0)] | None = None

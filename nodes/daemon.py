@@ -36,6 +36,7 @@ from nodes.backends import Backend
 from nodes.backends.factory import build_backend
 from nodes.backends.llama import LlamaBackend
 from nodes.backends.onnx import BACKEND_NAME as ONNX_BACKEND
+from nodes.capability import Capabilities, Capability, hardware_key, measure
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, probe_hardware
 from nodes.model_files import resolve_gguf
@@ -114,6 +115,34 @@ def build_backends(config: NodeConfig) -> dict[str, Backend]:
     return backends
 
 
+class CapabilityProbe:
+    """A model's measured speeds on this node (nodes/capability.py): read back from the state
+    dir when this file was measured on this hardware, else measured now."""
+
+    def __init__(self, config: NodeConfig, say: Callable[[str], None]) -> None:
+        self._threads = {m.id: m.n_threads for m in config.models}
+        self._known = Capabilities(config.resolved_state_dir())
+        self._say = say
+
+    async def __call__(self, model_id: str, backend: Backend) -> Capability | None:
+        sha = backend.descriptor.sha256
+        if not sha or model_id not in self._threads:
+            return None
+        key = f"{sha}|{hardware_key(self._threads[model_id])}"
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        began = time.perf_counter()
+        measured = await measure(backend)
+        self._known.put(key, measured)
+        self._say(
+            f"model {model_id} measured: {measured.prompt_tokens_per_s:g} prompt and "
+            f"{measured.decode_tokens_per_s:g} decode tokens/s "
+            f"(in {time.perf_counter() - began:.1f} s, kept for the next start)"
+        )
+        return measured
+
+
 def model_manager(
     config: NodeConfig, backends: Mapping[str, Backend], say: Callable[[str], None]
 ) -> ModelManager:
@@ -128,6 +157,7 @@ def model_manager(
         max_model_memory_mb=config.max_model_memory_mb,
         idle_unload_s=config.idle_unload_s,
         say=say,
+        measured=CapabilityProbe(config, say) if config.measure_capability else None,
     )
 
 

@@ -21,11 +21,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from mesh.core.errors import ConfigError, NotFoundError, NotReadyError, OverloadedError
 from mesh.core.untrusted import quoted
 from nodes.backends import Backend, ModelStatus
+from nodes.capability import Capability
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class ModelManager:
         idle_unload_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         say: Callable[[str], None] = logger.info,
+        measured: Callable[[str, Backend], Awaitable[Capability | None]] | None = None,
     ) -> None:
         self.backends = backends
         self.pinned = pinned
@@ -62,6 +64,9 @@ class ModelManager:
         self._last_used: dict[str, float] = {}
         self._in_use: dict[str, int] = {}
         self._lock = asyncio.Lock()  # one load or unload at a time: the caps stay true
+        # What each model does on this hardware (nodes/capability.py), after its first load.
+        self._measured = measured
+        self.capability: dict[str, Capability] = {}
 
     # ------------------------------------------------------------------ sizes and state
 
@@ -131,6 +136,10 @@ class ModelManager:
         self._say(f"loading model {model_id} from {backend.descriptor.source} ...")
         await backend.load()
         self._last_used[model_id] = self._clock()
+        if self._measured is not None and model_id not in self.unmanaged:
+            capability = await self._measured(model_id, backend)
+            if capability is not None:
+                self.capability[model_id] = capability
         self._say(
             f"model {model_id} ready ({backend.descriptor.size_bytes / 1e6:.1f} MB, "
             f"{backend.descriptor.family or 'unknown family'}) "

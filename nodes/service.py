@@ -32,6 +32,7 @@ from nodes import inference
 from nodes.admission import AdmissionController, Ticket
 from nodes.agents import AgentHost
 from nodes.backends import ROLES, Backend, Completion, GenerationInput, Message, ModelStatus
+from nodes.capability import battery_slots, on_battery
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, system_load
 from nodes.metrics import NodeMetrics
@@ -213,6 +214,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             else AgentHost.from_config(config, backends, identity.node_id, counts=self.counts)
         )
         self.agents.runtime.on_demand = self.models.on_demand
+        self.on_battery: Callable[[], bool] = on_battery  # replaced in tests
         self.metrics.watch(self._live_state)
 
     # ------------------------------------------------------------------ gRPC edge
@@ -415,14 +417,18 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
                 sha256=d.sha256,
                 on_demand=self.models.on_demand(model_id),
             )
+            measured = self.models.capability.get(model_id)
+            if measured is not None:
+                info.prompt_tokens_per_s = measured.prompt_tokens_per_s
+                info.decode_tokens_per_s = measured.decode_tokens_per_s
             inference.describe_tensor_model(backend, info)  # task, inputs, outputs, labels
             models.append(info)
         return models
 
     def _capacity(self) -> node_pb2.Capacity:
-        return node_pb2.Capacity(
-            max_concurrent=self.admission.max_concurrent, max_queued=self.admission.max_queued
-        )
+        """What the node advertises: half its slots while on battery (nodes/capability.py)."""
+        slots = battery_slots(self.admission.max_concurrent, self.on_battery())
+        return node_pb2.Capacity(max_concurrent=slots, max_queued=self.admission.max_queued)
 
     def _live_state(self) -> tuple[int, int, int, dict[str, tuple[str, int]]]:
         models = {

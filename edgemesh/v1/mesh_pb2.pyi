@@ -128,7 +128,7 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeEntry(_message.Message):
-    __slots__ = ("node_id", "name", "address", "state", "source", "models", "agents", "load", "capacity", "labels", "ewma_ms_per_token", "cooling_down", "hardware")
+    __slots__ = ("node_id", "name", "address", "state", "source", "models", "agents", "load", "capacity", "labels", "ewma_ms_per_token", "cooling_down", "hardware", "decode_tokens_per_s")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,13 @@ class NodeEntry(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class DecodeTokensPerSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +156,7 @@ class NodeEntry(_message.Message):
     EWMA_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     COOLING_DOWN_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     address: str
@@ -162,7 +170,8 @@ class NodeEntry(_message.Message):
     ewma_ms_per_token: float
     cooling_down: bool
     hardware: _node_pb2.Hardware
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., source: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., agents: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[_node_pb2.Load, _Mapping]] = ..., capacity: _Optional[_Union[_node_pb2.Capacity, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ewma_ms_per_token: _Optional[float] = ..., cooling_down: _Optional[bool] = ..., hardware: _Optional[_Union[_node_pb2.Hardware, _Mapping]] = ...) -> None: ...
+    decode_tokens_per_s: _containers.ScalarMap[str, float]
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., source: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., agents: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[_node_pb2.Load, _Mapping]] = ..., capacity: _Optional[_Union[_node_pb2.Capacity, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., ewma_ms_per_token: _Optional[float] = ..., cooling_down: _Optional[bool] = ..., hardware: _Optional[_Union[_node_pb2.Hardware, _Mapping]] = ..., decode_tokens_per_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
     __slots__ = ("nodes",)

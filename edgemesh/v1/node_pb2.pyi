@@ -133,7 +133,7 @@ class Gpu(_message.Message):
     def __init__(self, vendor: _Optional[str] = ..., name: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "backend", "source", "state", "size_bytes", "context_length", "is_default", "error", "family", "quantization", "task", "inputs", "outputs", "labels", "sha256", "on_demand")
+    __slots__ = ("model_id", "backend", "source", "state", "size_bytes", "context_length", "is_default", "error", "family", "quantization", "task", "inputs", "outputs", "labels", "sha256", "on_demand", "prompt_tokens_per_s", "decode_tokens_per_s")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,8 @@ class ModelInfo(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     backend: str
     source: str
@@ -166,7 +168,9 @@ class ModelInfo(_message.Message):
     labels: _containers.RepeatedScalarFieldContainer[str]
     sha256: str
     on_demand: bool
-    def __init__(self, model_id: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., size_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., is_default: _Optional[bool] = ..., error: _Optional[str] = ..., family: _Optional[str] = ..., quantization: _Optional[str] = ..., task: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., sha256: _Optional[str] = ..., on_demand: _Optional[bool] = ...) -> None: ...
+    prompt_tokens_per_s: float
+    decode_tokens_per_s: float
+    def __init__(self, model_id: _Optional[str] = ..., backend: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., size_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., is_default: _Optional[bool] = ..., error: _Optional[str] = ..., family: _Optional[str] = ..., quantization: _Optional[str] = ..., task: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., sha256: _Optional[str] = ..., on_demand: _Optional[bool] = ..., prompt_tokens_per_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "dim_names")

@@ -34,7 +34,7 @@ def _nodes(args: argparse.Namespace) -> int:
             return 0
         print(
             f"{'NAME':<16} {'STATE':<8} {'ADDRESS':<22} {'MODELS':<18} {'LOAD':>7} "
-            f"{'MS/TOK':>7} SOURCE"
+            f"{'MS/TOK':>7} {'TOK/S':>6} SOURCE"
         )
         for node in nodes:
             load = (
@@ -42,13 +42,18 @@ def _nodes(args: argparse.Namespace) -> int:
                 f"{node.capacity.max_concurrent + node.capacity.max_queued}"
             )
             speed = f"{node.ewma_ms_per_token:.1f}" if node.ewma_ms_per_token else "-"
+            # What the node measured itself decoding its first model (nodes/capability.py).
+            rates = [
+                node.decode_tokens_per_s[m] for m in node.models if m in node.decode_tokens_per_s
+            ]
+            measured = f"{rates[0]:.0f}" if rates else "-"
             state = printable(node.state, 16) + ("*" if node.cooling_down else "")
             # Names, addresses and models come from the nodes: escaped, never raw escapes.
             name, address = printable(node.name, _NAME_CHARS), printable(node.address, 64)
             models = printable(",".join(node.models), 80)
             print(
                 f"{name:<16} {state:<8} {address:<22} "
-                f"{models:<18} {load:>7} {speed:>7} {printable(node.source, 16)}"
+                f"{models:<18} {load:>7} {speed:>7} {measured:>6} {printable(node.source, 16)}"
             )
         if any(node.cooling_down for node in nodes):
             print("* cooling down after repeated failures")

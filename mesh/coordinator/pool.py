@@ -87,6 +87,19 @@ def connect_grpc(view: NodeView) -> NodeLink:
     return GrpcNodeLink(view.address)
 
 
+class _MeasuredFirst:
+    """The EWMA of what a node took, or before its first answer what it measured itself
+    (nodes/capability.py): latency-aware routing then starts without exploring."""
+
+    def __init__(self, ewma: Ewma, measured: Mapping[NodeId, float]) -> None:
+        self._ewma = ewma
+        self._measured = measured
+
+    def get(self, node_id: NodeId) -> float | None:
+        known = self._ewma.get(node_id)
+        return known if known is not None else self._measured.get(node_id)
+
+
 class NoNodeReason(StrEnum):
     """Why `NodePool.choose` found no node for a task."""
 
@@ -332,7 +345,7 @@ class NodePool:
                 shape,
                 exclude=exclude,
                 cooling=self.cooldowns,
-                ewma=self.ewma,
+                ewma=_MeasuredFirst(self.ewma, self._measured_ms_per_token(shape)),
                 outstanding=self.outstanding,
                 share=self.settings.capacity_share,
             )
@@ -352,6 +365,16 @@ class NodePool:
                     self.metrics.refused(reason.value)
                 raise self._no_node(shape, reason)
             await self.wait_for_change(min(remaining, limit_s - waited, _POLL_S))
+
+    def _measured_ms_per_token(self, shape: TaskShape) -> dict[NodeId, float]:
+        """What nodes measured themselves (ms per token of the task's model, or of their
+        default), for the nodes this dispatcher has no EWMA of yet."""
+        priors = {}
+        for view in self._raw_views:
+            rate = view.decode_tokens_per_s.get(shape.model or view.default_model, 0.0)
+            if rate > 0:
+                priors[view.node_id] = 1000.0 / rate
+        return priors
 
     def _why_none(
         self, shape: TaskShape, exclude: Collection[NodeId]

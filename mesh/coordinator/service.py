@@ -159,6 +159,7 @@ def row_to_proto(row: NodeRow) -> mesh_pb2.NodeEntry:
         capacity=node_pb2.Capacity(max_concurrent=view.max_concurrent, max_queued=view.max_queued),
         labels=dict(view.labels),
         ewma_ms_per_token=row.ewma_ms_per_token or 0.0,
+        decode_tokens_per_s=dict(view.decode_tokens_per_s),
         cooling_down=row.cooling_down,
         hardware=node_pb2.Hardware(
             logical_cores=view.cores,

@@ -140,3 +140,22 @@ def test_the_coordinator_sends_a_task_where_its_model_is_resident_and_loads_it_e
     assert gamma.text and ("gamma",) in loaded
     # Round robin alone would alternate; the resident model decides.
     assert served == [("alpha", "n1"), ("beta", "n2"), ("alpha", "n1"), ("beta", "n2")]
+
+
+def test_a_node_measures_its_models_once_and_reads_the_figures_back_at_the_next_start(tmp_path):
+    async def start_and_describe() -> tuple[node_pb2.DescribeResponse, str]:
+        async with node(tmp_path, "n1", max_loaded_models=1) as daemon:
+            async with NodeClient(daemon.address) as client:
+                reply = await client.describe()
+            return reply, daemon._progress.getvalue()  # type: ignore[attr-defined]
+
+    first, first_log = run(start_and_describe())
+    again, again_log = run(start_and_describe())
+    alpha = next(m for m in first.models if m.model_id == "alpha")
+    assert alpha.decode_tokens_per_s > 0 and alpha.prompt_tokens_per_s > 0
+    assert "model alpha measured:" in first_log
+    assert "measured:" not in again_log  # the same file on the same hardware: read back
+    alpha_again = next(m for m in again.models if m.model_id == "alpha")
+    assert alpha_again.decode_tokens_per_s == alpha.decode_tokens_per_s
+    # The coordinator's view of it.
+    assert details_from_describe(again).decode_tokens_per_s["alpha"] == alpha.decode_tokens_per_s
