@@ -46,8 +46,10 @@ async def measure(
     backend: Backend, *, clock: Callable[[], float] = time.perf_counter
 ) -> Capability:
     """One fixed generation on `backend` (loaded): its prompt and decode speeds."""
+    # A number first, new each time, so that no cached prefix of an earlier run is reused.
+    prompt = f"Case {time.time_ns() % 1_000_003}. {_PROMPT}"
     request = GenerationInput(
-        messages=[Message("user", _PROMPT)], max_tokens=_TOKENS_OUT, temperature=0.0
+        messages=[Message("system", prompt)], max_tokens=_TOKENS_OUT, temperature=0.0
     )
     began = clock()
     first_at = 0.0
