@@ -156,6 +156,7 @@ def parse_body(body: bytes) -> ChatCompletionRequest:
         raise InvalidRequestError("invalid request body: JSON nested too deeply") from None
 
 
+MAX_SESSION_CHARS = 128  # the `user` kept as a conversation's routing affinity
 AGENT_MODEL_PREFIX = "agent:"  # `model: "agent:customer-service"` runs that agent
 
 
@@ -217,6 +218,7 @@ def task_from_chat(
         stop=stop,
         traceparent=headers.get("traceparent", ""),
         json_schema=tool_plan.schema if tool_plan is not None else "",
+        session=(body.user or "")[:MAX_SESSION_CHARS],
     )
     return task, tool_plan
 

@@ -38,7 +38,11 @@ class TaskRun:
         self.task = task
         self.settings = settings
         self.attempts = Attempts(
-            pool, settings, task, entry, TaskShape(model=task.model or None, labels=task.labels)
+            pool,
+            settings,
+            task,
+            entry,
+            TaskShape(model=task.model or None, labels=task.labels, session=task.session),
         )
         self._sent: list[str] = []  # streams: text the caller already has
         self._produced = 0  # streams: tokens of that text

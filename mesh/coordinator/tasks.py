@@ -116,6 +116,7 @@ class TaskSpec:
     caller_task_id: bool = False  # the caller chose the id (a repeat means the same task)
     tier: str | None = None  # agent tasks: the model tier to start on
     traceparent: str = ""  # the caller's W3C trace context: the task's trace continues it
+    session: str = ""  # the caller's conversation (OpenAI `user`): routing affinity only
 
     @property
     def dedup_key(self) -> str:
@@ -346,6 +347,7 @@ def build_task(
     tier: str | None = None,
     traceparent: str = "",
     json_schema: str = "",
+    session: str = "",
 ) -> TaskSpec:
     """A TaskSpec from plain values (tests, benchmarks, the OpenAI ingress)."""
     sampling = node_pb2.Sampling(stop=list(stop))
@@ -378,4 +380,5 @@ def build_task(
         caller_task_id=bool(task_id),
         tier=tier or None,
         traceparent=traceparent,
+        session=session,
     )

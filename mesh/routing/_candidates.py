@@ -17,6 +17,8 @@ class TaskShape:
     model: str | None = None  # model alias the node must serve
     agent: str | None = None  # agent the node must run
     labels: Mapping[str, str] = field(default_factory=dict)  # labels the node must carry
+    # A conversation's key (the OpenAI `user`): no requirement, an affinity (cache_aware).
+    session: str = ""
 
     @property
     def route_key(self) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
 from mesh.core.errors import ConfigError
@@ -28,8 +28,9 @@ class PolicyState:
     def __init__(self, *, seed: int | None = None, rng: random.Random | None = None) -> None:
         self.rng = rng if rng is not None else random.Random(seed)
         self.last_chosen: dict[str, NodeId] = {}  # TaskShape.route_key -> node id
-        # Affinity key -> the nodes that last ran such a task, most recent last (cache_aware).
-        self.warm: dict[str, deque[NodeId]] = {}
+        # Affinity key -> the nodes that last ran such a task, most recent last (cache_aware);
+        # the last MAX_AFFINITY_KEYS keys (sessions are the callers').
+        self.warm: OrderedDict[str, deque[NodeId]] = OrderedDict()
 
     def remember(self, task: TaskShape, node_id: NodeId) -> None:
         """`node_id` ran `task`: its caches (an agent's prefix) are warm for such tasks."""
@@ -37,17 +38,24 @@ class PolicyState:
         if key is None:
             return
         nodes = self.warm.setdefault(key, deque(maxlen=WARM_NODES_PER_KEY))
+        self.warm.move_to_end(key)
         if node_id in nodes:
             nodes.remove(node_id)
         nodes.append(node_id)
+        while len(self.warm) > MAX_AFFINITY_KEYS:
+            self.warm.popitem(last=False)
 
 
 WARM_NODES_PER_KEY = 1  # an agent is warm where it ran last (more: every node soon is)
+MAX_AFFINITY_KEYS = 10_000
 
 
 def affinity_key(task: TaskShape) -> str | None:
-    """What makes two tasks share a cache on a node: the agent (its long fixed prefix)."""
-    return f"agent:{task.agent}" if task.agent else None
+    """What makes two tasks share a cache on a node: the agent (its long fixed prefix), or for
+    a model task the conversation (its earlier turns are the next prompt's prefix)."""
+    if task.agent:
+        return f"agent:{task.agent}"
+    return f"session:{task.session}" if task.session else None
 
 
 Policy = Callable[[Sequence[Candidate], TaskShape, PolicyState], NodeId | None]

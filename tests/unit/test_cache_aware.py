@@ -52,3 +52,27 @@ def test_agents_not_seen_yet_spread_over_the_nodes_by_rendezvous_hashing():
         a: choose_cache_aware(list(reversed(nodes)), TaskShape(agent=a), state) for a in agents
     }
     assert again == homes  # stable: the order of the candidates does not matter
+
+
+def test_a_conversation_goes_back_to_where_its_earlier_turns_are_warm():
+    state = PolicyState(seed=1)
+    turn = TaskShape(model="smollm2", session="kiosk-7")
+    nodes = [candidate("a"), candidate("b")]
+    first = choose_cache_aware(nodes, turn, state)
+    state.remember(turn, "b")  # it ran on b
+    assert choose_cache_aware(nodes, turn, state) == "b"
+    assert first in ("a", "b")
+    anonymous = TaskShape(model="smollm2")  # no session: load alone decides
+    assert choose_cache_aware([candidate("a", 1), candidate("b", 0)], anonymous, state) == "b"
+
+
+def test_affinity_keys_are_bounded():
+    from mesh.routing._policies import MAX_AFFINITY_KEYS
+
+    state = PolicyState(seed=1)
+    for index in range(MAX_AFFINITY_KEYS + 5):
+        state.remember(TaskShape(model="m", session=f"user-{index}"), "a")
+    assert len(state.warm) == MAX_AFFINITY_KEYS
+    assert (
+        "session:user-0" not in state.warm and f"session:user-{MAX_AFFINITY_KEYS + 4}" in state.warm
+    )
