@@ -23,33 +23,14 @@ from collections import Counter
 
 from bench._report import machine_line, median, percentile, write_section
 from bench.bench_warm_prefixes import mixed_order
-from mesh.client import NodeClient
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.coordinator.tasks import build_task
-from mesh.health import details_from_describe
-from mesh.nodes_view import NodeSource, NodeState, NodeView
+from mesh.health import ready_view
 from nodes.config import ModelConfig, NodeConfig
 from nodes.daemon import NodeDaemon
 
 POLICIES = ("latency_aware", "cache_aware")
-
-
-async def view_of(daemon: NodeDaemon) -> NodeView:
-    async with NodeClient(daemon.address) as client:
-        details = details_from_describe(await client.describe())
-    return NodeView(
-        node_id=details.node_id,
-        name=details.name,
-        address=daemon.address,
-        state=NodeState.READY,
-        source=NodeSource.STATIC,
-        models=details.models,
-        loaded_models=details.loaded_models,
-        agents=details.agents,
-        max_concurrent=details.max_concurrent,
-        max_queued=details.max_queued,
-    )
 
 
 async def one_policy(
@@ -86,7 +67,7 @@ async def one_policy(
         for daemon in daemons:
             await daemon.start()
         dispatcher = Dispatcher(DispatcherSettings(policy=policy, deadline_s=300))
-        dispatcher.update_nodes([await view_of(d) for d in daemons])
+        dispatcher.update_nodes([await ready_view(d.address) for d in daemons])
         gate = asyncio.Semaphore(concurrency)
 
         async def run(scenario, measured: bool) -> None:

@@ -295,27 +295,11 @@ def serve_coordinator(node: str) -> int:
     from mesh.coordinator.dispatch import Dispatcher
     from mesh.coordinator.openai_api import build_openai_app
     from mesh.coordinator.service import MeshHandlers, start_fast_path
-    from mesh.core.ids import NodeId
-    from mesh.nodes_view import NodeSource, NodeState, NodeView
+    from mesh.health import ready_view
 
     async def serve() -> None:
-        async with NodeClient(node) as client:
-            info = await client.describe()
         dispatcher = Dispatcher()
-        dispatcher.update_nodes(
-            [
-                NodeView(
-                    node_id=NodeId(info.node.node_id),
-                    name=info.node.name,
-                    address=node,
-                    state=NodeState.READY,
-                    source=NodeSource.STATIC,
-                    models=tuple(m.model_id for m in info.models),
-                    max_concurrent=info.capacity.max_concurrent,
-                    max_queued=info.capacity.max_queued,
-                )
-            ]
-        )
+        dispatcher.update_nodes([await ready_view(node)])
         server, port = await start_fast_path(MeshHandlers(dispatcher), "127.0.0.1:0")
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))

@@ -28,27 +28,14 @@ from mesh.local_processes import python_command
 
 def serve(ratio: float, node: str) -> int:
     """A coordinator without Ray at `ratio`: prints `ready GRPC_ADDRESS`, serves until killed."""
-    from mesh.client import NodeClient
     from mesh.coordinator.dispatch import Dispatcher
     from mesh.coordinator.service import MeshHandlers, start_fast_path
     from mesh.coordinator.settings import DispatcherSettings
-    from mesh.core.ids import NodeId
-    from mesh.nodes_view import NodeSource, NodeState, NodeView
+    from mesh.health import ready_view
 
     async def run() -> None:
-        async with NodeClient(node) as client:
-            info = await client.describe()
         dispatcher = Dispatcher(DispatcherSettings(trace_sample_ratio=ratio))
-        view = NodeView(
-            node_id=NodeId(info.node.node_id),
-            name=info.node.name,
-            address=node,
-            state=NodeState.READY,
-            source=NodeSource.STATIC,
-            models=tuple(m.model_id for m in info.models),
-            max_concurrent=info.capacity.max_concurrent,
-            max_queued=info.capacity.max_queued,
-        )
+        view = await ready_view(node)
         dispatcher.update_nodes([view])
         server, port = await start_fast_path(MeshHandlers(dispatcher), "127.0.0.1:0")
         print(f"ready 127.0.0.1:{port}", flush=True)

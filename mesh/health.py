@@ -20,6 +20,7 @@ from mesh.core.errors import DeadlineExceededError, MeshError, UnavailableError
 from mesh.core.ids import NodeId
 from mesh.core.records import accelerator_kinds, served_models
 from mesh.node_table import NodeDetails, ProbeResult, ProbeStatus
+from mesh.nodes_view import NodeSource, NodeState, NodeView
 
 logger = logging.getLogger("mesh.registry")
 
@@ -188,3 +189,16 @@ class GrpcProber:
     async def close(self) -> None:
         for key in list(self._channels):
             await self.discard(key)
+
+
+async def ready_view(address: str, *, timeout_s: float = 10.0) -> NodeView:
+    """A READY, static NodeView of the node at `address`, from its Describe: for a Dispatcher
+    used without a registry (benchmarks, tests)."""
+    async with NodeClient(address) as client:
+        details = details_from_describe(await client.describe(timeout_s=timeout_s))
+    return NodeView(
+        **details.model_dump(exclude={"protocol_version"}),
+        address=address,
+        state=NodeState.READY,
+        source=NodeSource.STATIC,
+    )

@@ -20,8 +20,8 @@ from mesh.client import NodeClient
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.settings import DispatcherSettings
 from mesh.coordinator.tasks import build_task
-from mesh.health import details_from_describe
-from mesh.nodes_view import NodeSource, NodeState, NodeView
+from mesh.health import details_from_describe, ready_view
+from mesh.nodes_view import NodeView
 from nodes.config import ModelConfig, NodeConfig
 from nodes.daemon import NodeDaemon
 
@@ -95,19 +95,7 @@ def test_the_coordinator_sends_a_task_where_its_model_is_resident_and_loads_it_e
     tmp_path,
 ):
     async def view_of(daemon: NodeDaemon) -> NodeView:
-        async with NodeClient(daemon.address) as client:
-            details = details_from_describe(await client.describe())
-        return NodeView(
-            node_id=details.node_id,
-            name=details.name,
-            address=daemon.address,
-            state=NodeState.READY,
-            source=NodeSource.STATIC,
-            models=details.models,
-            loaded_models=details.loaded_models,
-            max_concurrent=details.max_concurrent,
-            max_queued=details.max_queued,
-        )
+        return await ready_view(daemon.address)
 
     async def scenario():
         async with (
