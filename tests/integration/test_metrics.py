@@ -5,7 +5,7 @@ model segfaulted on this machine on 2026-12-02, on main as well) serves `/metric
 HTTP port; the
 coordinator's dispatcher (in process, no Ray) serves its `/metrics` on the OpenAI HTTP app.
 A second node in the table is dead (nothing listens on its address), so round-robin routing
-sends a task there first: that attempt fails over to the live node.
+sends the second task there: that attempt fails over to the live node.
 """
 
 from __future__ import annotations
@@ -100,7 +100,13 @@ def test_counters_move_after_tasks_a_refusal_and_a_failover(tmp_path):
                 DispatcherSettings(policy="round_robin", attempt_timeout_s=20, deadline_s=60)
             )
             dispatcher.update_nodes(
-                [view("dead", "dead", dead_address()), view(daemon.node_id, "live", daemon.address)]
+                # Round robin goes in node-id order: "zz-dead" sorts after any hex id, so the
+                # first task goes to the live node and the second fails over from the dead one
+                # (a random id sorting after "dead" once made the dead node take both).
+                [
+                    view("zz-dead", "dead", dead_address()),
+                    view(daemon.node_id, "live", daemon.address),
+                ]
             )
             app = build_openai_app(dispatcher)
             transport = httpx.ASGITransport(app=app)
