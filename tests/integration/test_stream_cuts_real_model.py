@@ -33,6 +33,7 @@ PROMPTS = (
 TOKENS = 32
 CUTS = 8  # per continuation mode
 SEED = 11
+CHUNK_MARGIN = 12
 
 
 @contextlib.asynccontextmanager
@@ -84,7 +85,11 @@ async def cut_streams(views, references, *, from_token_ids: bool):
             prompt = PROMPTS[index % len(PROMPTS)]
             text, tokens = references[prompt]
             task = build_task(prompt, model="smollm2", temperature=0, max_tokens=TOKENS)
-            recorder.cut_after[task.task_id] = rng.randint(1, tokens - 1)
+            # The cut comes after the chunk that reaches this many tokens; a node merges tokens
+            # into larger chunks when its reader lags, so a cut point near the end could land
+            # after the last token (a whole answer: nothing to continue, seen once). Keep a
+            # margin of CHUNK_MARGIN tokens.
+            recorder.cut_after[task.task_id] = rng.randint(1, max(1, tokens - CHUNK_MARGIN))
             result = None
             async for item in dispatcher.stream(task):
                 result = item if isinstance(item, TaskResult) else result
