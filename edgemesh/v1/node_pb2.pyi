@@ -247,18 +247,22 @@ class Sampling(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskContext(_message.Message):
-    __slots__ = ("task_id", "idempotency_key", "attempt", "deadline_unix_ms", "agent")
+    __slots__ = ("task_id", "idempotency_key", "attempt", "deadline_unix_ms", "agent", "key_name", "subject")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
+    KEY_NAME_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     idempotency_key: str
     attempt: int
     deadline_unix_ms: int
     agent: str
-    def __init__(self, task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., agent: _Optional[str] = ...) -> None: ...
+    key_name: str
+    subject: str
+    def __init__(self, task_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., attempt: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., agent: _Optional[str] = ..., key_name: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "messages", "sampling", "task", "continuation", "raw", "continuation_token_ids", "json_schema", "report_waiting_ms")
