@@ -119,6 +119,10 @@ class CoordinatorConfig(FrozenModel):
     stream_window_s: Annotated[float, Field(ge=0)] = 0.03  # chunk batching through Serve
     ray_address: str | None = None  # None: start a local Ray
     num_cpus: float | None = None  # for a local Ray; None: all cores
+    # The cluster's trust (mesh/cluster): with a directory, nodes are reached over mTLS and must
+    # hold a certificate of its CA, and the ingress requires an API key (or a cluster
+    # certificate). None: an open mesh, as `mesh demo`.
+    cluster_dir: str | None = None
 
     @classmethod
     def from_topology(
