@@ -195,7 +195,7 @@ class AgentRun:
 
     def _agent_request(self, attempt: Attempt, model: str, max_steps: int) -> node_pb2.AgentRequest:
         context = node_pb2.TaskContext()
-        context.CopyFrom(attempt.context)
+        context.CopyFrom(attempt.context)  # who is asking (key name, subject) included
         context.agent = self.agent
         return node_pb2.AgentRequest(
             agent=self.agent,

@@ -33,6 +33,7 @@ from mesh.coordinator.tasks import (
     TaskSpec,
     caller_error,
 )
+from mesh.core.caller import Caller, current_caller
 from mesh.core.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -140,6 +141,10 @@ class Attempts:
         self.first_token_at: float | None = None
         self.round_start = 0  # attempts before this round (an agent's tier) do not count
         self.failed_at: float | None = None  # when the last attempt failed (reroute latency)
+        # Who is asking (mesh/core/caller.py), read once here, in the task's own context (the
+        # ingress set it there; a task created under it inherits a copy): every attempt's
+        # TaskContext names the same caller, whichever asyncio task runs the attempt.
+        self.caller: Caller | None = current_caller()
         # The task's span: a child of the caller's traceparent, the parent of each attempt's.
         self.span = pool.tracing.start(
             "task",
@@ -225,13 +230,17 @@ class Attempts:
         return max(1, int(min(1.0, self.settings.attempt_timeout_s / 3) * 1000))
 
     def context(self) -> node_pb2.TaskContext:
-        """The TaskContext of the next attempt (its number, what is left of the deadline)."""
+        """The TaskContext of the next attempt (its number, what is left of the deadline, and
+        who is asking: the key's name, never the key, and its subject; empty in an open mesh)."""
+        caller = self.caller
         return node_pb2.TaskContext(
             task_id=self.task.task_id,
             idempotency_key=self.task.idempotency_key,
             attempt=len(self.records) + 1,
             deadline_unix_ms=int((time.time() + max(0.0, self.remaining_s())) * 1000),
             agent=self.task.agent or "",
+            key_name=caller.key_name if caller is not None else "",
+            subject=caller.subject if caller is not None else "",
         )
 
     # ------------------------------------------------------------------ choosing
