@@ -200,6 +200,9 @@ class AgentHost:
 # ---------------------------------------------------------------- wire conversion
 
 
+MAX_CALLER_TEXT_CHARS = 256  # TaskContext.key_name and .subject (an email has at most 254)
+
+
 def task_from_request(
     request: node_pb2.AgentRequest,
     max_input_bytes: int,
@@ -207,6 +210,9 @@ def task_from_request(
 ) -> AgentTask:
     if not request.input.strip():
         raise InvalidRequestError("the agent request's input is empty")
+    for name in ("key_name", "subject"):
+        if len(getattr(request.task, name)) > MAX_CALLER_TEXT_CHARS:
+            raise InvalidRequestError(f"task.{name} is over {MAX_CALLER_TEXT_CHARS} characters")
     check_message_count(len(request.history), max_messages, "this node's")
     size = len(request.input.encode()) + sum(len(m.content.encode()) for m in request.history)
     if size > max_input_bytes:
@@ -228,6 +234,9 @@ def task_from_request(
         completed_steps=tuple(step_from_proto(s) for s in request.completed_steps),
         model=request.model,
         max_steps=request.max_steps,  # checked against the agent's limit by the runtime
+        attempt=request.task.attempt,
+        key_name=request.task.key_name,
+        subject=request.task.subject.strip(),
     )
 
 

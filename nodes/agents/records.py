@@ -44,6 +44,11 @@ class AgentTask(FrozenModel):
     completed_steps: tuple[StepRecord, ...] = ()
     model: str = ""  # overrides the agent's model (escalation)
     max_steps: int = 0  # 0: the agent's own limit
+    attempt: int = 0  # the coordinator's attempt number (0: not said)
+    # Who is asking (the TaskContext): the API key's name and what it stands for (e.g. a
+    # customer's email), empty when nobody in particular; tools see both, the audit log names them.
+    key_name: str = ""
+    subject: str = ""
 
 
 class AgentOutcome(FrozenModel):

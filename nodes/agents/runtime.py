@@ -302,6 +302,8 @@ class AgentRuntime:
             node_id=self.node_id,
             store=self.store,
             idempotency_key=f"{task.task_id}:{index}",
+            subject=task.subject,
+            key_name=task.key_name,
         )
         if not tool.idempotent and self.counts is not None:  # counted before it can act
             self.counts.record(task.task_id, TaskEvent.SIDE_EFFECT_TOOL_RUN, tool=tool.name)

@@ -19,6 +19,7 @@ names the datasets the tool needs, which a node must hold to offer it.
 
 from nodes.tools._core import (
     Tool,
+    ToolAccessDenied,
     ToolContext,
     ToolError,
     ToolExample,
@@ -42,6 +43,7 @@ __all__ = [
     "DemoStore",
     "SchemaError",
     "Tool",
+    "ToolAccessDenied",
     "ToolContext",
     "ToolError",
     "ToolExample",

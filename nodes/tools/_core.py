@@ -26,6 +26,11 @@ class ToolError(Exception):
     """Raised by a tool for an expected failure (e.g. no such order); the model sees the message."""
 
 
+class ToolAccessDenied(ToolError):
+    """Raised by a tool that refuses the caller (`ToolContext.subject`) what it asked for; the
+    audit log records it as "denied". Its message must not reveal whether the thing exists."""
+
+
 class ToolExample(FrozenModel):
     """One worked example: shown to the model as a short exchange before the real request."""
 
@@ -40,7 +45,10 @@ class ToolContext:
     """What a tool may know about the call besides its arguments (injected, never from the model).
 
     `idempotency_key` is the same for the same step of the same task on every
-    attempt, so a side-effecting tool can refuse to act twice.
+    attempt, so a side-effecting tool can refuse to act twice. `subject` is who is asking,
+    as the API key the task came with says (e.g. a customer's email; empty: nobody in
+    particular, as in an open mesh): a tool over personal data answers only for it.
+    `key_name` names that key (never the key itself).
     """
 
     task_id: str = ""
@@ -48,6 +56,8 @@ class ToolContext:
     node_id: str = ""
     store: Any = None  # nodes.tools.store.DemoStore on a node
     idempotency_key: str = ""
+    subject: str = ""
+    key_name: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

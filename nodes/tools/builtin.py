@@ -3,13 +3,21 @@
 Each reads or writes the node's `DemoStore` (given through `ToolContext.store`),
 except `system_diagnostics`, which reads the device itself through psutil. The
 examples are shown to the model as worked exchanges; keep them short.
+
+Who is asking (`ToolContext.subject`, an email, from the caller's API key): when it is set,
+`customer_lookup` answers only for that email, `order_status` only for that customer's
+orders (another's order and a missing one get the same answer, so nothing says whether it
+exists), and `create_ticket` and `book_appointment` always act for the subject, whatever
+email the model wrote (the caller need not type it, and a small model that garbles or copies
+an email still files under the right customer; the result names the email used). With no
+subject (an open mesh, or a key that names nobody) they answer for anyone, as before.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from nodes.tools._core import Tool, ToolContext, ToolError, tool
+from nodes.tools._core import Tool, ToolAccessDenied, ToolContext, ToolError, tool
 from nodes.tools.store import DemoStore
 
 Weekday = Literal["monday", "tuesday", "wednesday", "thursday", "friday"]
@@ -20,6 +28,15 @@ def _store(context: ToolContext) -> DemoStore:
         raise ToolError("this node holds no data store")
     store: DemoStore = context.store
     return store
+
+
+def _same_email(first: str, second: str) -> bool:
+    return first.strip().lower() == second.strip().lower()
+
+
+def _acting_for(email: str, context: ToolContext) -> str:
+    """The email a side-effecting tool acts for: the subject's when there is one."""
+    return context.subject or email
 
 
 @tool(
@@ -41,6 +58,9 @@ def customer_lookup(email: str, context: ToolContext) -> dict[str, Any]:
     Args:
         email: the customer's email address.
     """
+    if context.subject and not _same_email(email, context.subject):
+        # Refused before any look-up: the answer is the same whether that customer exists.
+        raise ToolAccessDenied("you can only see your own customer record")
     customer = _store(context).find_customer(email)
     if customer is None:
         raise ToolError(f"no customer with email {email}")
@@ -66,7 +86,15 @@ def order_status(order_id: int, context: ToolContext) -> dict[str, Any]:
     Args:
         order_id: the order number.
     """
-    order = _store(context).get_order(order_id)
+    store = _store(context)
+    if context.subject:
+        owner = store.order_owner(order_id)
+        refusal = f"no order {order_id} among your orders"  # the same whether it exists
+        if owner is None:
+            raise ToolError(refusal)
+        if not _same_email(owner, context.subject):
+            raise ToolAccessDenied(refusal)
+    order = store.get_order(order_id)
     if order is None:
         raise ToolError(f"no order {order_id}")
     return order
@@ -101,7 +129,7 @@ def create_ticket(
     if not subject.strip():
         raise ToolError("the subject is empty")
     ticket, created = _store(context).create_ticket(
-        customer_email, subject, priority, context.idempotency_key
+        _acting_for(customer_email, context), subject, priority, context.idempotency_key
     )
     return {**ticket, "created_now": created}
 
@@ -149,7 +177,9 @@ def book_appointment(day: Weekday, time: str, email: str, context: ToolContext) 
         time: the slot's start time, e.g. 09:00.
         email: the customer's email address.
     """
-    booking, created = _store(context).book_slot(day, time.strip(), email, context.idempotency_key)
+    booking, created = _store(context).book_slot(
+        day, time.strip(), _acting_for(email, context), context.idempotency_key
+    )
     if booking is None:
         raise ToolError(f"{day} {time} is not a free slot")
     return {**booking, "created_now": created}

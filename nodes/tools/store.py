@@ -167,6 +167,16 @@ class DemoStore:
             order["carrier"] = row["carrier"]
         return order
 
+    def order_owner(self, order_id: int) -> str | None:
+        """The email of the customer who placed the order; None when there is no such order."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT customers.email FROM orders JOIN customers "
+                "ON customers.id = orders.customer_id WHERE orders.id = ?",
+                (order_id,),
+            ).fetchone()
+        return None if row is None else str(row["email"])
+
     def free_slots(self, day: str) -> list[str]:
         with self._connect() as db:
             rows = db.execute(
