@@ -197,6 +197,11 @@ class NodeConfig(FrozenModel):
     # the box; `router: null` (or `mesh node start --no-router`) turns it off. Left out when
     # a model of the node already is the bundled router.
     router: ModelConfig | None = None
+    # The audit log (nodes/audit.py): a JSON line per agent step this node runs, appended to
+    # <state_dir>/audit.jsonl (0600): time, task, key name and subject (who asked), agent,
+    # tool, side effects, outcome; never the key, tool arguments, results or the user's text.
+    # false: no audit log.
+    audit_log: bool = True
 
     @model_validator(mode="before")
     @classmethod

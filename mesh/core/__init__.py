@@ -5,6 +5,7 @@ Nothing here imports Ray, zeroconf or a model runtime.
 
     errors       the one exception hierarchy
     agent_limits agent tasks' step limits: what a node accepts, what escalation asks for
+    audit        audit logs as files: appended one JSON line at a time (0600), read back
     attempts     what one attempt at a task did (errors of failed tasks carry them)
     grpc_status  exceptions <-> gRPC status (`google.rpc.Status` with an `ErrorDetail`): one
                  abort helper for servers, one reader for clients

@@ -32,6 +32,7 @@ from nodes.agents.records import (
 )
 from nodes.agents.runtime import AgentRuntime
 from nodes.agents.spec import AgentSpec
+from nodes.audit import AUDIT_FILE, AuditLog
 from nodes.backends import ROLES, Backend, Message
 from nodes.task_counts import TaskCounts
 from nodes.tools import DATASETS, DemoStore, ToolRegistry, builtin_registry, load_module_objects
@@ -83,6 +84,7 @@ class AgentHost:
         max_input_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         counts: TaskCounts | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.max_input_bytes = max_input_bytes
         self.max_messages = max_messages
@@ -97,6 +99,7 @@ class AgentHost:
             node_id=node_id,
             store=self.store,
             counts=counts,
+            audit=audit,
         )
         names = [spec.name for spec in agents]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -119,7 +122,8 @@ class AgentHost:
         *,
         counts: TaskCounts | None = None,
     ) -> AgentHost:
-        """Agents, tools and datasets as the node config says (None: the demo set)."""
+        """Agents, tools and datasets as the node config says (None: the demo set), and the
+        audit log in the state directory unless `audit_log` is off (created now: blocking)."""
         registry = builtin_registry()
         agents = list(DEMO_AGENTS) if config.agents is None else list(config.agents)
         module_data: set[str] = set()
@@ -143,6 +147,11 @@ class AgentHost:
             max_input_bytes=config.max_prompt_bytes,
             max_messages=config.max_messages,
             counts=counts,
+            audit=(
+                AuditLog.open(config.resolved_state_dir() / AUDIT_FILE, node_id=node_id)
+                if config.audit_log
+                else None
+            ),
         )
 
     async def open(self) -> None:

@@ -13,10 +13,14 @@ into the conversation as they were, once checked (`replay.py`: a caller may forg
 them): their tools are never run again. Within a task, a non-idempotent tool called
 again with the same arguments returns the first result instead of acting twice, and
 its idempotency key (task id and step index) lets the tool itself refuse a duplicate.
+
+Every step executed here (never a replayed one) goes to the audit log (`nodes/audit.py`)
+as it is recorded, and a tool call cancelled while it runs is logged too: it may have acted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -55,9 +59,10 @@ from nodes.agents.replay import (
     step_text_bytes,
 )
 from nodes.agents.spec import AgentSpec
+from nodes.audit import AuditLog, StepOutcome
 from nodes.backends import Backend, Completion, GenerationInput, Message, ModelStatus
 from nodes.task_counts import TaskCounts, TaskEvent
-from nodes.tools import Tool, ToolContext, ToolError, ToolRegistry
+from nodes.tools import Tool, ToolAccessDenied, ToolContext, ToolError, ToolRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +109,7 @@ class AgentRuntime:
         node_id: str = "",
         store: Any = None,
         counts: TaskCounts | None = None,
+        audit: AuditLog | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.backends = backends
@@ -112,6 +118,7 @@ class AgentRuntime:
         self.node_id = node_id
         self.store = store
         self.counts = counts  # side-effecting tool executions are counted per task
+        self.audit = audit  # one line per step executed here; None: not audited
         self._clock = clock
         # Models the node loads when asked (nodes/model_manager.py): not refused as unloaded.
         self.on_demand: Callable[[str], bool] = lambda _model_id: False
@@ -191,6 +198,7 @@ class AgentRuntime:
                         **common,
                     )
                 )
+                self._audit(task, steps[-1], StepOutcome.INVALID)
                 yield StepEvent(step=steps[-1])
                 yield outcome("", "invalid_tool_calls")
                 return
@@ -203,12 +211,20 @@ class AgentRuntime:
                         **common,
                     )
                 )
+                self._audit(task, steps[-1], StepOutcome.OK)
                 yield StepEvent(step=steps[-1])
                 yield AnswerEvent(text=decision.text())
                 yield outcome(decision.text(), "answer")
                 return
             tool_began = self._clock()
-            result_json, error, idempotent = await self._execute(decision, task, index, steps)
+            try:
+                result_json, error, idempotent, ran = await self._execute(
+                    decision, task, index, steps
+                )
+            except asyncio.CancelledError:  # the caller went away while the tool ran: it may
+                # have acted (a worker thread runs on), so the audit says it was called
+                self._audit_call(task, index, decision.tool, model_id, StepOutcome.CANCELLED)
+                raise
             tool_ms = (self._clock() - tool_began) * 1000
             steps.append(
                 StepRecord(
@@ -223,6 +239,7 @@ class AgentRuntime:
                     **common,
                 )
             )
+            self._audit(task, steps[-1], ran)
             yield StepEvent(step=steps[-1])
         yield outcome("", "max_steps")
 
@@ -277,8 +294,8 @@ class AgentRuntime:
 
     async def _execute(
         self, call: ToolCallDecision, task: AgentTask, index: int, steps: Sequence[StepRecord]
-    ) -> tuple[str, str, bool]:
-        """(result JSON, error, idempotent) of running one tool call."""
+    ) -> tuple[str, str, bool, StepOutcome]:
+        """(result JSON, error, idempotent, how it went) of running one tool call."""
         tool = self.registry.get(call.tool)
         if not tool.idempotent:
             for earlier in steps:
@@ -295,7 +312,7 @@ class AgentRuntime:
                         call.tool,
                         earlier.index,
                     )
-                    return earlier.result_json, "", False
+                    return earlier.result_json, "", False, StepOutcome.DEDUPLICATED
         context = ToolContext(
             task_id=task.task_id,
             step_index=index,
@@ -310,15 +327,50 @@ class AgentRuntime:
         try:
             value = await tool.call(call.arguments, context)
         except ToolError as error:
-            return json.dumps({"error": str(error)}), str(error), tool.idempotent
+            how = (
+                StepOutcome.DENIED
+                if isinstance(error, ToolAccessDenied)
+                else StepOutcome.TOOL_ERROR
+            )
+            return json.dumps({"error": str(error)}), str(error), tool.idempotent, how
         except TimeoutError:
             message = f"{tool.name} did not finish within {tool.timeout_s:g} s"
-            return json.dumps({"error": message}), message, tool.idempotent
+            return json.dumps({"error": message}), message, tool.idempotent, StepOutcome.TIMEOUT
         except Exception as error:  # noqa: BLE001 - a broken tool is reported, never crashes the node
             logger.exception("tool %s failed", tool.name)
             message = f"{tool.name} failed: {type(error).__name__}: {error}"
-            return json.dumps({"error": message}), message, tool.idempotent
-        return _to_json(value), "", tool.idempotent
+            return json.dumps({"error": message}), message, tool.idempotent, StepOutcome.FAILED
+        return _to_json(value), "", tool.idempotent, StepOutcome.OK
+
+    # ------------------------------------------------------------------ the audit log
+
+    def _audit(self, task: AgentTask, step: StepRecord, how: StepOutcome) -> None:
+        """Log a step this node executed (never call it for a replayed one)."""
+        if self.audit is not None:
+            self.audit.step(
+                task,
+                index=step.index,
+                kind=step.kind,
+                tool=step.tool,
+                side_effecting=step.kind == "tool_call" and not step.idempotent,
+                outcome=how,
+                model=step.model,
+            )
+
+    def _audit_call(
+        self, task: AgentTask, index: int, tool: str, model: str, how: StepOutcome
+    ) -> None:
+        """Log a tool call that left no step (cancelled while it ran)."""
+        if self.audit is not None:
+            self.audit.step(
+                task,
+                index=index,
+                kind="tool_call",
+                tool=tool,
+                side_effecting=not self.registry.get(tool).idempotent,
+                outcome=how,
+                model=model,
+            )
 
 
 def _to_json(value: Any) -> str:
