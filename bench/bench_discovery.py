@@ -197,7 +197,13 @@ def bench_registry_cost(count: int) -> dict[str, float]:
             self.in_flight = 0
 
         async def probe(
-            self, key: str, address: str, *, timeout_s: float, refresh: bool = False
+            self,
+            key: str,
+            address: str,
+            *,
+            timeout_s: float,
+            refresh: bool = False,
+            node_id: str | None = None,
         ) -> ProbeResult:
             index = int(key.split("-")[1])
             return ProbeResult(status=ProbeStatus.OK, details=details(index, self.in_flight))

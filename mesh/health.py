@@ -18,6 +18,7 @@ from mesh.client import NodeClient
 from mesh.core.channels import PLAINTEXT, ChannelSecurity, create_channel
 from mesh.core.errors import DeadlineExceededError, MeshError, UnavailableError
 from mesh.core.ids import NodeId
+from mesh.core.pki import MEMBER_NAME, node_name
 from mesh.core.records import accelerator_kinds, served_models
 from mesh.node_table import NodeDetails, ProbeResult, ProbeStatus
 from mesh.nodes_view import NodeSource, NodeState, NodeView
@@ -31,10 +32,17 @@ class Prober(Protocol):
     """What the registry needs to check nodes; `GrpcProber` is the real one, tests use fakes."""
 
     async def probe(
-        self, key: str, address: str, *, timeout_s: float, refresh: bool = False
+        self,
+        key: str,
+        address: str,
+        *,
+        timeout_s: float,
+        refresh: bool = False,
+        node_id: str | None = None,
     ) -> ProbeResult:
         """Check the node answers and serves, and describe it. `refresh`: a periodic load
-        refresh of a node whose health Watch runs, so Describe alone will do."""
+        refresh of a node whose health Watch runs, so Describe alone will do. `node_id`: the
+        id the node advertised (None for a static address)."""
         ...
 
     async def watch(self, key: str, address: str, on_status: Callable[[bool], None]) -> str:
@@ -117,7 +125,7 @@ async def probe_in_order(
     """
     best: ProbeResult | None = None
     for address in addresses:
-        result = await prober.probe(key, address, timeout_s=timeout_s)
+        result = await prober.probe(key, address, timeout_s=timeout_s, node_id=node_id)
         result = result.model_copy(update={"address": address})
         details = result.details
         if (
@@ -133,12 +141,38 @@ async def probe_in_order(
     return best
 
 
-class GrpcProber:
-    """Probes and watches nodes over gRPC, one channel per tracked entry and address."""
+class Membership(Protocol):
+    """Who may be a node (mesh/cluster/authority.py `MemberDirectory`)."""
 
-    def __init__(self, security: ChannelSecurity = PLAINTEXT) -> None:
+    def refusal(self, node_id: str, name: str | None, fingerprint: str | None) -> str | None: ...
+
+
+# What gRPC says when the TLS handshake fails: a peer that is not the cluster member it claims.
+_HANDSHAKE_FAILURES = ("handshake", "certificate", "peer name", "ssl", "tls")
+
+
+def _handshake_failed(error: MeshError) -> bool:
+    text = str(error).lower()
+    return isinstance(error, UnavailableError) and any(w in text for w in _HANDSHAKE_FAILURES)
+
+
+class GrpcProber:
+    """Probes and watches nodes over gRPC, one channel per tracked entry and address.
+
+    In a cluster (`security` with the coordinator's certificate, and `members`) a node is
+    reached over mTLS expecting the certificate of the id it advertised: a process that
+    copies a member's TXT record, a node of another CA, or one that is not (or no longer) a
+    member fails the probe as INVALID, which the table logs once and never makes ready. A
+    static address (no advertised id) is first reached as any member, and then again as the
+    id its Describe gave, so that it too is ready only as the node its certificate names."""
+
+    def __init__(
+        self, security: ChannelSecurity = PLAINTEXT, members: Membership | None = None
+    ) -> None:
         self._security = security
+        self._members = members
         self._channels: dict[str, dict[str, grpc.aio.Channel]] = {}
+        self._expected: dict[str, str] = {}  # key -> the node id its channels expect
 
     def _channel(self, key: str, address: str) -> grpc.aio.Channel:
         # One channel per address, so that trying another address of a multi-homed node never
@@ -146,12 +180,29 @@ class GrpcProber:
         held = self._channels.setdefault(key, {})
         channel = held.get(address)
         if channel is None:
-            channel = held[address] = create_channel(address, self._security)
+            security = self._security
+            if security.enabled:
+                expected = self._expected.get(key)
+                security = security.expecting(node_name(expected) if expected else MEMBER_NAME)
+            channel = held[address] = create_channel(address, security)
         return channel
 
     async def probe(
-        self, key: str, address: str, *, timeout_s: float, refresh: bool = False
+        self,
+        key: str,
+        address: str,
+        *,
+        timeout_s: float,
+        refresh: bool = False,
+        node_id: str | None = None,
     ) -> ProbeResult:
+        verifying = self._security.enabled
+        if verifying and self._members is not None and node_id is not None:
+            refusal = self._members.refusal(node_id, None, None)
+            if refusal is not None:
+                return ProbeResult(status=ProbeStatus.INVALID, reason=refusal)
+        if node_id is not None:
+            self._expected.setdefault(key, node_id)
         client = NodeClient(address, channel=self._channel(key, address), timeout_s=timeout_s)
         try:
             # A refresh skips the health Check: the Watch stream reports NOT_SERVING already,
@@ -161,10 +212,39 @@ class GrpcProber:
                 return ProbeResult(status=ProbeStatus.NOT_SERVING, reason=f"health {status}")
             reply = await client.describe(timeout_s=timeout_s)
         except MeshError as error:
+            if verifying and _handshake_failed(error):
+                who = f"node {node_id}" if node_id else "a member"
+                return ProbeResult(
+                    status=ProbeStatus.INVALID,
+                    reason=f"TLS handshake failed: no valid cluster certificate for {who}",
+                )
             return result_for_error(error)
         if not reply.node.node_id:
             return ProbeResult(status=ProbeStatus.INVALID, reason="Describe has no node id")
-        return ProbeResult(status=ProbeStatus.OK, details=details_from_describe(reply))
+        details = details_from_describe(reply)
+        if verifying and self._members is not None:
+            refusal = self._members.refusal(details.node_id, details.name, None)
+            if refusal is not None:
+                return ProbeResult(status=ProbeStatus.INVALID, reason=refusal)
+            if key not in self._expected:  # a static address: check the certificate's id
+                problem = await self._check_identity(address, details.node_id, timeout_s)
+                if problem:
+                    return ProbeResult(status=ProbeStatus.INVALID, reason=problem)
+                self._expected[key] = details.node_id
+        return ProbeResult(status=ProbeStatus.OK, details=details)
+
+    async def _check_identity(self, address: str, node_id: str, timeout_s: float) -> str:
+        """ "" if the server at `address` holds the certificate of `node_id`, else why not."""
+        security = self._security.expecting(node_name(node_id))
+        async with create_channel(address, security) as channel:
+            client = NodeClient(address, channel=channel, timeout_s=timeout_s)
+            try:
+                await client.health(timeout_s=timeout_s)
+            except MeshError as error:
+                if _handshake_failed(error):
+                    return f"its certificate is not for node {node_id}, the id it answers as"
+                return f"could not confirm its certificate: {str(error)[:120]}"
+        return ""
 
     async def watch(self, key: str, address: str, on_status: Callable[[bool], None]) -> str:
         stub = health_pb2_grpc.HealthStub(self._channel(key, address))
@@ -183,6 +263,7 @@ class GrpcProber:
         return "stream ended"
 
     async def discard(self, key: str) -> None:
+        self._expected.pop(key, None)
         held = self._channels.pop(key, {})
         await asyncio.gather(*(channel.close() for channel in held.values()))
 

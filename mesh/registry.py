@@ -235,6 +235,7 @@ class NodeRegistry:
                     action.address,
                     timeout_s=self.timings.probe_timeout_s,
                     refresh=action.refresh,
+                    node_id=action.node_id,
                 )
         except asyncio.CancelledError:
             task = asyncio.current_task()

@@ -72,7 +72,11 @@ def service_instance_name(record: NodeRecord, service_type: str = SERVICE_TYPE) 
 
 
 def record_from_describe(
-    reply: node_pb2.DescribeResponse, *, grpc_port: int, incarnation: str
+    reply: node_pb2.DescribeResponse,
+    *,
+    grpc_port: int,
+    incarnation: str,
+    cert_fingerprint: str = "",
 ) -> NodeRecord:
     """The TXT summary of a node's own Describe reply (the models it serves, and which of them
     are loaded; no secrets in it)."""
@@ -92,6 +96,7 @@ def record_from_describe(
         accelerators=accelerator_kinds((g.vendor for g in hardware.gpus), hardware.onnx_providers),
         load_percent=coarse_load_percent(load.in_flight, load.queued, capacity.max_concurrent),
         capacity=capacity.max_concurrent,
+        cert_fingerprint=cert_fingerprint,
     )
 
 
@@ -374,8 +379,12 @@ class DaemonAnnouncement:
     def build_record(self) -> NodeRecord:
         servicer = self._daemon.servicer
         assert servicer is not None, "the daemon must be started before it is announced"
+        tls = self._daemon.tls
         return record_from_describe(
-            servicer.describe(), grpc_port=self._daemon.port, incarnation=self.incarnation
+            servicer.describe(),
+            grpc_port=self._daemon.port,
+            incarnation=self.incarnation,
+            cert_fingerprint=tls.fingerprint() if tls is not None else "",
         )
 
     async def start(self) -> None:

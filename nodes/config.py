@@ -9,7 +9,7 @@ import urllib.parse
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from mesh.core.bounds import (
     DEFAULT_MAX_MESSAGES,
@@ -178,6 +178,17 @@ class NodeConfig(FrozenModel):
     interface: str | None = None  # IP of the interface to advertise on; None: all
     labels: dict[str, str] = Field(default_factory=dict)
     state_dir: str | None = None  # where the node id is kept; None: ~/.local/state/...
+    # ---- cluster membership (nodes/join.py): a join token (`mesh cluster token`), given here,
+    # in a file (join_token_file, readable by its owner only), or with --join. Used once: the
+    # certificate it gets is kept in <state_dir>/tls and used at every start after.
+    join_token: SecretStr | None = None
+    join_token_file: str | None = None
+    # The coordinator's join port(s), host:port; empty: found on mDNS by the token's CA.
+    coordinator: tuple[str, ...] = ()
+    join_timeout_s: Annotated[float, Field(gt=0, le=600)] = 15.0
+    # Listening beyond loopback without cluster credentials: say so loudly at start, unless
+    # this acknowledges that anyone on the network may use the node.
+    insecure: bool = False
     # What the node did per task id (Describe with task_counts; nodes/task_counts.py): kept
     # for this many recent task ids, and journaled in <state_dir>/task-counts.jsonl so that
     # the counts survive a crash or restart (false: in memory only).
@@ -262,6 +273,22 @@ class NodeConfig(FrozenModel):
             return pathlib.Path(self.state_dir)
         base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
         return pathlib.Path(base) / "edge-agent-mesh" / "nodes" / self.name
+
+    def join_token_text(self) -> str | None:
+        """The join token, from the config or its file (never logged, never in errors)."""
+        if self.join_token is not None:
+            return self.join_token.get_secret_value()
+        if not self.join_token_file:
+            return None
+        path = pathlib.Path(self.join_token_file)
+        try:
+            if path.stat().st_mode & 0o077:
+                raise ConfigError(
+                    f"{path}: a join token file must be readable by its owner only (chmod 600)"
+                )
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the join token: {error.strerror}") from None
 
     def resolved_data_dir(self) -> pathlib.Path:
         return pathlib.Path(self.data_dir) if self.data_dir else self.resolved_state_dir() / "data"

@@ -22,14 +22,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgemesh.v1 import node_pb2, node_pb2_grpc
+from mesh.core import pki
 from mesh.core.channels import (
     NODE_SERVER_OPTIONS,
+    PLAINTEXT,
     add_server_port,
     create_server,
     format_address,
 )
 from mesh.core.errors import ConfigError
 from mesh.core.ids import new_node_id
+from mesh.core.records import is_loopback_address
 from mesh.core.version import PROTOCOL_VERSION, __version__
 from nodes.admission import AdmissionController
 from nodes.backends import Backend
@@ -39,6 +42,7 @@ from nodes.backends.onnx import BACKEND_NAME as ONNX_BACKEND
 from nodes.capability import Capabilities, Capability, hardware_key, measure
 from nodes.config import NodeConfig
 from nodes.hardware import HardwareInfo, probe_hardware
+from nodes.join import NodeTls, Renewal, enroll
 from nodes.model_files import resolve_gguf
 from nodes.model_manager import ModelManager
 from nodes.router import ROUTER_ALIAS
@@ -192,6 +196,8 @@ class NodeDaemon:
         self.port = 0
         self.metrics_port = 0  # bound when config.metrics_port is set
         self._idle_unloader: asyncio.Task[None] | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        self.tls: NodeTls | None = None  # the cluster membership, once enrolled
         self.servicer: NodeServicer | None = None
         self._announcer_factory = announcer_factory
         self._announcer: Announcer | None = None
@@ -207,8 +213,36 @@ class NodeDaemon:
     def _say(self, text: str) -> None:
         print(text, file=self._progress, flush=True)
 
+    async def _enroll(self) -> None:
+        """Join the cluster (or use the membership kept): the node then serves mTLS only, as the
+        cluster's name, with the token's labels added to its own."""
+        config = self.config
+        self.tls = await enroll(
+            config.resolved_state_dir(),
+            config.join_token_text(),
+            node_id=self.node_id,
+            node_name=config.name,
+            coordinators=config.coordinator,
+            timeout_s=config.join_timeout_s,
+            interface=config.interface,
+            say=self._say,
+        )
+        if self.tls is not None:
+            labels = {**self.tls.labels, **config.labels}
+            self.config = config.model_copy(update={"cluster": self.tls.cluster, "labels": labels})
+        elif not config.insecure and not (
+            config.host == "localhost" or is_loopback_address(config.host)
+        ):
+            self._say(
+                f"WARNING: node {config.name} listens on {config.host} without cluster "
+                "credentials: anyone on the network can use it. Join a cluster "
+                "(`mesh cluster token`, then --join TOKEN), listen on 127.0.0.1, or pass "
+                "--insecure to acknowledge this."
+            )
+
     async def start(self) -> None:
         """Listen, load models, and turn SERVING. Raises ModelLoadError if a model fails."""
+        await self._enroll()
         self.health = health.aio.HealthServicer()
         self._server = create_server(
             max_receive_bytes=self.config.receive_limit_bytes(
@@ -216,6 +250,8 @@ class NodeDaemon:
             ),
             max_concurrent_rpcs=self.config.rpc_limit,
             options=NODE_SERVER_OPTIONS,  # accepts the links' pings
+            # In a cluster: the coordinator and the operator, never another node.
+            peer_roles=(pki.ROLE_COORDINATOR, pki.ROLE_ADMIN) if self.tls else (),
         )
         # The probe (ONNX Runtime providers in a child process) runs while models load.
         probe = asyncio.create_task(asyncio.to_thread(probe_hardware))
@@ -247,7 +283,9 @@ class NodeDaemon:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             self.port = add_server_port(
-                self._server, format_address(self.config.host, self.config.port)
+                self._server,
+                format_address(self.config.host, self.config.port),
+                self.tls.security if self.tls is not None else PLAINTEXT,
             )
         except RuntimeError as error:  # grpc raises RuntimeError when the port is taken
             raise ConfigError(
@@ -270,6 +308,9 @@ class NodeDaemon:
             self.hardware = self.servicer.hardware = await probe
         for service in ("", NODE_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.tls is not None:
+            renewal = Renewal(self.tls, on_renewed=self.refresh_announcement)
+            self._renewal = asyncio.create_task(renewal.run())
         self.serving.set()
 
     async def announce(self) -> None:
@@ -296,6 +337,9 @@ class NodeDaemon:
             except TimeoutError:
                 logger.warning("mDNS goodbye did not finish within 5 s")
         await self._server.stop(self.config.grace_s)
+        if self._renewal is not None:
+            self._renewal.cancel()
+            await asyncio.gather(self._renewal, return_exceptions=True)
         if self._idle_unloader is not None:
             self._idle_unloader.cancel()
             await asyncio.gather(self._idle_unloader, return_exceptions=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from mesh.cli._common import EXIT_ERROR, message_to_dict, print_json, run_async
@@ -55,6 +56,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     start.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
     start.add_argument("--interface", help="IP of the interface to advertise on")
+    start.add_argument(
+        "--join",
+        metavar="TOKEN",
+        default=os.environ.get("MESH_JOIN_TOKEN") or None,
+        help="join a cluster with this token from `mesh cluster token` (also $MESH_JOIN_TOKEN; "
+        "once: the certificate is kept in the state dir)",
+    )
+    start.add_argument(
+        "--join-file", metavar="FILE", help="read the join token from FILE (mode 600)"
+    )
+    start.add_argument(
+        "--coordinator",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="the coordinator's join port (default: found on mDNS; port 9100 by default)",
+    )
+    start.add_argument(
+        "--insecure",
+        action="store_true",
+        help="acknowledge that a node listening beyond loopback without a cluster can be "
+        "used by anyone on the network (silences the warning)",
+    )
     start.set_defaults(func=_start)
 
     describe = actions.add_parser("describe", help="show a node's identity, hardware, models, load")
@@ -106,6 +130,10 @@ def _start(args: argparse.Namespace) -> int:
             trace_sample_ratio=args.trace_sample_ratio,
             otlp_endpoint=args.otlp_endpoint,
             router=default_router_config() if args.router else None,
+            join_token=args.join,
+            join_token_file=args.join_file,
+            coordinator=tuple(args.coordinator) or None,
+            insecure=True if args.insecure else None,
         )
         if args.router is False:
             config = config.model_copy(update={"router": None})

@@ -13,7 +13,13 @@ import grpc
 from edgemesh.v1 import node_pb2
 from mesh.agent_client import run_agent_request
 from mesh.client import NodeClient
-from mesh.core.channels import NODE_LINK_HEARTBEAT_MS, NODE_LINK_OPTIONS, create_channel
+from mesh.core.channels import (
+    NODE_LINK_HEARTBEAT_MS,
+    NODE_LINK_OPTIONS,
+    PLAINTEXT,
+    ChannelSecurity,
+    create_channel,
+)
 from mesh.core.tracing import OUTGOING_TRACEPARENT, TRACEPARENT
 
 _HEARTBEAT_CALL_S = 600.0  # a Heartbeat call's deadline (every RPC has one); then a new one
@@ -29,8 +35,10 @@ class GrpcNodeLink(NodeClient):
     UNAVAILABLE and the attempt loop retries them elsewhere. A node without Heartbeat (an
     older one) gets the keepalive alone."""
 
-    def __init__(self, address: str) -> None:
-        super().__init__(address, channel=create_channel(address, options=NODE_LINK_OPTIONS))
+    def __init__(self, address: str, security: ChannelSecurity = PLAINTEXT) -> None:
+        super().__init__(
+            address, channel=create_channel(address, security, options=NODE_LINK_OPTIONS)
+        )
         self._owns_channel = True  # made for this link alone: closed with it
         self._calls = 0
         self._heartbeat: asyncio.Task[None] | None = None

@@ -27,8 +27,10 @@ from edgemesh.v1 import node_pb2
 from mesh.coordinator.grpc_link import GrpcNodeLink
 from mesh.coordinator.intent import ClassifierIndex
 from mesh.coordinator.settings import DispatcherSettings
+from mesh.core.channels import ChannelSecurity
 from mesh.core.errors import MeshError, NotFoundError, OverloadedError, UnavailableError
 from mesh.core.ids import NodeId
+from mesh.core.pki import node_name
 from mesh.core.tracing import SpanRecord, Tracing, spans_from_proto
 from mesh.core.untrusted import printable, quoted
 from mesh.nodes_view import NodeState, NodeView
@@ -85,6 +87,18 @@ NodeConnector = Callable[[NodeView], NodeLink]
 def connect_grpc(view: NodeView) -> NodeLink:
     """A GrpcNodeLink (`mesh.coordinator.grpc_link`) on one channel to the node."""
     return GrpcNodeLink(view.address)
+
+
+def grpc_connector(security: ChannelSecurity) -> NodeConnector:
+    """`connect_grpc` over mTLS (in a cluster): each link expects the certificate of the node
+    id it was chosen as, so a link reaches that node or fails (UNAVAILABLE: another node)."""
+    if not security.enabled:
+        return connect_grpc
+
+    def connect(view: NodeView) -> NodeLink:
+        return GrpcNodeLink(view.address, security.expecting(node_name(view.node_id)))
+
+    return connect
 
 
 class _MeasuredFirst:

@@ -1,15 +1,19 @@
 """Every gRPC channel and server port in the project is created here.
 
 One place so that transport security (mTLS, join tokens) can be added once
-for every channel. Today channels are plaintext; `ChannelSecurity` is the seam.
+for every channel. Channels are plaintext in an open mesh and mTLS in a cluster (`ChannelSecurity`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import inspect
 import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 import grpc
 
@@ -124,29 +128,42 @@ NODE_SERVER_OPTIONS: Options = _override(
 
 @dataclass(frozen=True)
 class ChannelSecurity:
-    """Transport security for channels and servers. Plaintext when empty."""
+    """Transport security for channels and servers (mTLS with the cluster's certificates,
+    mesh/core/pki.py). Plaintext when empty.
 
-    # Reserved for mTLS: PEM paths for CA, certificate and key.
+    A channel checks that the server's certificate was issued by `ca_file` and names
+    `server_name` (a node's `<id>.node.edgemesh`: so a node is reached only as the id it
+    advertised), and presents `cert_file`. A server presents `cert_file` and requires a client
+    certificate from `ca_file`; the files are read again when they change (a renewed
+    certificate is served from the next connection on)."""
+
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    server_name: str | None = None
 
     @property
     def enabled(self) -> bool:
         return self.ca_file is not None
 
+    def expecting(self, server_name: str) -> ChannelSecurity:
+        """The same credentials, for a server that must present `server_name`."""
+        return dataclasses.replace(self, server_name=server_name) if self.enabled else self
+
 
 PLAINTEXT = ChannelSecurity()
 
 
+def _read(path: str | None) -> bytes:
+    with open(path or "", "rb") as handle:
+        return handle.read()
+
+
 def _credentials(security: ChannelSecurity) -> grpc.ChannelCredentials:
-    with open(security.ca_file or "", "rb") as ca:
-        root = ca.read()
     key = cert = None
     if security.cert_file and security.key_file:
-        with open(security.key_file, "rb") as k, open(security.cert_file, "rb") as c:
-            key, cert = k.read(), c.read()
-    return grpc.ssl_channel_credentials(root, key, cert)
+        key, cert = _read(security.key_file), _read(security.cert_file)
+    return grpc.ssl_channel_credentials(_read(security.ca_file), key, cert)
 
 
 def create_channel(
@@ -161,12 +178,68 @@ def create_channel(
     if options is None:
         options = _COMMON_CHANNEL_OPTIONS + keepalive.options()
     if security.enabled:
+        if security.server_name:
+            options = _override(options, grpc__ssl_target_name_override=security.server_name)
         return grpc.aio.secure_channel(address, _credentials(security), options=options)
     return grpc.aio.insecure_channel(address, options=options)
 
 
+class PeerGuard(grpc.aio.ServerInterceptor):
+    """Refuses (PERMISSION_DENIED) a call whose client certificate's role is not in `roles`: a
+    node serves the coordinator and the operator, not another node holding a stolen key.
+    The TLS handshake already required a certificate of the cluster's CA."""
+
+    def __init__(self, roles: tuple[str, ...]) -> None:
+        self._roles = frozenset(roles)
+
+    def _allowed(self, context: grpc.aio.ServicerContext) -> bool:
+        from mesh.core.pki import TrustError, identity_of_pem
+
+        pems = context.auth_context().get("x509_pem_cert") or []
+        try:
+            return bool(pems) and identity_of_pem(bytes(pems[0])).role in self._roles
+        except TrustError:
+            return False
+
+    def _wrap(self, inner: Any, streaming: bool) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if not self._allowed(context):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, "this role may not call here"
+                )
+            return await inner(request, context)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if not self._allowed(context):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, "this role may not call here"
+                )
+            async for item in inner(request, context):
+                yield item
+
+        return stream if streaming and inspect.isasyncgenfunction(inner) else unary
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._wrap(handler.unary_unary, False))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._wrap(handler.unary_stream, True))
+        return handler
+
+
 def create_server(
-    *, max_receive_bytes: int, max_concurrent_rpcs: int, options: Options = _SERVER_OPTIONS
+    *,
+    max_receive_bytes: int,
+    max_concurrent_rpcs: int,
+    options: Options = _SERVER_OPTIONS,
+    peer_roles: tuple[str, ...] = (),
 ) -> grpc.aio.Server:
     """An asyncio server with the project's options (NODE_SERVER_OPTIONS for a node's: they
     accept the coordinator's links' pings); add ports with `add_server_port`.
@@ -175,23 +248,53 @@ def create_server(
     message larger than max", which the client library turns into InvalidRequestError), and
     beyond `max_concurrent_rpcs` calls at once a new call is refused (RESOURCE_EXHAUSTED), so
     what requests in flight can hold is at most their product. Requests that do not decode are
-    answered INVALID_ARGUMENT (`mesh.core.decoding`)."""
+    answered INVALID_ARGUMENT (`mesh.core.decoding`). With `peer_roles`, on a port with mTLS,
+    only clients whose certificate has one of these roles are served (`PeerGuard`)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
+    if peer_roles:
+        interceptors.insert(0, PeerGuard(peer_roles))
     return grpc.aio.server(
-        interceptors=(DecodeGuard(),),
+        interceptors=tuple(interceptors),
         options=_override(options, grpc__max_receive_message_length=max_receive_bytes),
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
 
 
+class _ReloadingCertificates:
+    """A server's certificate configuration, fetched again when its files change."""
+
+    def __init__(self, security: ChannelSecurity) -> None:
+        self._security = security
+        self._seen: tuple[float, ...] = ()
+
+    def _stamp(self) -> tuple[float, ...]:
+        paths = (self._security.ca_file, self._security.cert_file, self._security.key_file)
+        return tuple(os.stat(p or "").st_mtime for p in paths)
+
+    def configuration(self) -> Any:
+        self._seen = self._stamp()
+        pair = [(_read(self._security.key_file), _read(self._security.cert_file))]
+        return grpc.ssl_server_certificate_configuration(pair, _read(self._security.ca_file))
+
+    def __call__(self) -> Any:
+        try:
+            if self._stamp() == self._seen:
+                return None  # unchanged: gRPC keeps the current configuration
+            return self.configuration()
+        except OSError:  # mid-rewrite (renewal writes atomically, but be safe): keep the old
+            return None
+
+
 def add_server_port(
     server: grpc.aio.Server, address: str, security: ChannelSecurity = PLAINTEXT
 ) -> int:
-    """Bind `address` ("host:port", port 0 for any) and return the port actually bound."""
+    """Bind `address` ("host:port", port 0 for any) and return the port actually bound. With
+    `security`, mTLS: a client must present a certificate issued by its CA."""
     if security.enabled:
-        with open(security.key_file or "", "rb") as k, open(security.cert_file or "", "rb") as c:
-            pair = [(k.read(), c.read())]
-        with open(security.ca_file or "", "rb") as ca:
-            creds = grpc.ssl_server_credentials(pair, ca.read(), require_client_auth=True)
+        certificates = _ReloadingCertificates(security)
+        creds = grpc.dynamic_ssl_server_credentials(
+            certificates.configuration(), certificates, require_client_authentication=True
+        )
         return server.add_secure_port(address, creds)
     return server.add_insecure_port(address)
 

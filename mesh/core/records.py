@@ -15,6 +15,8 @@ Nothing secret is ever put here: the record is readable by anyone on the LAN.
     acc  accelerator kinds, comma-separated (e.g. "nvidia,openvino")
     ld   coarse load, 0..100 (percent of capacity in use, in steps of 10)
     cap  requests the node runs at once
+    fp   the node's certificate fingerprint (mesh/core/pki.py) in a cluster; absent in an
+         open mesh. A hint only: the coordinator trusts the TLS handshake, not this record.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class NodeRecord(FrozenModel):
     accelerators: tuple[str, ...] = ()
     load_percent: int = Field(default=0, ge=0, le=100)
     capacity: int = Field(default=1, ge=0, le=1_000_000)
+    cert_fingerprint: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")
     # From the A/AAAA records, not the TXT record; empty on the announcing side.
     addresses: tuple[str, ...] = ()
 
@@ -120,6 +123,8 @@ class NodeRecord(FrozenModel):
             "ld": str(self.load_percent),
             "cap": str(self.capacity),
         }
+        if self.cert_fingerprint:
+            txt["fp"] = self.cert_fingerprint
         if models_cut or self.models_truncated:
             txt["mt"] = "1"
         if agents_cut or self.agents_truncated:
@@ -169,6 +174,7 @@ class NodeRecord(FrozenModel):
                 accelerators=_parse_list(txt, "acc"),
                 load_percent=_parse_int(txt, "ld", default=0),
                 capacity=_parse_int(txt, "cap", default=1),
+                cert_fingerprint=txt.get("fp", ""),
                 addresses=_order_addresses(addresses),
             )
         except ValidationError as error:

@@ -64,7 +64,13 @@ class FakeProber:
         self.closed = False
 
     async def probe(
-        self, key: str, address: str, *, timeout_s: float, refresh: bool = False
+        self,
+        key: str,
+        address: str,
+        *,
+        timeout_s: float,
+        refresh: bool = False,
+        node_id: str | None = None,
     ) -> ProbeResult:
         self.probes.append((address, timeout_s))
         self.refreshes += refresh
@@ -171,7 +177,13 @@ class ChannelClosingProber(FakeProber):
         self.in_flight: set[asyncio.Future[None]] = set()
 
     async def probe(
-        self, key: str, address: str, *, timeout_s: float, refresh: bool = False
+        self,
+        key: str,
+        address: str,
+        *,
+        timeout_s: float,
+        refresh: bool = False,
+        node_id: str | None = None,
     ) -> ProbeResult:
         if not self.silent:
             return await super().probe(key, address, timeout_s=timeout_s, refresh=refresh)
