@@ -10,17 +10,20 @@ The flow of one task: the ledger (record, idempotency; with several replicas the
 directory) -> a run (`runs.TaskRun`, `agent_run.AgentRun`) -> the one attempt loop
 (`attempts.Attempts`) -> the node pool (`pool.NodePool`: choose, links, in-flight counts,
 cool-downs, EWMA) -> a node. This module is the first arrow: it keeps the ledger and hands each
-task to its run.
+task to its run, and appends a line per agent task to the audit summary (`audit.py`) when the
+settings name one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import pathlib
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 
 from mesh.coordinator.agent_run import AgentItem, AgentRun
+from mesh.coordinator.audit import TaskAudit
 from mesh.coordinator.pool import NodeConnector, NodePool, NodeRow, connect_grpc
 from mesh.coordinator.runs import TaskRun
 from mesh.coordinator.settings import DispatcherSettings
@@ -65,6 +68,10 @@ class Dispatcher:
             self.shared = SharedTasks(
                 directory, self.ledger, default_deadline_s=settings.deadline_s
             )
+        # The audit summary: a line per agent task (created now: a small blocking open).
+        self.audit = (
+            TaskAudit.open(pathlib.Path(settings.audit_log)) if settings.audit_log else None
+        )
         self._closed = False
 
     def _ended(self, entry: LedgerEntry) -> None:
@@ -129,13 +136,16 @@ class Dispatcher:
         except MeshError as error:
             run.attempts.finish(error.grpc_code_name.lower())
             self.ledger.fail(entry, error, tuple(run.attempts.records))
+            self._audit(run, "failed", error=error)
             raise
         except asyncio.CancelledError:
             run.attempts.finish("cancelled")
             self.ledger.abandon(entry, tuple(run.attempts.records))
+            self._audit(run, "cancelled")
             raise
         run.attempts.finish("ok")
         self.ledger.succeed(entry, result)
+        self._audit(run, "ok", result=result)
         return result
 
     async def stream(self, task: TaskSpec) -> AsyncGenerator[AgentItem, None]:
@@ -168,16 +178,44 @@ class Dispatcher:
                     if isinstance(item, TaskResult):
                         run.attempts.finish("ok")
                         self.ledger.succeed(entry, item)
+                        self._audit(run, "ok", result=item)
                     yield item
         except MeshError as error:
             run.attempts.finish(error.grpc_code_name.lower())
             self.ledger.fail(entry, error, tuple(run.attempts.records))
+            self._audit(run, "failed", error=error)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             run.attempts.finish("cancelled")
             if entry.state is TaskState.RUNNING:
                 self.ledger.abandon(entry, tuple(run.attempts.records))
+                self._audit(run, "cancelled")
             raise
+
+    def _audit(
+        self,
+        run: TaskRun | AgentRun,
+        outcome: str,
+        *,
+        result: TaskResult | None = None,
+        error: MeshError | None = None,
+    ) -> None:
+        """Append the audit summary line of an agent task that ended (model tasks have none)."""
+        if self.audit is None or not isinstance(run, AgentRun):
+            return
+        attempts = run.attempts
+        self.audit.task_ended(
+            task_id=run.task.task_id,
+            caller=attempts.caller,
+            agent=run.agent,
+            outcome=outcome,
+            steps=result.steps if result is not None else run.steps,
+            attempts=attempts.records,
+            duration_ms=(attempts.clock() - attempts.started_at) * 1000.0,
+            finish_reason=result.finish_reason if result is not None else "",
+            error=error.grpc_code_name.lower() if error is not None else "",
+            tier=result.tier if result is not None else "",
+        )
 
     async def _replay(self, entry: LedgerEntry) -> TaskResult:
         if entry.state is TaskState.DONE and entry.result is not None:

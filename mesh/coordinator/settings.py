@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pathlib
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
+from mesh.cluster import AUDIT
 from mesh.coordinator.escalation import EscalationPolicy
 from mesh.core.bounds import (
     DEFAULT_MAX_MESSAGES,
@@ -62,6 +64,9 @@ class DispatcherSettings(FrozenModel):
     trace_sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
     traces_kept: Annotated[int, Field(ge=1, le=100_000)] = 256
     otlp_endpoint: str = ""
+    # The audit summary (mesh/coordinator/audit.py): a JSON line per agent task appended to this
+    # file ("": none). CoordinatorConfig sets it from its `audit_log` and `cluster_dir`.
+    audit_log: str = ""
 
     @property
     def receive_limit_bytes(self) -> int:
@@ -123,6 +128,10 @@ class CoordinatorConfig(FrozenModel):
     # hold a certificate of its CA, and the ingress requires an API key (or a cluster
     # certificate). None: an open mesh, as `mesh demo`.
     cluster_dir: str | None = None
+    # The audit summary, a JSON line per agent task (who asked, agent, tools, outcome; 0600),
+    # which `mesh audit` reads. None: <cluster_dir>/audit.jsonl with a cluster directory, else
+    # none; "": none; a path: there (the dispatcher replicas all append to it).
+    audit_log: str | None = None
 
     @classmethod
     def from_topology(
@@ -164,6 +173,17 @@ class CoordinatorConfig(FrozenModel):
         least PROXY_MIN_MESSAGE_BYTES, as the same number caps its answers (ListNodes)."""
         return max(self.dispatcher.receive_limit_bytes, PROXY_MIN_MESSAGE_BYTES)
 
+    def resolved_audit_log(self) -> str:
+        """Where the audit summary goes ("": nowhere): `audit_log`, else the cluster dir's."""
+        if self.audit_log is not None:
+            return self.audit_log
+        if self.cluster_dir:
+            return str(pathlib.Path(self.cluster_dir) / AUDIT)
+        return ""
+
     def dispatcher_settings(self) -> DispatcherSettings:
-        """The dispatcher settings each replica runs with: capacity shared by `replicas`."""
-        return self.dispatcher.model_copy(update={"capacity_share": self.replicas})
+        """The dispatcher settings each replica runs with: capacity shared by `replicas`, and
+        the audit summary's file."""
+        return self.dispatcher.model_copy(
+            update={"capacity_share": self.replicas, "audit_log": self.resolved_audit_log()}
+        )
