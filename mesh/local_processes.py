@@ -89,6 +89,8 @@ def coordinator_command(nodes: Sequence[str], *extra: str, num_cpus: int = 2) ->
     args = ["--no-mdns", "--grpc-port", "0", "--http-port", "0", "--num-cpus", str(num_cpus)]
     for address in nodes:
         args += ["--node", address]
+    if "--cluster-dir" not in extra:  # never the default cluster dir a user may have made
+        args.append("--no-cluster")
     return mesh_command("coordinator", "start", *args, *extra)
 
 

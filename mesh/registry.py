@@ -43,6 +43,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any
 
+from mesh.core.records import NodeRecord
 from mesh.discovery.browser import DiscoveryEvent, DiscoveryKind, MdnsBrowser
 from mesh.health import GrpcProber, Prober, probe_in_order
 from mesh.node_table import (
@@ -77,7 +78,10 @@ class NodeRegistry:
         prober: Prober | None = None,
         clock: Callable[[], float] = time.monotonic,
         event_queue_size: int = 10_000,
+        admit: Callable[[NodeRecord], str | None] | None = None,
     ) -> None:
+        """`admit`: in a cluster, why an mDNS record may not even be probed (None: it may);
+        a refused record is logged once and never enters the table."""
         self.timings = timings or RegistryTimings()
         self._table = NodeTable(clock=clock, timings=self.timings, cluster=cluster)
         self._static = list(static_addresses)
@@ -90,6 +94,8 @@ class NodeRegistry:
         self._event_queue_size = event_queue_size
         self._changed = asyncio.Event()
         self._running = False
+        self._admit = admit
+        self._refused: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -143,6 +149,13 @@ class NodeRegistry:
         if event.kind is DiscoveryKind.REMOVED or event.record is None:
             self._apply(self._table.withdraw(event.name))
             return
+        refusal = self._admit(event.record) if self._admit is not None else None
+        if refusal is not None:
+            if (event.name, refusal) not in self._refused:
+                self._refused.add((event.name, refusal))
+                logger.warning("ignoring %s: %s", event.name, refusal)
+            self._apply(self._table.withdraw(event.name, f"refused: {refusal}"))
+            return
         self._apply(
             self._table.advertise(
                 event.name,
@@ -151,6 +164,18 @@ class NodeRegistry:
                 record=event.record,
             )
         )
+
+    def evict(self, node_ids: Iterable[str], reason: str) -> int:
+        """Drop every entry of these node ids now (a revoked member); returns how many."""
+        wanted = set(node_ids)
+        dropped = 0
+        for key in self._table.keys():  # noqa: SIM118 (a NodeTable, not a dict)
+            view = self._table.view(key)
+            if view is not None and view.node_id in wanted and view.state is not NodeState.GONE:
+                logger.warning("dropping node %s: %s", view.node_id, reason)
+                self._apply(self._table.withdraw(key, reason))
+                dropped += 1
+        return dropped
 
     # ------------------------------------------------------------------ outputs
 

@@ -8,6 +8,7 @@
     members.json               nodes that joined, their certificates, revocations
     keys.json                  API keys, hashed (mesh/cluster/keys.py)
     audit.jsonl                the coordinator's audit summary, one line per agent task
+    ray-token                  Ray's own token (RAY_AUTH_MODE=token) for a Ray it starts
 
 Every file is written 0600 in a 0700 directory. A coordinator started with this directory
 (`--cluster-dir`, or the default one once `mesh cluster init` made it) requires client
@@ -32,6 +33,7 @@ TOKENS = "tokens.json"
 MEMBERS = "members.json"
 KEYS = "keys.json"
 AUDIT = "audit.jsonl"
+RAY_TOKEN = "ray-token"
 
 
 def default_cluster_dir() -> pathlib.Path:

@@ -15,6 +15,8 @@ import ipaddress
 import json
 import logging
 import os
+import pathlib
+import secrets
 import socket
 import sys
 import time
@@ -46,6 +48,8 @@ LOOPBACK_RAY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # limits, so that an oversized Submit is refused unread at the proxy. Like every variable here
 # it reaches the proxy of a Ray this process starts; a joined cluster needs it set on its nodes.
 PROXY_MESSAGE_SIZE_VARIABLE = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+RAY_AUTH_MODE_VARIABLE = "RAY_AUTH_MODE"
+RAY_AUTH_TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,26 @@ def prepare_ray_environment(config: CoordinatorConfig) -> None:
     environment[PROXY_MESSAGE_SIZE_VARIABLE] = str(config.proxy_receive_limit_bytes)
     if local_loopback_ray(config):
         environment[LOOPBACK_RAY_VARIABLE] = "0"
+    ray = sys.modules.get("ray")
+    if config.cluster_dir and not (ray is not None and ray.is_initialized()):
+        # In a cluster, Ray's own token authentication (Ray >= 2.52) guards its GCS, raylets
+        # and dashboard: the token is a file of the cluster directory, readable by its owner.
+        # A Ray this process starts gets it; to join a Ray cluster (--ray-address), set
+        # RAY_AUTH_MODE=token and the cluster's token on every Ray node.
+        environment[RAY_AUTH_MODE_VARIABLE] = "token"
+        environment[RAY_AUTH_TOKEN_PATH_VARIABLE] = str(ray_token_file(config.cluster_dir))
     for key, value in environment.items():
         os.environ.setdefault(key, value)
+
+
+def ray_token_file(cluster_dir: str) -> pathlib.Path:
+    """The cluster's Ray token file, made (0600, 256 random bits) on first use."""
+    from mesh.cluster import RAY_TOKEN, write_private
+
+    path = pathlib.Path(cluster_dir) / RAY_TOKEN
+    if not path.is_file():
+        write_private(path, secrets.token_hex(32).encode())
+    return path
 
 
 def start_coordinator(
