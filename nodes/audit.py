@@ -32,7 +32,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from mesh.core.audit import append_line, clip, encode_line, make_private, utc_now
+from mesh.core.audit import AUDIT_FILE, append_line, clip, encode_line, make_private, utc_now
 from mesh.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-AUDIT_FILE = "audit.jsonl"
+__all__ = ["AUDIT_FILE", "AuditLog", "StepOutcome"]
 
 
 class StepOutcome(StrEnum):

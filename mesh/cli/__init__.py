@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "nodes",
     "top",
     "trace",
+    "audit",
 )
 
 

@@ -16,6 +16,7 @@ import os
 import pathlib
 from collections.abc import Iterator, Mapping
 
+AUDIT_FILE = "audit.jsonl"  # its name in a node's state dir and in the cluster dir
 MAX_LINE_BYTES = 4096  # a line at most this long is appended whole (PIPE_BUF on Linux)
 MAX_FIELD_CHARS = 256  # bytes of each text field's JSON form: a line stays under the limit
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
