@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -93,7 +94,8 @@ async def _one(client: MeshClient, index: int, args: argparse.Namespace) -> None
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    async with MeshClient(args.coordinator) as client:
+    # A coordinator with a cluster wants an API key: $MESH_API_KEY (never a flag: argv is public).
+    async with MeshClient(args.coordinator, api_key=os.environ.get("MESH_API_KEY")) as client:
         if args.wait_ready:
             await _wait_ready(client, args.wait_ready, args.ready_timeout_s)
         watcher = asyncio.create_task(_watch_nodes(client, 0.1))

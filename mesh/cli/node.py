@@ -8,6 +8,7 @@ import os
 import sys
 
 from mesh.cli._common import EXIT_ERROR, message_to_dict, print_json, run_async
+from mesh.core.channels import PLAINTEXT, ChannelSecurity
 from mesh.core.errors import ConfigError, MeshError
 
 
@@ -91,6 +92,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also show what the node did per recent task id (runs started and completed, "
         "side-effecting tool executions)",
     )
+    describe.add_argument(
+        "--cluster-dir",
+        metavar="DIR",
+        help="reach a cluster's node over mTLS with the operator's certificate from DIR "
+        "(default: the default cluster dir, if `mesh cluster init` made one)",
+    )
     describe.set_defaults(func=_describe)
     node.set_defaults(func=lambda _args: node.print_help() or 2)
 
@@ -160,11 +167,35 @@ def _announcer_factory():  # type: ignore[no-untyped-def]
     return daemon_announcer
 
 
+def _operator_security(cluster_dir: str | None) -> ChannelSecurity:
+    """The operator's (admin) credentials of the cluster in `cluster_dir` (or the default
+    cluster dir when it holds one); plaintext without a cluster."""
+    import pathlib
+
+    from mesh.cluster import default_cluster_dir, is_initialized
+    from mesh.core.pki import MEMBER_NAME, ROLE_ADMIN
+
+    directory = pathlib.Path(cluster_dir) if cluster_dir else default_cluster_dir()
+    if not is_initialized(directory):
+        if cluster_dir:
+            raise ConfigError(f"{directory} holds no cluster (`mesh cluster init`)")
+        return PLAINTEXT
+    from mesh.cluster.authority import ClusterAuthority
+
+    return ClusterAuthority(directory).security(ROLE_ADMIN).expecting(MEMBER_NAME)
+
+
 def _describe(args: argparse.Namespace) -> int:
     from mesh.client import NodeClient
 
+    try:
+        security = _operator_security(args.cluster_dir)
+    except MeshError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
     async def describe():  # type: ignore[no-untyped-def]
-        async with NodeClient(args.address) as client:
+        async with NodeClient(args.address, security=security) as client:
             return await client.describe(timeout_s=args.timeout, task_counts=args.task_counts)
 
     result = run_async(describe)
