@@ -11,6 +11,7 @@ import stat
 import pytest
 
 from mesh.core.audit import read_records
+from mesh.core.errors import ConfigError
 from nodes.agents import Agent, AgentHost, AgentRuntime, AgentTask, StepRecord
 from nodes.agents.demo import CUSTOMER_SERVICE
 from nodes.audit import AUDIT_FILE, AuditLog, StepOutcome
@@ -237,3 +238,11 @@ def test_a_huge_caller_text_still_makes_one_short_line(tmp_path):
     raw = audit.path.read_bytes()
     assert raw.count(b"\n") == 1 and len(raw) < 4096
     assert json.loads(raw)["subject"].startswith("\u00e9")
+
+
+def test_a_log_that_cannot_be_created_stops_the_node_at_start_saying_why(tmp_path):
+    (tmp_path / "state").write_text("a file where the state directory should be")
+    with pytest.raises(ConfigError, match="cannot create the audit log .*audit_log: false"):
+        AgentHost.from_config(
+            NodeConfig(state_dir=str(tmp_path / "state")), {"smollm2": ScriptedBackend([])}, "n1"
+        )
