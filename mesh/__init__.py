@@ -14,7 +14,9 @@ from mesh.core.errors import (
     NotReadyError,
     OverloadedError,
     PermissionDeniedError,
+    RateLimitedError,
     TaskFailedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from mesh.core.version import PROTOCOL_VERSION, __version__
@@ -31,7 +33,9 @@ __all__ = [
     "NotReadyError",
     "OverloadedError",
     "PermissionDeniedError",
+    "RateLimitedError",
     "TaskFailedError",
+    "UnauthenticatedError",
     "UnavailableError",
     "__version__",
 ]

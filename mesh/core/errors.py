@@ -55,6 +55,16 @@ class OverloadedError(MeshError):
     grpc_code_name = "RESOURCE_EXHAUSTED"
 
 
+class RateLimitedError(OverloadedError):
+    """The caller is over its rate (an API key's requests or tokens per minute); retry after
+    `retry_after_s`."""
+
+    @property
+    def retry_after_s(self) -> float:
+        """Seconds until the caller may try again (0: it did not say)."""
+        return float(self.fields.get("retry_after_s") or 0.0)
+
+
 class UnavailableError(MeshError):
     """The peer cannot be reached or is not serving."""
 
@@ -83,6 +93,12 @@ class PermissionDeniedError(MeshError):
     """The caller is not authenticated or not allowed."""
 
     grpc_code_name = "PERMISSION_DENIED"
+
+
+class UnauthenticatedError(PermissionDeniedError):
+    """The caller gave no credentials, or ones that are wrong or revoked."""
+
+    grpc_code_name = "UNAUTHENTICATED"
 
 
 class ConfigError(MeshError):
@@ -116,7 +132,7 @@ _BY_CODE_NAME: dict[str, type[MeshError]] = {
     "DEADLINE_EXCEEDED": DeadlineExceededError,
     "CANCELLED": CancelledError,
     "PERMISSION_DENIED": PermissionDeniedError,
-    "UNAUTHENTICATED": PermissionDeniedError,
+    "UNAUTHENTICATED": UnauthenticatedError,
     "FAILED_PRECONDITION": ConfigError,
 }
 
@@ -129,11 +145,13 @@ _BY_KIND: dict[str, type[MeshError]] = {
         InvalidRequestError,
         NotFoundError,
         OverloadedError,
+        RateLimitedError,
         UnavailableError,
         DeadlineExceededError,
         CancelledError,
         NotReadyError,
         PermissionDeniedError,
+        UnauthenticatedError,
         ConfigError,
         ModelLoadError,
         TaskFailedError,

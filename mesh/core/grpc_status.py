@@ -6,8 +6,12 @@ the code, the message, and an `edgemesh.v1.ErrorDetail` (kind, task, attempts) i
 in the standard `grpc-status-details-bin` trailer (proto/edgemesh/v1/errors.proto), so any gRPC
 client can read it.
 
+An error that says when to try again (`RateLimitedError.retry_after_s`) also carries the
+standard `google.rpc.RetryInfo` in the Status's details and a `retry-after` trailer (whole
+seconds, as HTTP's header).
+
 Back: `from_grpc_error` turns code, message and detail into the same exception, attempts
-included. A detail that is missing, of another type or garbled never fails it: the code and
+(and the retry delay) included. A detail that is missing, of another type or garbled never fails it: the code and
 message alone still make an exception.
 
 Trailers are small (grpc's default limit on received metadata is 8 KiB, and the message travels
@@ -17,14 +21,15 @@ the detail at `MAX_DETAIL_BYTES` (attempts' texts shortened, then the earliest a
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
+import math
 from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import status_pb2
-from grpc_status import rpc_status
+from google.rpc import error_details_pb2, status_pb2
 
 from edgemesh.v1 import errors_pb2
 from mesh.core.attempts import AttemptOutcome, AttemptRecord
@@ -34,6 +39,7 @@ from mesh.core.ids import NodeId, TaskId
 logger = logging.getLogger("mesh.core")
 
 DETAILS_KEY = "grpc-status-details-bin"  # where gRPC carries a google.rpc.Status
+RETRY_AFTER_KEY = "retry-after"  # whole seconds, beside the Status's RetryInfo
 MAX_MESSAGE_BYTES = 1024
 MAX_DETAIL_BYTES = 2048
 _SHORT_DETAIL_CHARS = 80  # an attempt's text, when the detail is over its size
@@ -96,12 +102,31 @@ def _message(error: MeshError) -> str:
     return encoded[: MAX_MESSAGE_BYTES - len(_CUT)].decode(errors="ignore") + _CUT
 
 
+class _Status(
+    collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status
+):
+    """A grpc.Status (grpc ships only the interface)."""
+
+
+def retry_after_header(seconds: float) -> str:
+    """`seconds` as a Retry-After value: whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
 def grpc_status_for(error: MeshError) -> grpc.Status:
     """The status a call that failed with `error` ends with: code, message, rich details."""
     code = status_code_for(error)
     status = status_pb2.Status(code=code.value[0], message=_message(error))
     status.details.add().Pack(error_detail(error))
-    return rpc_status.to_status(status)
+    trailers: list[tuple[str, str | bytes]] = []
+    retry_after_s = float(error.fields.get("retry_after_s") or 0.0)
+    if retry_after_s > 0:
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromNanoseconds(int(retry_after_s * 1e9))
+        status.details.add().Pack(info)
+        trailers.append((RETRY_AFTER_KEY, retry_after_header(retry_after_s)))
+    trailers.insert(0, (DETAILS_KEY, status.SerializeToString()))
+    return _Status(code, status.message, tuple(trailers))
 
 
 async def abort_with_error(context: grpc.aio.ServicerContext, error: MeshError) -> NoReturn:
@@ -143,11 +168,34 @@ def _status_in_trailer(error: grpc.RpcError) -> status_pb2.Status | None:
     return None
 
 
-def detail_of(error: grpc.RpcError) -> errors_pb2.ErrorDetail | None:
-    """The ErrorDetail in the status trailer of a failed call, or None (none, or not readable)."""
+def _status_of(error: grpc.RpcError) -> status_pb2.Status | None:
+    """The call's rich status, if it has one and it belongs to this call's status code."""
     status = _status_in_trailer(error)
     if status is None or status.code != _code_of(error).value[0]:
         return None  # no rich status, or one that belongs to another status than this call's
+    return status
+
+
+def retry_after_of(error: grpc.RpcError) -> float:
+    """The RetryInfo delay of a failed call in seconds, 0.0 when it gives none."""
+    status = _status_of(error)
+    for packed in status.details if status is not None else ():
+        if packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            try:
+                packed.Unpack(info)
+            except DecodeError:
+                logger.debug("ignoring an undecodable RetryInfo")
+                return 0.0
+            return max(0.0, info.retry_delay.ToNanoseconds() / 1e9)
+    return 0.0
+
+
+def detail_of(error: grpc.RpcError) -> errors_pb2.ErrorDetail | None:
+    """The ErrorDetail in the status trailer of a failed call, or None (none, or not readable)."""
+    status = _status_of(error)
+    if status is None:
+        return None
     for packed in status.details:
         if packed.Is(errors_pb2.ErrorDetail.DESCRIPTOR):
             detail = errors_pb2.ErrorDetail()
@@ -205,7 +253,11 @@ def from_grpc_error(
             f"the request is larger than the server accepts ({message}); shorten it",
             grpc_code=code.name,
         )
-    return error_from_detail(code.name, message or code.name.lower(), detail)
+    translated = error_from_detail(code.name, message or code.name.lower(), detail)
+    retry_after_s = retry_after_of(error)
+    if retry_after_s > 0:
+        translated.fields["retry_after_s"] = retry_after_s
+    return translated
 
 
 def too_large_for_the_server(
