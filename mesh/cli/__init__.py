@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "top",
     "trace",
     "audit",
+    "keys",
 )
 
 
