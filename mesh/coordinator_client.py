@@ -8,7 +8,10 @@
         reply = await mesh.submit("What is the status of order 1042?", agent="customer-service")
         print(reply.text, reply.tier, [(s.call.tool, s.result_json) for s in reply.steps])
 
-Works against Ray Serve's gRPC proxy and against a dispatcher's direct fast path alike.
+Works against Ray Serve's gRPC proxy and against a dispatcher's direct fast path alike. A
+coordinator with a cluster directory wants an API key: `MeshClient(address, api_key=KEY)` sends
+it on every call (UnauthenticatedError without a valid one, PermissionDeniedError out of its
+scope, RateLimitedError with `retry_after_s` over its limits).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class MeshClient(ChannelClient):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         security: ChannelSecurity = PLAINTEXT,
         channel: grpc.aio.Channel | None = None,
+        api_key: str | None = None,
     ) -> None:
         # The ingress may be Ray Serve's gRPC proxy, which allows few pings (Keepalive).
         super().__init__(
@@ -91,6 +95,8 @@ class MeshClient(ChannelClient):
             keepalive=Keepalive.INGRESS,
         )
         self._stub = mesh_pb2_grpc.MeshServiceStub(self._channel)
+        # Sent with every call; never part of a message or an error.
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     def _timeout(self, request: mesh_pb2.SubmitRequest, timeout_s: float | None) -> float:
         if timeout_s is not None:
@@ -101,14 +107,18 @@ class MeshClient(ChannelClient):
         self, request: mesh_pb2.SubmitRequest, *, timeout_s: float | None = None
     ) -> mesh_pb2.SubmitResponse:
         try:
-            return await self._stub.Submit(request, timeout=self._timeout(request, timeout_s))
+            return await self._stub.Submit(
+                request, timeout=self._timeout(request, timeout_s), metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise from_grpc_error(error) from None
 
     async def stream_request(
         self, request: mesh_pb2.SubmitRequest, *, timeout_s: float | None = None
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
-        call = self._stub.SubmitStream(request, timeout=self._timeout(request, timeout_s))
+        call = self._stub.SubmitStream(
+            request, timeout=self._timeout(request, timeout_s), metadata=self._metadata
+        )
         failure = None  # through Serve's proxy, a failing stream's last chunk carries its error
         try:
             async for chunk in call:
@@ -144,7 +154,9 @@ class MeshClient(ChannelClient):
 
     async def list_nodes(self, *, timeout_s: float = 10.0) -> list[mesh_pb2.NodeEntry]:
         try:
-            reply = await self._stub.ListNodes(mesh_pb2.ListNodesRequest(), timeout=timeout_s)
+            reply = await self._stub.ListNodes(
+                mesh_pb2.ListNodesRequest(), timeout=timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise from_grpc_error(error) from None
         return list(reply.nodes)
@@ -152,7 +164,9 @@ class MeshClient(ChannelClient):
     async def describe_task(self, task_id: str, *, timeout_s: float = 10.0) -> mesh_pb2.TaskRecord:
         try:
             return await self._stub.DescribeTask(
-                mesh_pb2.DescribeTaskRequest(task_id=task_id), timeout=timeout_s
+                mesh_pb2.DescribeTaskRequest(task_id=task_id),
+                timeout=timeout_s,
+                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise from_grpc_error(error) from None

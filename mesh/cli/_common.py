@@ -1,9 +1,12 @@
-"""Helpers shared by the CLI subcommands: error reporting and JSON output."""
+"""Helpers shared by the CLI subcommands: error reporting, JSON output, the API key."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import math
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -11,13 +14,47 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from mesh.core.errors import MeshError
+from mesh.core.errors import MeshError, RateLimitedError
 from mesh.core.untrusted import printable
 
 T = TypeVar("T")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+API_KEY_ENV = "MESH_API_KEY"
+
+
+def add_api_key_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"the coordinator's API key, when it requires one (default ${API_KEY_ENV}; the "
+        "variable keeps the key out of the process list)",
+    )
+
+
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """--api-key, else $MESH_API_KEY, else None (an open mesh)."""
+    return getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """HTTP headers that carry `api_key` (none without one)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def retry_hint(seconds: float) -> str:
+    return f" (retry after {max(1, math.ceil(seconds))} s)" if seconds > 0 else ""
+
+
+def error_line(error: MeshError) -> str:
+    """`error: ...` for a MeshError: the message escaped line by line (it may quote a peer's
+    text), with when to retry for a rate limit."""
+    lines = [printable(line) for line in str(error).split("\n")]
+    text = "\n".join(lines)
+    if isinstance(error, RateLimitedError) and "retry after" not in text:
+        text += retry_hint(error.retry_after_s)
+    return "error: " + text
 
 
 def run_async(make: Callable[[], Awaitable[T]]) -> T | int:
@@ -25,9 +62,7 @@ def run_async(make: Callable[[], Awaitable[T]]) -> T | int:
     try:
         return asyncio.run(make())  # type: ignore[arg-type]
     except MeshError as error:
-        # The message may quote a peer's text: escaped, line by line.
-        lines = [printable(line) for line in str(error).split("\n")]
-        print("error: " + "\n".join(lines), file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return EXIT_ERROR
 
 

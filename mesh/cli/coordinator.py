@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import signal
 import sys
 import threading
@@ -77,6 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument(
         "--otlp-endpoint", help="also export spans over OTLP/gRPC, e.g. http://127.0.0.1:4317"
     )
+    start.add_argument(
+        "--cluster-dir",
+        metavar="DIR",
+        help="the cluster's directory (mesh/cluster): the ingress then requires an API key "
+        "from its keys.json (`mesh keys create`) on every request",
+    )
     start.set_defaults(func=_start)
     parser.set_defaults(func=lambda _args: parser.print_help() or 2)
 
@@ -148,6 +155,8 @@ def _config(args: argparse.Namespace) -> object:
         fast_path=False if args.no_fast_path else None,
         http_fast_port=args.http_fast_port,
         http_fast_path=False if args.no_http_fast_path else None,
+        # Absolute: the dispatcher replicas read it from Ray's worker processes.
+        cluster_dir=str(pathlib.Path(args.cluster_dir).resolve()) if args.cluster_dir else None,
     )
     tracing = {
         key: value

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from mesh.cli._common import message_to_dict, print_json, run_async
+from mesh.cli._common import (
+    add_api_key_argument,
+    api_key_of,
+    message_to_dict,
+    print_json,
+    run_async,
+)
 from mesh.cli.coordinator import DEFAULT_ENDPOINT
 from mesh.core.untrusted import printable
 
@@ -19,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="ADDRESS",
         help=f"coordinator gRPC address (default {DEFAULT_ENDPOINT})",
     )
+    add_api_key_argument(parser)
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=_nodes)
 
@@ -27,7 +34,7 @@ def _nodes(args: argparse.Namespace) -> int:
     from mesh.coordinator_client import MeshClient
 
     async def show() -> int:
-        async with MeshClient(args.coordinator) as client:
+        async with MeshClient(args.coordinator, api_key=api_key_of(args)) as client:
             nodes = await client.list_nodes()
         if args.json:
             print_json([message_to_dict(node) for node in nodes])

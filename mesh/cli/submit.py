@@ -7,7 +7,13 @@ import json
 import sys
 from typing import Any
 
-from mesh.cli._common import message_to_dict, print_json, run_async
+from mesh.cli._common import (
+    add_api_key_argument,
+    api_key_of,
+    message_to_dict,
+    print_json,
+    run_async,
+)
 from mesh.cli.coordinator import DEFAULT_ENDPOINT
 
 
@@ -23,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="ADDRESS",
         help=f"coordinator gRPC address (default {DEFAULT_ENDPOINT})",
     )
+    add_api_key_argument(parser)
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument(
         "--deadline",
@@ -133,7 +140,7 @@ def _submit(args: argparse.Namespace) -> int:
     )
 
     async def unary() -> int:
-        async with MeshClient(args.coordinator) as client:
+        async with MeshClient(args.coordinator, api_key=api_key_of(args)) as client:
             result = await client.submit(args.text, **options)
         if args.json:
             print_json(summary(result))
@@ -143,7 +150,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     async def stream() -> int:
         text: list[str] = []
-        async with MeshClient(args.coordinator) as client:
+        async with MeshClient(args.coordinator, api_key=api_key_of(args)) as client:
             async for chunk in client.submit_stream(args.text, **options):
                 if chunk.HasField("result"):
                     result = chunk.result

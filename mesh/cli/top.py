@@ -19,7 +19,14 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from mesh.cli._common import EXIT_ERROR, EXIT_USAGE, print_json
+from mesh.cli._common import (
+    EXIT_ERROR,
+    EXIT_USAGE,
+    add_api_key_argument,
+    api_key_of,
+    auth_headers,
+    print_json,
+)
 from mesh.core.errors import UnavailableError
 from mesh.core.untrusted import printable
 
@@ -66,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
     parser.add_argument("--json", action="store_true", help="with --once: print the state JSON")
+    add_api_key_argument(parser)
     parser.set_defaults(func=_top)
 
 
@@ -134,14 +142,29 @@ def _reason(error: BaseException) -> str:
     return printable(" ".join(str(error).split()) or type(error).__name__, 200)
 
 
-def fetch_state(url: str) -> dict[str, Any]:
+def refused(path: str, response: httpx.Response) -> FeedError:
+    """The error for an answer other than 200: its status, and the coordinator's reason when
+    it gives one (an API key missing, wrong or over its limit; when to retry)."""
+    try:
+        response.read()
+        message = response.json().get("error", {}).get("message", "")
+    except (ValueError, AttributeError):  # not JSON, or not OpenAI's error shape
+        message = ""
+    retry = response.headers.get("retry-after", "")
+    reason = f": {printable(str(message), 200)}" if message else ""
+    if retry.isdigit():
+        reason += f" (retry after {retry} s)"
+    return FeedError(f"{path} answered HTTP {response.status_code}{reason}")
+
+
+def fetch_state(url: str, api_key: str | None = None) -> dict[str, Any]:
     """The state once. httpx.HTTPError when the address cannot be reached, FeedError when it
     answers with something else than the feed."""
     import httpx
 
-    response = httpx.get(url + STATE_PATH, timeout=REQUEST_TIMEOUT_S)
+    response = httpx.get(url + STATE_PATH, timeout=REQUEST_TIMEOUT_S, headers=auth_headers(api_key))
     if response.status_code != 200:
-        raise FeedError(f"{STATE_PATH} answered HTTP {response.status_code}")
+        raise refused(STATE_PATH, response)
     return parse_state(response.text)
 
 
@@ -149,7 +172,7 @@ def stream_states(client: httpx.Client, url: str) -> Iterator[dict[str, Any]]:
     """Each state the coordinator sends on `/dashboard/events`, until the stream ends."""
     with client.stream("GET", url + EVENTS_PATH) as response:
         if response.status_code != 200:
-            raise FeedError(f"{EVENTS_PATH} answered HTTP {response.status_code}")
+            raise refused(EVENTS_PATH, response)
         for data in sse_data(response.iter_lines()):
             yield parse_state(data)
 
@@ -291,17 +314,17 @@ def _top(args: argparse.Namespace) -> int:
         print("mesh top: --json needs --once", file=sys.stderr)
         return EXIT_USAGE
     if args.once:
-        return _once(args.http, as_json=args.json)
+        return _once(args.http, as_json=args.json, api_key=api_key_of(args))
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one leaves `top`
-        _watch(args.http, args.interval_s, _console())
+        _watch(args.http, args.interval_s, _console(), api_key=api_key_of(args))
     return 0
 
 
-def _once(url: str, *, as_json: bool) -> int:
+def _once(url: str, *, as_json: bool, api_key: str | None = None) -> int:
     import httpx
 
     try:
-        state = fetch_state(url)
+        state = fetch_state(url, api_key)
     except httpx.HTTPError as error:
         print(f"mesh top: cannot reach {printable(url, 200)}: {_reason(error)}", file=sys.stderr)
         return EXIT_ERROR
@@ -315,7 +338,7 @@ def _once(url: str, *, as_json: bool) -> int:
     return 0
 
 
-def _watch(url: str, interval_s: float, console: Console) -> None:
+def _watch(url: str, interval_s: float, console: Console, *, api_key: str | None = None) -> None:
     """Draw each state from the event stream, at most every `interval_s`; on a lost stream
     keep the last state, say so and reconnect after a growing wait. Ends on Ctrl-C only."""
     import httpx
@@ -331,7 +354,11 @@ def _watch(url: str, interval_s: float, console: Console) -> None:
         live.update(frame, refresh=True)
 
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, read=STREAM_READ_TIMEOUT_S)
-    with httpx.Client(timeout=timeout) as client, Live(console=console, auto_refresh=False) as live:
+    headers = auth_headers(api_key)
+    with (
+        httpx.Client(timeout=timeout, headers=headers) as client,
+        Live(console=console, auto_refresh=False) as live,
+    ):
         draw(live, f"connecting to {url}")
         while True:
             drawn = -math.inf  # the first state after (re)connecting: at once

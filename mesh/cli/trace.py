@@ -19,7 +19,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from mesh.cli._common import EXIT_ERROR, print_json
+from mesh.cli._common import (
+    EXIT_ERROR,
+    add_api_key_argument,
+    api_key_of,
+    auth_headers,
+    print_json,
+)
 from mesh.cli.top import DEFAULT_HTTP, base_url
 from mesh.core.untrusted import printable
 
@@ -37,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"the coordinator's HTTP address (default {DEFAULT_HTTP})",
     )
     parser.add_argument("--json", action="store_true", help="print the spans as JSON")
+    add_api_key_argument(parser)
     parser.set_defaults(func=_trace)
 
 
@@ -72,7 +79,7 @@ def _trace(args: argparse.Namespace) -> int:
 
     url = f"{base_url(args.http)}/v1/mesh/traces/{quote(args.task_id, safe='')}"
     try:
-        reply = httpx.get(url, timeout=_TIMEOUT_S)
+        reply = httpx.get(url, timeout=_TIMEOUT_S, headers=auth_headers(api_key_of(args)))
     except httpx.HTTPError as error:
         print(f"mesh trace: cannot reach {url}: {printable(str(error), 200)}", file=sys.stderr)
         return EXIT_ERROR
@@ -82,8 +89,10 @@ def _trace(args: argparse.Namespace) -> int:
         body = {}
     if reply.status_code != 200:
         message = body.get("error", {}).get("message", "") if isinstance(body, dict) else ""
+        retry = reply.headers.get("retry-after", "")
         print(
-            f"mesh trace: {reply.status_code}: {printable(message or reply.text, 300)}",
+            f"mesh trace: {reply.status_code}: {printable(message or reply.text, 300)}"
+            + (f" (retry after {retry} s)" if retry.isdigit() else ""),
             file=sys.stderr,
         )
         return EXIT_ERROR
