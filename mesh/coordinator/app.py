@@ -10,7 +10,10 @@
                                      path) and the OpenAI API on uvicorn (the HTTP fast path).
 
 The dispatchers hold a snapshot of the node table, refreshed by long-poll (an answer as soon as
-the table changes, at the latest every `_POLL_WAIT_S`): no Ray call happens per request.
+the table changes, at the latest every `_POLL_WAIT_S`): no Ray call happens per request. With a
+cluster directory the ingress requires API keys (mesh/coordinator/access.py); their rate
+counters are each replica's own with one replica, the owner's (one Ray call per task of a
+limited key) with several, so that a key's limits hold across them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from edgemesh.v1 import mesh_pb2
+from mesh.cluster.limits import RateLimiter, Refusal
+from mesh.coordinator.access import AccessControl, LocalLimits
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.openai_api import build_openai_app
 from mesh.coordinator.service import MeshHandlers, start_fast_path
@@ -131,6 +136,45 @@ class NodeTableOwner:
 
     async def __del__(self) -> None:
         await self.registry.stop()
+
+    # API keys' rate limits, shared by the dispatcher replicas (`_OwnerLimits`). Made on first
+    # use, so that the constructor knows nothing of them.
+
+    _limiter: RateLimiter | None = None
+
+    def _rate_limiter(self) -> RateLimiter:
+        if self._limiter is None:
+            self._limiter = RateLimiter()
+        return self._limiter
+
+    def limit_admit(self, key: str, rpm: int | None, tpm: int | None) -> Refusal | None:
+        return self._rate_limiter().admit(key, rpm, tpm)
+
+    def limit_spend(self, key: str, tokens: int) -> None:
+        self._rate_limiter().spend(key, tokens)
+
+
+class _OwnerLimits:
+    """The rate counters in the owner, reached through its deployment handle: one count for
+    all replicas. A finished task's tokens are sent without waiting for the answer."""
+
+    def __init__(self, owner: DeploymentHandle) -> None:
+        self._owner = owner
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def admit(self, key: str, rpm: int | None, tpm: int | None) -> Refusal | None:
+        return await self._owner.limit_admit.remote(key, rpm, tpm)
+
+    def spend(self, key: str, tokens: int) -> None:
+        sending = asyncio.get_running_loop().create_task(self._spend(key, tokens))
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
+
+    async def _spend(self, key: str, tokens: int) -> None:
+        try:
+            await self._owner.limit_spend.remote(key, tokens)
+        except Exception as error:  # Ray raises many kinds while the owner restarts
+            logger.warning("could not count %d tokens of an API key: %s", tokens, error)
 
 
 class _OwnerDirectory:
@@ -237,7 +281,10 @@ class MeshIngress:
             directory=directory,
             metrics=CoordinatorMetrics(replica),  # each replica its own (mesh/observe/metrics.py)
         )
-        self.handlers = MeshHandlers(self.dispatcher, stream_window_s=config.stream_window_s)
+        self.access = _access(owner, config)
+        self.handlers = MeshHandlers(
+            self.dispatcher, stream_window_s=config.stream_window_s, access=self.access
+        )
         self._version = -1
         await self._poll_once(wait_s=0.0)
         self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
@@ -245,7 +292,7 @@ class MeshIngress:
         self._http_fast_path: HttpFastPath | None = None
         if config.fast_path:
             port = config.fast_port if config.replicas == 1 else 0
-            direct = MeshHandlers(self.dispatcher, stream_window_s=0.0)
+            direct = MeshHandlers(self.dispatcher, stream_window_s=0.0, access=self.access)
             self._fast_server, bound = await start_fast_path(
                 direct,
                 format_address(config.host, port),
@@ -261,7 +308,9 @@ class MeshIngress:
         same ledger and traces as Serve's), with no chunk batching: like the gRPC fast path,
         no Ray hop per chunk to save."""
         config = self._config
-        app = build_openai_app(self.dispatcher, stream_window_s=0.0, info=self._info)
+        app = build_openai_app(
+            self.dispatcher, stream_window_s=0.0, info=self._info, access=self.access
+        )
         self._http_fast_path = await HttpFastPath.start(
             app,
             config.host,
@@ -305,8 +354,9 @@ class MeshIngress:
         self, request: mesh_pb2.SubmitRequest, grpc_context: RayServegRPCContext
     ) -> mesh_pb2.SubmitResponse:
         try:
+            caller = self.handlers.caller_of(grpc_context)
             parent = incoming_traceparent(grpc_context)
-            return await self.handlers.submit(request, traceparent=parent)
+            return await self.handlers.submit(request, traceparent=parent, caller=caller)
         except MeshError as error:
             set_error(grpc_context, error)  # the proxy sends code, message and trailer
             return mesh_pb2.SubmitResponse()
@@ -316,8 +366,10 @@ class MeshIngress:
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
         sent = 0
         try:
+            caller = self.handlers.caller_of(grpc_context)
             parent = incoming_traceparent(grpc_context)
-            async for chunk in self.handlers.submit_stream(request, traceparent=parent):
+            chunks = self.handlers.submit_stream(request, traceparent=parent, caller=caller)
+            async for chunk in chunks:
                 yield chunk
                 sent += 1
         except MeshError as error:
@@ -331,13 +383,18 @@ class MeshIngress:
     async def ListNodes(
         self, request: mesh_pb2.ListNodesRequest, grpc_context: RayServegRPCContext
     ) -> mesh_pb2.ListNodesResponse:
-        return self.handlers.list_nodes()
+        try:
+            return self.handlers.list_nodes(caller=self.handlers.caller_of(grpc_context))
+        except MeshError as error:
+            set_error(grpc_context, error)
+            return mesh_pb2.ListNodesResponse()
 
     async def DescribeTask(
         self, request: mesh_pb2.DescribeTaskRequest, grpc_context: RayServegRPCContext
     ) -> mesh_pb2.TaskRecord:
         try:
-            return await self.handlers.describe_task(request)
+            caller = self.handlers.caller_of(grpc_context)
+            return await self.handlers.describe_task(request, caller=caller)
         except MeshError as error:
             set_error(grpc_context, error)
             return mesh_pb2.TaskRecord()
@@ -346,7 +403,10 @@ class MeshIngress:
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_openai_app(
-            self.dispatcher, stream_window_s=self._config.stream_window_s, info=self._info
+            self.dispatcher,
+            stream_window_s=self._config.stream_window_s,
+            info=self._info,
+            access=self.access,
         )
 
     async def _info(self) -> dict[str, Any]:
@@ -364,6 +424,17 @@ class MeshIngress:
         if self._fast_server is not None:
             await self._fast_server.stop(1.0)
         await self.dispatcher.close()
+
+
+def _access(owner: DeploymentHandle, config: CoordinatorConfig) -> AccessControl | None:
+    """API keys from the cluster directory (None: an open mesh); the rate counters this
+    replica's own, or the owner's when there are several replicas."""
+    if config.cluster_dir is None:
+        return None
+    limits = _OwnerLimits(owner) if config.replicas > 1 else LocalLimits()
+    access = AccessControl.for_cluster_dir(config.cluster_dir, limits)
+    logger.info("the ingress requires API keys: %d valid in %s", len(access.keys), access.keys.path)
+    return access
 
 
 def build_app(config: CoordinatorConfig) -> serve.Application:

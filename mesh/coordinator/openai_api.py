@@ -6,14 +6,17 @@ server-sent events in OpenAI's chunk format ending with `data: [DONE]`; errors u
 `{"error": {"message", "type", "param", "code"}}` shape. Mesh extensions, all optional:
 headers `Idempotency-Key`, `X-Mesh-Deadline-S`, `X-Mesh-Agent`; a `mesh` object in unary
 answers (task id, node, attempts, failed_over). Independent of Ray: Serve wraps it as ingress.
+With an `AccessControl` (a coordinator with a cluster directory), every route but a few needs
+`Authorization: Bearer KEY` (mesh/coordinator/http_access.py): 401, 403 out of the key's
+scope, 429 with `Retry-After` over its limits.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -42,13 +45,19 @@ from mesh.coordinator.tasks import (
     check_max_tokens,
 )
 from mesh.core.bounds import DEFAULT_MAX_MESSAGES, check_message_count
+from mesh.core.caller import current_caller
 from mesh.core.errors import InvalidRequestError, MeshError
+from mesh.core.grpc_status import retry_after_header
 from mesh.core.untrusted import printable, quoted
 from mesh.observe.dashboard_api import add_dashboard
 from mesh.observe.metrics import CONTENT_TYPE
 
+if TYPE_CHECKING:
+    from mesh.coordinator.access import AccessControl
+
 _HTTP_STATUS = {
     "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
     "NOT_FOUND": (404, "not_found_error"),
     "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
     "DEADLINE_EXCEEDED": (504, "timeout_error"),
@@ -121,9 +130,17 @@ def error_body(error: MeshError) -> tuple[int, dict[str, Any]]:
     }
 
 
+def error_headers(error: MeshError) -> dict[str, str]:
+    """`WWW-Authenticate` for a missing or wrong key, `Retry-After` when the error says when."""
+    if error.grpc_code_name == "UNAUTHENTICATED":
+        return {"WWW-Authenticate": 'Bearer realm="edge-agent-mesh"'}
+    retry_after_s = float(error.fields.get("retry_after_s") or 0.0)
+    return {"Retry-After": retry_after_header(retry_after_s)} if retry_after_s > 0 else {}
+
+
 def error_response(error: MeshError, status: int | None = None) -> JSONResponse:
     default_status, body = error_body(error)
-    return JSONResponse(body, status_code=status or default_status)
+    return JSONResponse(body, status_code=status or default_status, headers=error_headers(error))
 
 
 class BodyTooLarge(Exception):
@@ -363,8 +380,10 @@ def build_openai_app(
     *,
     stream_window_s: float = 0.0,
     info: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    access: AccessControl | None = None,
 ) -> FastAPI:
-    """The FastAPI app; `info` answers `GET /v1/mesh/info` (e.g. the fast-path addresses)."""
+    """The FastAPI app; `info` answers `GET /v1/mesh/info` (e.g. the fast-path addresses);
+    `access` requires API keys (None: an open mesh, no check at all)."""
     app = FastAPI(title="Edge Agent Mesh", docs_url=None, redoc_url=None)
 
     @app.get("/v1/mesh/info")
@@ -395,9 +414,12 @@ def build_openai_app(
         """Models, then agents as `agent:NAME` (and `agent:auto` while there are agents):
         choosing one as the model runs that agent."""
         agents = dispatcher.agents()
-        ids = dispatcher.models() + [
-            f"{AGENT_MODEL_PREFIX}{name}" for name in [*agents, *(["auto"] if agents else [])]
-        ]
+        models, agents = dispatcher.models(), [*agents, *(["auto"] if agents else [])]
+        if access is not None:  # only what the key may use
+            from mesh.coordinator.access import allowed
+
+            models, agents = allowed(current_caller(), models, agents)
+        ids = models + [f"{AGENT_MODEL_PREFIX}{name}" for name in agents]
         return {
             "object": "list",
             "data": [
@@ -412,13 +434,15 @@ def build_openai_app(
         try:
             body = parse_body(await read_body(request, settings.http_body_limit_bytes))
             task, tool_plan = task_from_chat(body, request.headers, settings.max_messages)
+            if access is not None:
+                task = await access.admit_current(task)
         except BodyTooLarge as error:
             return error_response(InvalidRequestError(f"{error}; shorten the prompt"), 413)
         except MeshError as error:
             return error_response(error)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            items = coalesce(dispatcher.stream(task), stream_window_s)
+            items = coalesce(stream_of(dispatcher, task, access), stream_window_s)
             try:  # an error before the first token is an HTTP error, not an event
                 first = await anext(items)
             except MeshError as error:
@@ -429,7 +453,7 @@ def build_openai_app(
                 headers={"Cache-Control": "no-cache"},
             )
         try:
-            result = await dispatcher.submit(task)
+            result = await submit_as_caller(dispatcher, task, access)
         except MeshError as error:
             return error_response(error)
         return JSONResponse(completion_body(result, body.model, tool_plan))
@@ -439,5 +463,32 @@ def build_openai_app(
     # this module)
     from mesh.coordinator.openai_responses import add_responses
 
-    add_responses(app, dispatcher, stream_window_s=stream_window_s)
+    add_responses(app, dispatcher, stream_window_s=stream_window_s, access=access)
+    if access is not None:  # API keys (imported here: it imports this module)
+        from mesh.coordinator.http_access import RequireApiKey
+
+        app.add_middleware(RequireApiKey, access=access)
     return app
+
+
+def stream_of(
+    dispatcher: Dispatcher, task: TaskSpec, access: AccessControl | None
+) -> AsyncGenerator[AgentItem, None]:
+    """The task's stream; with API keys, run as the caller the middleware set, its tokens
+    counted."""
+    items = dispatcher.stream(task)
+    caller = current_caller() if access is not None else None
+    if access is None or caller is None:
+        return items
+    return access.as_caller(caller, items)
+
+
+async def submit_as_caller(
+    dispatcher: Dispatcher, task: TaskSpec, access: AccessControl | None
+) -> TaskResult:
+    """The task's answer; with API keys, its tokens counted against the caller's key."""
+    result = await dispatcher.submit(task)
+    caller = current_caller() if access is not None else None
+    if access is not None and caller is not None:
+        access.spend(caller, result)
+    return result

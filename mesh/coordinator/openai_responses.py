@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -38,13 +38,19 @@ from mesh.coordinator.openai_api import (
     error_body,
     error_response,
     read_body,
+    stream_of,
+    submit_as_caller,
     task_from_chat,
 )
 from mesh.coordinator.openai_tools import Answer, ToolPlan, read_answer
 from mesh.coordinator.service import coalesce
 from mesh.coordinator.tasks import TaskResult
+from mesh.core.caller import current_caller
 from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError
 from mesh.core.untrusted import quoted
+
+if TYPE_CHECKING:
+    from mesh.coordinator.access import AccessControl
 
 KEPT = 1000
 KEPT_S = 3600.0
@@ -171,6 +177,7 @@ def _chat_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
 class _Stored:
     messages: list[dict[str, Any]]  # the whole conversation, as chat messages
     at: float
+    owner: str = ""  # the API key that made it: no other key reads it
 
 
 class StoredResponses:
@@ -180,17 +187,17 @@ class StoredResponses:
         self._kept: OrderedDict[str, _Stored] = OrderedDict()
         self._clock = clock
 
-    def get(self, response_id: str) -> list[dict[str, Any]]:
+    def get(self, response_id: str, owner: str = "") -> list[dict[str, Any]]:
         stored = self._kept.get(response_id)
-        if stored is None or self._clock() - stored.at > KEPT_S:
+        if stored is None or self._clock() - stored.at > KEPT_S or stored.owner != owner:
             raise NotFoundError(
                 f"previous_response_id {quoted(response_id, 64)} is not known here (responses "
                 f"are kept {KEPT_S / 60:g} minutes, on the coordinator replica that made them)"
             )
         return list(stored.messages)
 
-    def put(self, response_id: str, messages: list[dict[str, Any]]) -> None:
-        self._kept[response_id] = _Stored(messages, self._clock())
+    def put(self, response_id: str, messages: list[dict[str, Any]], owner: str = "") -> None:
+        self._kept[response_id] = _Stored(messages, self._clock(), owner)
         while len(self._kept) > KEPT:
             self._kept.popitem(last=False)
 
@@ -266,8 +273,10 @@ def _response(
     }
 
 
-def _conversation(body: ResponsesRequest, stored: StoredResponses) -> list[dict[str, Any]]:
-    earlier = stored.get(body.previous_response_id) if body.previous_response_id else []
+def _conversation(
+    body: ResponsesRequest, stored: StoredResponses, owner: str
+) -> list[dict[str, Any]]:
+    earlier = stored.get(body.previous_response_id, owner) if body.previous_response_id else []
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     messages = [*earlier, *chat_messages(items)]
     if body.instructions:  # instructions are not carried over from a previous response
@@ -426,8 +435,14 @@ async def _item_events(
     yield event("response.output_item.done", output_index=index, item=item)  # fmt: skip
 
 
-def add_responses(app: FastAPI, dispatcher: Dispatcher, *, stream_window_s: float = 0.0) -> None:
-    """Mount `POST /v1/responses` on the OpenAI app."""
+def add_responses(
+    app: FastAPI,
+    dispatcher: Dispatcher,
+    *,
+    stream_window_s: float = 0.0,
+    access: AccessControl | None = None,
+) -> None:
+    """Mount `POST /v1/responses` on the OpenAI app (`access`: API keys, as openai_api's)."""
     stored = StoredResponses()
 
     @app.post("/v1/responses", response_model=None)
@@ -435,10 +450,14 @@ def add_responses(app: FastAPI, dispatcher: Dispatcher, *, stream_window_s: floa
         settings = dispatcher.settings
         try:
             body = _parse(await read_body(request, settings.http_body_limit_bytes))
-            messages = _conversation(body, stored)
+            caller = current_caller() if access is not None else None
+            owner = caller.key_name if caller is not None else ""
+            messages = _conversation(body, stored, owner)
             task, tool_plan = task_from_chat(
                 _as_chat(body, messages), request.headers, settings.max_messages
             )
+            if access is not None:
+                task = await access.admit_current(task)
         except BodyTooLarge as error:
             return error_response(InvalidRequestError(f"{error}; shorten the input"), 413)
         except MeshError as error:
@@ -447,17 +466,17 @@ def add_responses(app: FastAPI, dispatcher: Dispatcher, *, stream_window_s: floa
 
         def finished(output: list[dict[str, Any]]) -> None:
             if body.store:
-                stored.put(response_id, messages + chat_messages(output_as_input(output)))
+                stored.put(response_id, messages + chat_messages(output_as_input(output)), owner)
 
         if body.stream:
-            items = coalesce(dispatcher.stream(task), stream_window_s)
+            items = coalesce(stream_of(dispatcher, task, access), stream_window_s)
             return StreamingResponse(
                 _events(response_id, body, items, tool_plan, finished),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
         try:
-            result = await dispatcher.submit(task)
+            result = await submit_as_caller(dispatcher, task, access)
         except MeshError as error:
             return error_response(error)
         output, _answer = _output(result, tool_plan)

@@ -3,6 +3,12 @@
 `MeshHandlers` turns protos into tasks and results into protos; it is shared by the Ray Serve
 ingress (whose gRPC proxy calls the deployment's methods) and by `MeshServicer`, the direct
 grpc.aio fast path each dispatcher replica can serve on its own port.
+
+With an `AccessControl` (a coordinator with a cluster directory) every method needs the
+metadata `authorization: Bearer KEY`: UNAUTHENTICATED without a valid one, PERMISSION_DENIED
+for an agent or model out of the key's scope, RESOURCE_EXHAUSTED (with RetryInfo and a
+`retry-after` trailer) over its limits. The servicers ask `caller_of(context)` first and hand
+the caller to each method, which runs the task with `CALLER` set.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -34,12 +41,21 @@ from mesh.core.bounds import (
     check_caller_id,
     check_message_count,
 )
+from mesh.core.caller import CALLER, Caller
 from mesh.core.channels import add_server_port, create_server
 from mesh.core.decoding import undecodable_error
-from mesh.core.errors import InvalidRequestError, MeshError, UnavailableError
+from mesh.core.errors import (
+    InvalidRequestError,
+    MeshError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from mesh.core.grpc_status import abort_with_error
 from mesh.core.ids import TaskId, new_task_id
 from mesh.core.tracing import incoming_traceparent
+
+if TYPE_CHECKING:
+    from mesh.coordinator.access import AccessControl
 
 logger = logging.getLogger("mesh.coordinator")
 
@@ -248,31 +264,77 @@ class _Failure:
 
 
 class MeshHandlers:
-    """The MeshService methods as plain coroutines over protos; they raise MeshError."""
+    """The MeshService methods as plain coroutines over protos; they raise MeshError.
+    `access`: API keys required (None: an open mesh)."""
 
-    def __init__(self, dispatcher: Dispatcher, *, stream_window_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        stream_window_s: float = 0.0,
+        access: AccessControl | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
         self.stream_window_s = stream_window_s
+        self.access = access
 
-    def _task(self, request: mesh_pb2.SubmitRequest, traceparent: str) -> TaskSpec:
+    def caller_of(self, context: Any) -> Caller | None:
+        """Who calls, from the call's metadata (grpc.aio's or Ray Serve's context): None on an
+        open mesh; UnauthenticatedError without a valid key."""
+        if self.access is None:
+            return None
+        metadata = context.invocation_metadata() if context is not None else None
+        return self.access.authenticate_metadata(metadata)
+
+    def _check_caller(self, caller: Caller | None) -> None:
+        if self.access is not None and caller is None:
+            raise UnauthenticatedError("an API key is required")
+
+    async def _task(
+        self, request: mesh_pb2.SubmitRequest, traceparent: str, caller: Caller | None
+    ) -> TaskSpec:
+        self._check_caller(caller)
         _raise_if_undecodable(request)
         task = task_from_submit(request, self.dispatcher.settings.max_messages)
-        return dataclasses.replace(task, traceparent=traceparent) if traceparent else task
+        if traceparent:
+            task = dataclasses.replace(task, traceparent=traceparent)
+        if self.access is not None and caller is not None:
+            task = await self.access.admit(caller, task)
+        return task
 
     async def submit(
-        self, request: mesh_pb2.SubmitRequest, *, traceparent: str = ""
+        self,
+        request: mesh_pb2.SubmitRequest,
+        *,
+        traceparent: str = "",
+        caller: Caller | None = None,
     ) -> mesh_pb2.SubmitResponse:
-        """`traceparent`: the caller's W3C trace context (gRPC metadata), if any."""
-        return result_to_proto(await self.dispatcher.submit(self._task(request, traceparent)))
+        """`traceparent`: the caller's W3C trace context (gRPC metadata), if any; `caller`:
+        who asks (`caller_of`), when the mesh requires keys."""
+        task = await self._task(request, traceparent, caller)
+        if self.access is None or caller is None:
+            return result_to_proto(await self.dispatcher.submit(task))
+        token = CALLER.set(caller)
+        try:
+            result = await self.dispatcher.submit(task)
+        finally:
+            CALLER.reset(token)
+        self.access.spend(caller, result)
+        return result_to_proto(result)
 
     async def submit_stream(
-        self, request: mesh_pb2.SubmitRequest, *, traceparent: str = ""
+        self,
+        request: mesh_pb2.SubmitRequest,
+        *,
+        traceparent: str = "",
+        caller: Caller | None = None,
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
-        task = self._task(request, traceparent)
+        task = await self._task(request, traceparent, caller)
+        stream = self.dispatcher.stream(task)
+        if self.access is not None and caller is not None:
+            stream = self.access.as_caller(caller, stream)
         index = 0
-        async with contextlib.aclosing(
-            coalesce(self.dispatcher.stream(task), self.stream_window_s)
-        ) as items:
+        async with contextlib.aclosing(coalesce(stream, self.stream_window_s)) as items:
             async for item in items:
                 if isinstance(item, str):
                     yield mesh_pb2.SubmitChunk(text=item, index=index)
@@ -284,12 +346,16 @@ class MeshHandlers:
                     )
                 index += 1
 
-    def list_nodes(self) -> mesh_pb2.ListNodesResponse:
+    def list_nodes(self, *, caller: Caller | None = None) -> mesh_pb2.ListNodesResponse:
+        self._check_caller(caller)
         return mesh_pb2.ListNodesResponse(
             nodes=[row_to_proto(row) for row in self.dispatcher.node_rows()]
         )
 
-    async def describe_task(self, request: mesh_pb2.DescribeTaskRequest) -> mesh_pb2.TaskRecord:
+    async def describe_task(
+        self, request: mesh_pb2.DescribeTaskRequest, *, caller: Caller | None = None
+    ) -> mesh_pb2.TaskRecord:
+        self._check_caller(caller)
         _raise_if_undecodable(request)
         check_caller_id("task_id", request.task_id, MAX_TASK_ID_CHARS)
         return record_to_proto(await self.dispatcher.describe_task(request.task_id))
@@ -312,8 +378,9 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> mesh_pb2.SubmitResponse:
         try:
+            caller = self.handlers.caller_of(context)
             parent = incoming_traceparent(context)
-            return await self.handlers.submit(request, traceparent=parent)
+            return await self.handlers.submit(request, traceparent=parent, caller=caller)
         except MeshError as error:
             await abort_with_error(context, error)
 
@@ -321,8 +388,10 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
         self, request: mesh_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
         try:
+            caller = self.handlers.caller_of(context)
             parent = incoming_traceparent(context)
-            async for chunk in self.handlers.submit_stream(request, traceparent=parent):
+            chunks = self.handlers.submit_stream(request, traceparent=parent, caller=caller)
+            async for chunk in chunks:
                 yield chunk
         except MeshError as error:
             await abort_with_error(context, error)
@@ -330,13 +399,17 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
     async def ListNodes(
         self, request: mesh_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> mesh_pb2.ListNodesResponse:
-        return self.handlers.list_nodes()
+        try:
+            return self.handlers.list_nodes(caller=self.handlers.caller_of(context))
+        except MeshError as error:
+            await abort_with_error(context, error)
 
     async def DescribeTask(
         self, request: mesh_pb2.DescribeTaskRequest, context: grpc.aio.ServicerContext
     ) -> mesh_pb2.TaskRecord:
         try:
-            return await self.handlers.describe_task(request)
+            caller = self.handlers.caller_of(context)
+            return await self.handlers.describe_task(request, caller=caller)
         except MeshError as error:
             await abort_with_error(context, error)
 

@@ -117,13 +117,17 @@ class TaskSpec:
     tier: str | None = None  # agent tasks: the model tier to start on
     traceparent: str = ""  # the caller's W3C trace context: the task's trace continues it
     session: str = ""  # the caller's conversation (OpenAI `user`): routing affinity only
+    # The API key that asked (its name; "": an open mesh): another key's idempotency key or
+    # task id never answers this one's task with that key's answer.
+    owner: str = ""
 
     @property
     def dedup_key(self) -> str:
-        """Two submissions with the same key are one task, answered once."""
+        """Two submissions with the same key (by the same owner) are one task, answered once."""
+        owner = f"{self.owner}\0" if self.owner else ""
         if self.idempotency_key:
-            return f"key:{self.idempotency_key}"
-        return f"id:{self.task_id}" if self.caller_task_id else ""
+            return f"key:{owner}{self.idempotency_key}"
+        return f"id:{owner}{self.task_id}" if self.caller_task_id else ""
 
 
 @dataclass(frozen=True, slots=True)

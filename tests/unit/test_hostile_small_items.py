@@ -238,7 +238,7 @@ def test_mesh_nodes_escapes_what_the_coordinator_lists(monkeypatch, capsys):
     )
 
     class FakeMeshClient:
-        def __init__(self, address: str) -> None:
+        def __init__(self, address: str, *, api_key: str | None = None) -> None:
             self.address = address
 
         async def __aenter__(self) -> FakeMeshClient:
