@@ -94,6 +94,8 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=float, default=0.0, help="between tokens")
     parser.add_argument("--reply", default=DEFAULT_REPLY)
     parser.add_argument("--busy-marker", default="", help="refuse prompts containing it as busy")
+    parser.add_argument("--join-file", help="join a cluster with the token in this file (mTLS)")
+    parser.add_argument("--coordinator", action="append", default=[], help="its join port")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fake-node-") as state_dir:  # removed at exit
         return _serve(args, state_dir)
@@ -111,6 +113,8 @@ def _serve(args: argparse.Namespace, state_dir: str) -> int:
         grace_s=0.5,
         models=(ModelConfig(id=args.model, source="memory", n_threads=1),),
         router=None,  # a fake node serves only its fake model
+        join_token_file=args.join_file,
+        coordinator=tuple(args.coordinator),
     )
     backend = InstantBackend(args.model, args.reply, args.delay_ms / 1000, args.busy_marker)
     daemon = NodeDaemon(config, backends={args.model: backend}, progress=io.StringIO())

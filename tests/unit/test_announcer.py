@@ -215,6 +215,7 @@ def announcement(
         config=SimpleNamespace(host="0.0.0.0", interface=interface),
         servicer=servicer,
         port=5000,
+        tls=None,  # an open node: no certificate fingerprint in the record
     )
     made = DaemonAnnouncement(daemon, refresh_interval_s=0.02, min_update_interval_s=0.0)  # type: ignore[arg-type]
     if zeroconf is not None:
