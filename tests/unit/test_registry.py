@@ -324,6 +324,69 @@ def test_the_registry_probes_a_multi_homed_node_with_the_short_per_address_deadl
     run(scenario)
 
 
+def test_a_refused_record_is_never_probed_and_a_revoked_node_is_dropped(caplog) -> None:
+    """In a cluster: `admit` refuses a record before any probe (logged once); `evict` drops
+    a ready node at once (a revocation)."""
+
+    async def scenario() -> None:
+        from mesh.core.records import NodeRecord
+        from mesh.discovery.browser import DiscoveryEvent, DiscoveryKind
+
+        def record(node_id: str, fp: str = "") -> NodeRecord:
+            return NodeRecord(
+                node_id=NodeId(node_id),
+                name=node_id,
+                cluster="c",
+                grpc_port=50051,
+                incarnation="ab",
+                cert_fingerprint=fp,
+                addresses=(f"198.18.0.{len(node_id)}",),
+            )
+
+        def admit(candidate: NodeRecord) -> str | None:
+            return None if candidate.cert_fingerprint == "a" * 32 else "not a member"
+
+        prober = FakeProber()
+        async with NodeRegistry(timings=TIMINGS, prober=prober, admit=admit) as registry:
+            for _ in range(3):  # announced again and again: logged once, never probed
+                registry.handle_discovery(
+                    DiscoveryEvent(kind=DiscoveryKind.ADDED, name="rogue", record=record("rg"))
+                )
+            registry.handle_discovery(
+                DiscoveryEvent(kind=DiscoveryKind.ADDED, name="m", record=record("n1", "a" * 32))
+            )
+            await wait_for_state(registry, "n1", NodeState.READY, timeout_s=5)
+            assert [a for a, _ in prober.probes] == ["198.18.0.2:50051"]
+            assert registry.evict({"n1"}, "revoked") == 1
+            assert [v.node_id for v in registry.ready_nodes()] == []
+        refusals = [r for r in caplog.records if "ignoring rogue" in r.getMessage()]
+        assert len(refusals) == 1
+
+    run(scenario)
+
+
+def test_the_txt_record_carries_the_certificate_fingerprint_both_ways() -> None:
+    from mesh.core.records import NodeRecord
+
+    record = NodeRecord(
+        node_id=NodeId("n1"), name="n1", grpc_port=5, incarnation="ab", cert_fingerprint="f" * 32
+    )
+    txt = record.to_txt()
+    assert txt[b"fp"] == b"f" * 32
+    parsed = NodeRecord.from_txt(txt, addresses=("198.18.0.2",), port=5)
+    assert parsed.cert_fingerprint == "f" * 32
+    open_node = record.model_copy(update={"cert_fingerprint": ""})
+    assert b"fp" not in open_node.to_txt()
+    with pytest.raises(Exception):  # noqa: B017 - a pydantic error: not hex
+        NodeRecord(
+            node_id=NodeId("n1"),
+            name="n1",
+            grpc_port=5,
+            incarnation="ab",
+            cert_fingerprint="secret!",
+        )
+
+
 # ---------------------------------------------------------------- mesh discover flags
 
 
