@@ -272,10 +272,12 @@ class GrpcProber:
             await self.discard(key)
 
 
-async def ready_view(address: str, *, timeout_s: float = 10.0) -> NodeView:
+async def ready_view(
+    address: str, *, timeout_s: float = 10.0, security: ChannelSecurity = PLAINTEXT
+) -> NodeView:
     """A READY, static NodeView of the node at `address`, from its Describe: for a Dispatcher
     used without a registry (benchmarks, tests)."""
-    async with NodeClient(address) as client:
+    async with NodeClient(address, security=security) as client:
         details = details_from_describe(await client.describe(timeout_s=timeout_s))
     return NodeView(
         **details.model_dump(exclude={"protocol_version"}),
