@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "topology",
     "discover",
     "coordinator",
+    "cluster",
     "submit",
     "nodes",
     "top",

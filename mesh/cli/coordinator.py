@@ -10,6 +10,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from mesh.cli._common import EXIT_ERROR
+from mesh.core.channels import format_address
 from mesh.core.errors import MeshError
 
 if TYPE_CHECKING:
@@ -84,6 +85,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the cluster's directory (mesh/cluster): the ingress then requires an API key "
         "from its keys.json (`mesh keys create`) on every request",
     )
+    start.add_argument(
+        "--no-cluster",
+        action="store_true",
+        help="an open mesh even if the default cluster dir holds a cluster (as `mesh demo`)",
+    )
+    start.add_argument(
+        "--join-port",
+        type=_port,
+        help="the port nodes join and renew their certificates on, with a cluster "
+        "(default 9100; on --host)",
+    )
+    start.add_argument(
+        "--insecure",
+        action="store_true",
+        help="acknowledge that a coordinator listening beyond loopback without a cluster "
+        "can be used by anyone on the network (silences the warning)",
+    )
     start.set_defaults(func=_start)
     parser.set_defaults(func=lambda _args: parser.print_help() or 2)
 
@@ -156,7 +174,8 @@ def _config(args: argparse.Namespace) -> object:
         http_fast_port=args.http_fast_port,
         http_fast_path=False if args.no_http_fast_path else None,
         # Absolute: the dispatcher replicas read it from Ray's worker processes.
-        cluster_dir=str(pathlib.Path(args.cluster_dir).resolve()) if args.cluster_dir else None,
+        cluster_dir=_cluster_dir(args),
+        join_port=args.join_port,
     )
     tracing = {
         key: value
@@ -170,6 +189,39 @@ def _config(args: argparse.Namespace) -> object:
         return config
     dispatcher = config.dispatcher.model_validate({**config.dispatcher.model_dump(), **tracing})
     return config.model_copy(update={"dispatcher": dispatcher})
+
+
+def _cluster_dir(args: argparse.Namespace) -> str | None:
+    """--cluster-dir, else the default cluster dir once `mesh cluster init` made it; None
+    with --no-cluster. Absolute: the dispatcher replicas read it from Ray's workers."""
+    from mesh.cluster import default_cluster_dir, is_initialized
+
+    if args.no_cluster:
+        return None
+    if args.cluster_dir:
+        return str(pathlib.Path(args.cluster_dir).resolve())
+    default = default_cluster_dir()
+    return str(default.resolve()) if is_initialized(default) else None
+
+
+def security_lines(config: object, insecure: bool) -> list[str]:
+    """What the coordinator says about its trust at start (stderr)."""
+    from mesh.coordinator.runner import is_loopback
+    from mesh.coordinator.settings import CoordinatorConfig
+
+    assert isinstance(config, CoordinatorConfig)
+    if config.cluster_dir:
+        return [
+            f"cluster dir {config.cluster_dir}: nodes over mTLS only, API keys required at the "
+            f"ingress; nodes join at {format_address(config.host, config.join_port)}"
+        ]
+    if insecure or is_loopback(config.host):
+        return []
+    return [
+        f"WARNING: the coordinator listens on {config.host} without a cluster: anyone on the "
+        "network can submit tasks and its nodes take anyone's. Secure it (`mesh cluster "
+        "init`, then start again), listen on 127.0.0.1, or pass --insecure to acknowledge this."
+    ]
 
 
 def ready_line(running: RunningCoordinator) -> str:
@@ -204,6 +256,8 @@ def _start(args: argparse.Namespace) -> int:
     except (MeshError, ValidationError, OSError) as error:  # bad flags or topology file
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+    for line in security_lines(config, args.insecure):
+        print(line, file=sys.stderr, flush=True)
     prepare_ray_environment(config)  # type: ignore[arg-type]  # before Ray is imported
     errors = _start_errors()
     try:

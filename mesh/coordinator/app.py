@@ -36,10 +36,12 @@ from mesh.cluster.limits import RateLimiter, Refusal
 from mesh.coordinator.access import AccessControl, LocalLimits
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.openai_api import build_openai_app
+from mesh.coordinator.pool import grpc_connector
 from mesh.coordinator.service import MeshHandlers, start_fast_path
 from mesh.coordinator.settings import CoordinatorConfig
 from mesh.coordinator.shared_tasks import Claim, Outcome, TaskDirectory
 from mesh.coordinator.tasks import TaskRecord
+from mesh.coordinator.trust import ClusterTrust, node_security
 from mesh.core.channels import format_address
 from mesh.core.errors import MeshError
 from mesh.core.grpc_status import error_detail, set_error
@@ -73,11 +75,15 @@ class NodeTableOwner:
             from mesh.discovery.browser import MdnsBrowser
 
             browser = MdnsBrowser()
+        trust = ClusterTrust.open(config)
+        self.trust = trust
         self.registry = NodeRegistry(
-            cluster=config.cluster,
+            cluster=trust.authority.name if trust else config.cluster,
             static_addresses=config.static_nodes,
             browser=browser,
             timings=RegistryTimings(**config.registry_timings),
+            prober=trust.prober() if trust else None,
+            admit=trust.admit if trust else None,
         )
         self.version = 0
         self._changed = asyncio.Event()
@@ -86,6 +92,8 @@ class NodeTableOwner:
         self.tasks = TaskDirectory(config.dispatcher.ledger_size)
         self.registry.subscribe(self._on_event)
         await self.registry.start()
+        if trust is not None:
+            await trust.start(self.registry, config)
 
     def _on_event(self, _event: object) -> None:
         self.version += 1
@@ -134,7 +142,13 @@ class NodeTableOwner:
     def task_record(self, task_id: str) -> TaskRecord | None:
         return self.tasks.record(task_id)
 
+    def join_address(self) -> str:
+        """host:port of the join port ("" in an open mesh)."""
+        return self.trust.join_address if self.trust is not None else ""
+
     async def __del__(self) -> None:
+        if self.trust is not None:
+            await self.trust.stop()
         await self.registry.stop()
 
     # API keys' rate limits, shared by the dispatcher replicas (`_OwnerLimits`). Made on first
@@ -280,6 +294,7 @@ class MeshIngress:
             config.dispatcher_settings(),
             directory=directory,
             metrics=CoordinatorMetrics(replica),  # each replica its own (mesh/observe/metrics.py)
+            connect=grpc_connector(node_security(config)),  # mTLS to nodes in a cluster
         )
         self.access = _access(owner, config)
         self.handlers = MeshHandlers(

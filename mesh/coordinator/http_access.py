@@ -7,8 +7,8 @@ route starts, its streaming body included (Starlette runs it in a task started i
 call). The routes check scope and limits themselves (`AccessControl.admit`), once they know
 the task's agent and model.
 
-Open without a key: the Prometheus scrape (`/metrics`) and the dashboard's page and static
-files, which hold no data; the dashboard's data (`/dashboard/api/...`, `/dashboard/events`)
+Open without a key: the Prometheus scrape (`/metrics`), `/v1/mesh/info` (the ingress
+addresses: where to connect), and the dashboard's page and static files, which hold no data; the dashboard's data (`/dashboard/api/...`, `/dashboard/events`)
 and every `/v1/...` route need one.
 """
 
@@ -21,7 +21,9 @@ from mesh.coordinator.openai_api import error_response
 from mesh.core.caller import CALLER
 from mesh.core.errors import MeshError
 
-OPEN_PATHS = frozenset({"/metrics", "/dashboard", "/dashboard/"})
+# /v1/mesh/info: the addresses of the ingresses (where to connect, not what runs); the
+# coordinator's own start (mesh/coordinator/runner.py) waits on it before any key exists.
+OPEN_PATHS = frozenset({"/metrics", "/dashboard", "/dashboard/", "/v1/mesh/info"})
 OPEN_PREFIXES = ("/dashboard/static/",)
 
 

@@ -128,6 +128,8 @@ class CoordinatorConfig(FrozenModel):
     # hold a certificate of its CA, and the ingress requires an API key (or a cluster
     # certificate). None: an open mesh, as `mesh demo`.
     cluster_dir: str | None = None
+    # The join port (ClusterService: nodes join and renew there), on `host`, with a cluster.
+    join_port: Annotated[int, Field(ge=0, le=65535)] = 9100
     # The audit summary, a JSON line per agent task (who asked, agent, tools, outcome; 0600),
     # which `mesh audit` reads. None: <cluster_dir>/audit.jsonl with a cluster directory, else
     # none; "": none; a path: there (the dispatcher replicas all append to it).
