@@ -51,6 +51,7 @@ KEYS = {
 @dataclass
 class Coordinator:
     grpc: str
+    fast: str  # the dispatcher's own MeshService (no Ray hop)
     http: str  # the OpenAI base URL (Serve's HTTP proxy)
     cluster_dir: str
     secrets: dict[str, str]
@@ -110,7 +111,9 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinato
         addresses = process.addresses
         asyncio.run(_wait_ready(addresses["grpc"], secrets["full"]))
         logs = [str(directory / "coordinator.log"), str(directory / "node-a.log")]
-        yield Coordinator(addresses["grpc"], addresses["http"], cluster_dir, secrets, logs)
+        yield Coordinator(
+            addresses["grpc"], addresses["fast"], addresses["http"], cluster_dir, secrets, logs
+        )
 
 
 def _join_command(
@@ -232,6 +235,31 @@ def test_mesh_submit_gets_each_status_and_then_works(coordinator: Coordinator, c
         UnauthenticatedError,
         PermissionDeniedError,
         RateLimitedError,
+    ]
+
+
+def test_the_fast_path_checks_keys_too(coordinator: Coordinator) -> None:
+    secrets = coordinator.secrets
+
+    async def scenario() -> list[str]:
+        seen = []
+        for key, options in (
+            (None, {"model": "smollm2"}),
+            (secrets["scoped"], {"agent": "billing"}),
+            (secrets["full"], {"model": "smollm2"}),
+        ):
+            async with MeshClient(coordinator.fast, api_key=key) as client:
+                try:
+                    reply = await client.submit("hi", max_tokens=1, **options)
+                    seen.append(f"answered by {reply.node_name}")
+                except (UnauthenticatedError, PermissionDeniedError) as error:
+                    seen.append(type(error).__name__)
+        return seen
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == [
+        "UnauthenticatedError",
+        "PermissionDeniedError",
+        "answered by node-a",
     ]
 
 
