@@ -22,9 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from mesh.coordinator.settings import CoordinatorConfig
 from mesh.core.channels import format_address
@@ -175,64 +173,28 @@ def start_coordinator(
     )
     _wait_ready(running, ready_timeout_s)
     replicas = config.replicas
-    # With API keys /v1/mesh/info needs one: the owner is asked through its handle instead.
-    info = _owner_info(APP_NAME) if config.cluster_dir else None
     if config.fast_path:
-        paths = _fast_paths(running, replicas, ready_timeout_s, read_info=info)
+        paths = _fast_paths(running, replicas, ready_timeout_s)
         running = dataclasses.replace(running, fast_paths=paths)
     if config.http_fast_path:
-        paths = _fast_paths(
-            running, replicas, ready_timeout_s, kind="http_fast_paths", read_info=info
-        )
+        paths = _fast_paths(running, replicas, ready_timeout_s, kind="http_fast_paths")
         running = dataclasses.replace(running, http_fast_paths=paths)
     return running
 
 
-def _owner_info(app_name: str) -> Callable[[], dict[str, Any]]:
-    """What /v1/mesh/info says of the fast paths, from the node-table owner's handle."""
-    from ray import serve
-
-    owner = serve.get_deployment_handle("NodeTableOwner", app_name=app_name)
-    # Its router on a loop of its own (Serve's default, which RAY_SERVE_THROUGHPUT_OPTIMIZED
-    # turns off), so that `result()` works from this synchronous code.
-    owner._init(_run_router_in_separate_loop=True)
-
-    def read() -> dict[str, Any]:
-        try:
-            return {
-                "fast_paths": owner.fast_paths.remote().result(timeout_s=5.0),
-                "http_fast_paths": owner.http_fast_paths.remote().result(timeout_s=5.0),
-            }
-        except Exception as error:  # Ray raises many kinds while the owner starts
-            raise OSError(str(error) or type(error).__name__) from error
-
-    return read
-
-
 def _fast_paths(
-    running: RunningCoordinator,
-    replicas: int,
-    timeout_s: float,
-    *,
-    kind: str = "fast_paths",
-    read_info: Callable[[], dict[str, Any]] | None = None,
+    running: RunningCoordinator, replicas: int, timeout_s: float, *, kind: str = "fast_paths"
 ) -> tuple[str, ...]:
     """The replicas' direct addresses of `kind` ("fast_paths", "http_fast_paths": a list in
-    /v1/mesh/info), asked over HTTP (an async Serve handle here would need a loop that
-    outlives this call), or with `read_info` when that needs an API key."""
-
-    def over_http() -> dict[str, Any]:
-        with urllib.request.urlopen(f"{running.openai_base_url}/mesh/info", timeout=5) as reply:
-            answer: dict[str, Any] = json.load(reply)
-            return answer
-
-    read = read_info or over_http
+    /v1/mesh/info, which needs no API key), asked over HTTP (a Serve handle here would need a
+    loop that outlives this call)."""
     give_up = time.monotonic() + timeout_s
     addresses: list[str] = []
     last_error = ""
     while True:
         try:
-            addresses = list(read()[kind])
+            with urllib.request.urlopen(f"{running.openai_base_url}/mesh/info", timeout=5) as reply:
+                addresses = list(json.load(reply)[kind])
         except (OSError, ValueError, KeyError, TypeError) as error:  # URLError: an OSError
             last_error = str(error) or type(error).__name__
         if len(addresses) >= replicas:

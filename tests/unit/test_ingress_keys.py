@@ -106,7 +106,6 @@ PROTECTED = [
     ("GET", "/v1/models"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/responses"),
-    ("GET", "/v1/mesh/info"),
     ("GET", "/v1/mesh/traces/task-1"),
     ("GET", "/dashboard/api/state"),
     ("GET", "/dashboard/api/tasks/task-1"),
@@ -136,7 +135,7 @@ def test_http_without_a_valid_key_is_401_in_openai_shape(api, keys, method, path
 
 def test_http_open_paths_need_no_key(api):
     client, _mesh = api
-    for path in ("/metrics", "/dashboard", "/dashboard/static/dashboard.js"):
+    for path in ("/metrics", "/dashboard", "/dashboard/static/dashboard.js", "/v1/mesh/info"):
         assert client.get(path).status_code == 200, path
 
 
