@@ -290,17 +290,13 @@ class MeshHandlers:
         if self.access is not None and caller is None:
             raise UnauthenticatedError("an API key is required")
 
-    async def _task(
+    def _task(
         self, request: mesh_pb2.SubmitRequest, traceparent: str, caller: Caller | None
     ) -> TaskSpec:
         self._check_caller(caller)
         _raise_if_undecodable(request)
         task = task_from_submit(request, self.dispatcher.settings.max_messages)
-        if traceparent:
-            task = dataclasses.replace(task, traceparent=traceparent)
-        if self.access is not None and caller is not None:
-            task = await self.access.admit(caller, task)
-        return task
+        return dataclasses.replace(task, traceparent=traceparent) if traceparent else task
 
     async def submit(
         self,
@@ -311,9 +307,10 @@ class MeshHandlers:
     ) -> mesh_pb2.SubmitResponse:
         """`traceparent`: the caller's W3C trace context (gRPC metadata), if any; `caller`:
         who asks (`caller_of`), when the mesh requires keys."""
-        task = await self._task(request, traceparent, caller)
-        if self.access is None or caller is None:
+        task = self._task(request, traceparent, caller)
+        if self.access is None or caller is None:  # an open mesh: nothing more per call
             return result_to_proto(await self.dispatcher.submit(task))
+        task = await self.access.admit(caller, task)
         token = CALLER.set(caller)
         try:
             result = await self.dispatcher.submit(task)
@@ -329,7 +326,9 @@ class MeshHandlers:
         traceparent: str = "",
         caller: Caller | None = None,
     ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
-        task = await self._task(request, traceparent, caller)
+        task = self._task(request, traceparent, caller)
+        if self.access is not None and caller is not None:
+            task = await self.access.admit(caller, task)
         stream = self.dispatcher.stream(task)
         if self.access is not None and caller is not None:
             stream = self.access.as_caller(caller, stream)
