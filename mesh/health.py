@@ -6,7 +6,9 @@ Mechanism only; what the results mean for a node's state is decided in `mesh.nod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -212,12 +214,21 @@ class GrpcProber:
                 return ProbeResult(status=ProbeStatus.NOT_SERVING, reason=f"health {status}")
             reply = await client.describe(timeout_s=timeout_s)
         except MeshError as error:
-            if verifying and _handshake_failed(error):
-                who = f"node {node_id}" if node_id else "a member"
-                return ProbeResult(
-                    status=ProbeStatus.INVALID,
-                    reason=f"TLS handshake failed: no valid cluster certificate for {who}",
-                )
+            if verifying:
+                # gRPC reports a failed handshake as UNAVAILABLE, or, while its channel backs
+                # off between tries, as a deadline: a handshake of our own tells them apart.
+                expected = self._expected.get(key)
+                name = node_name(expected) if expected else MEMBER_NAME
+                problem = "" if _handshake_failed(error) else None
+                if problem is None:
+                    problem = await self._tls_problem(address, name, timeout_s)
+                if problem is not None:
+                    who = f"node {node_id}" if node_id else "a member"
+                    return ProbeResult(
+                        status=ProbeStatus.INVALID,
+                        reason=f"TLS handshake failed: no valid cluster certificate for {who}"
+                        + (f" ({problem})" if problem else ""),
+                    )
             return result_for_error(error)
         if not reply.node.node_id:
             return ProbeResult(status=ProbeStatus.INVALID, reason="Describe has no node id")
@@ -232,6 +243,31 @@ class GrpcProber:
                     return ProbeResult(status=ProbeStatus.INVALID, reason=problem)
                 self._expected[key] = details.node_id
         return ProbeResult(status=ProbeStatus.OK, details=details)
+
+    async def _tls_problem(self, address: str, name: str, timeout_s: float) -> str | None:
+        """Why a TLS handshake with `address` as `name` fails, or None if it holds (or the
+        peer cannot be reached at all: then it is not a question of certificates)."""
+        security = self._security
+        context = ssl.create_default_context(cafile=security.ca_file)
+        if security.cert_file and security.key_file:
+            context.load_cert_chain(security.cert_file, security.key_file)
+        context.set_alpn_protocols(["h2"])
+        host, _, port = address.rpartition(":")
+        try:
+            _reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    host.strip("[]"), int(port), ssl=context, server_hostname=name
+                ),
+                timeout_s,
+            )
+        except ssl.SSLError as error:
+            return str(error.reason or error)[:120]
+        except (OSError, TimeoutError, ValueError):
+            return None
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+        return None
 
     async def _check_identity(self, address: str, node_id: str, timeout_s: float) -> str:
         """ "" if the server at `address` holds the certificate of `node_id`, else why not."""

@@ -37,6 +37,7 @@ unwatched or unprobed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -96,6 +97,9 @@ class NodeRegistry:
         self._running = False
         self._admit = admit
         self._refused: set[tuple[str, str]] = set()
+        # What was refused, newest last (each key and reason once): for the operator
+        # (`GET /v1/mesh/refusals`), as a security event log.
+        self.refusals: collections.deque[dict[str, object]] = collections.deque(maxlen=200)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,9 +155,7 @@ class NodeRegistry:
             return
         refusal = self._admit(event.record) if self._admit is not None else None
         if refusal is not None:
-            if (event.name, refusal) not in self._refused:
-                self._refused.add((event.name, refusal))
-                logger.warning("ignoring %s: %s", event.name, refusal)
+            self._refuse(event.name, event.record.address, event.record.node_id, refusal)
             self._apply(self._table.withdraw(event.name, f"refused: {refusal}"))
             return
         self._apply(
@@ -164,6 +166,30 @@ class NodeRegistry:
                 record=event.record,
             )
         )
+        if self._admit is not None:  # in a cluster, the table's refusals are security events
+            why = self._table.rejection_of(event.name)
+            record = event.record
+            same_node = any(
+                v.node_id == record.node_id and v.address == record.address
+                for v in self._table.snapshot()
+            )
+            if why is not None and not same_node:
+                self._refuse(event.name, record.address, record.node_id, f"rejected: {why}")
+
+    def _refuse(self, key: str, address: str, node_id: str | None, reason: str) -> None:
+        if (key, reason) in self._refused:
+            return
+        self._refused.add((key, reason))
+        logger.warning("ignoring %s at %s: %s", key, address, reason)
+        self.refusals.append(
+            {
+                "at_unix_s": time.time(),
+                "key": key,
+                "address": address,
+                "node_id": node_id or "",
+                "reason": reason,
+            }
+        )
 
     def evict(self, node_ids: Iterable[str], reason: str) -> int:
         """Drop every entry of these node ids now (a revoked member); returns how many."""
@@ -172,7 +198,7 @@ class NodeRegistry:
         for key in self._table.keys():  # noqa: SIM118 (a NodeTable, not a dict)
             view = self._table.view(key)
             if view is not None and view.node_id in wanted and view.state is not NodeState.GONE:
-                logger.warning("dropping node %s: %s", view.node_id, reason)
+                self._refuse(key, view.address, view.node_id, f"dropped: {reason}")
                 self._apply(self._table.withdraw(key, reason))
                 dropped += 1
         return dropped
@@ -274,6 +300,8 @@ class NodeRegistry:
         except Exception as error:  # a prober bug: report a failed probe so the node is retried
             logger.exception("probing %s failed", action.address)
             result = ProbeResult(status=ProbeStatus.TIMEOUT, reason=f"probe failed: {error!r}")
+        if result.status is ProbeStatus.INVALID:
+            self._refuse(action.key, action.address, action.node_id, result.reason)
         if self._running:
             self._apply(self._table.probe_done(action.key, action.epoch, result))
 

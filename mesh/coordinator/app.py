@@ -62,6 +62,18 @@ _HTTP_START_S = 10.0  # longest uvicorn may take to serve on a socket already li
 _HTTP_GRACE_S = 1  # calls still open at shutdown get this long, as the gRPC fast path's
 
 
+def _log_with_serve() -> None:
+    """The project's warnings (a refused node, a dropped member) into this replica's Serve log
+    (logs/serve/replica_mesh_*.log of Ray's session), where an operator finds the rest."""
+    serve_logger = logging.getLogger("ray.serve")
+    ours = logging.getLogger("mesh")
+    for handler in serve_logger.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.INFO)
+
+
 class NodeTableOwner:
     """The one owner of the node table: a NodeRegistry, and a version bumped on every event."""
 
@@ -75,6 +87,7 @@ class NodeTableOwner:
             from mesh.discovery.browser import MdnsBrowser
 
             browser = MdnsBrowser()
+        _log_with_serve()
         trust = ClusterTrust.open(config)
         self.trust = trust
         self.registry = NodeRegistry(
@@ -141,6 +154,10 @@ class NodeTableOwner:
 
     def task_record(self, task_id: str) -> TaskRecord | None:
         return self.tasks.record(task_id)
+
+    def refusals(self) -> list[dict[str, object]]:
+        """Nodes refused (not members, failed handshakes, revoked...), newest last."""
+        return list(self.registry.refusals)
 
     def join_address(self) -> str:
         """host:port of the join port ("" in an open mesh)."""
@@ -324,7 +341,11 @@ class MeshIngress:
         no Ray hop per chunk to save."""
         config = self._config
         app = build_openai_app(
-            self.dispatcher, stream_window_s=0.0, info=self._info, access=self.access
+            self.dispatcher,
+            stream_window_s=0.0,
+            info=self._info,
+            access=self.access,
+            refusals=self._refusals,
         )
         self._http_fast_path = await HttpFastPath.start(
             app,
@@ -422,7 +443,11 @@ class MeshIngress:
             stream_window_s=self._config.stream_window_s,
             info=self._info,
             access=self.access,
+            refusals=self._refusals,
         )
+
+    async def _refusals(self) -> list[dict[str, Any]]:
+        return list(await self._owner.refusals.remote())
 
     async def _info(self) -> dict[str, Any]:
         return {

@@ -381,10 +381,16 @@ def build_openai_app(
     stream_window_s: float = 0.0,
     info: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     access: AccessControl | None = None,
+    refusals: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
 ) -> FastAPI:
     """The FastAPI app; `info` answers `GET /v1/mesh/info` (e.g. the fast-path addresses);
-    `access` requires API keys (None: an open mesh, no check at all)."""
+    `access` requires API keys (None: an open mesh, no check at all); `refusals` answers
+    `GET /v1/mesh/refusals` (nodes the registry refused, with why)."""
     app = FastAPI(title="Edge Agent Mesh", docs_url=None, redoc_url=None)
+
+    @app.get("/v1/mesh/refusals")
+    async def mesh_refusals() -> dict[str, Any]:
+        return {"refusals": await refusals() if refusals is not None else []}
 
     @app.get("/v1/mesh/info")
     async def mesh_info() -> dict[str, Any]:

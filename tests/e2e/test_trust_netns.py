@@ -157,6 +157,7 @@ def test_only_joined_members_get_tasks_and_a_revoked_one_is_dropped(
     )
     words = ready.split()
     fast = words[words.index("path") + 1]
+    http_base = words[words.index("http") + 1]
 
     # Two members join by mDNS alone (no coordinator address), with one token.
     good = JoinedNode(good_host, "good", tmp_path)
@@ -305,6 +306,64 @@ def test_only_joined_members_get_tasks_and_a_revoked_one_is_dropped(
         while not reader.lines.empty():
             reader.history.append(reader.lines.get())
         assert not any("PROMPT RECEIVED" in line for _, line in reader.history)
+
+    def get(url: str) -> str:
+        """GET with the API key, from the coordinator's host."""
+        fetch = subprocess.run(
+            coordinator_host.command(
+                [
+                    sys.executable,
+                    "-c",
+                    "import os,sys,urllib.request\n"
+                    "r=urllib.request.Request(sys.argv[1],headers={'Authorization':'Bearer '"
+                    "+os.environ['MESH_API_KEY']})\n"
+                    "print(urllib.request.urlopen(r,timeout=10).read().decode())",
+                    url,
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=REPO,
+        )
+        assert fetch.returncode == 0, fetch.stderr
+        return fetch.stdout
+
+    # The coordinator refused them, and says why (GET /v1/mesh/refusals, with the key).
+    refusals = json.loads(get(f"{http_base}/mesh/refusals"))["refusals"]
+    reasons = {r["address"].rsplit(":", 1)[0]: r["reason"] for r in refusals}
+    # A perfect copy of good's record while good serves: the same id twice, refused before any
+    # probe (were good gone, its probe would fail the TLS handshake: see the integration test).
+    copied = reasons.get(rogue_host.ip, "")
+    assert "duplicate node id" in copied or "TLS handshake failed" in copied, refusals
+    assert "not its current" in reasons.get(foreign_host.ip, ""), (foreign_host.ip, refusals)
+    assert any("revoked" in r["reason"] for r in refusals), refusals
+    # With good gone (SIGTERM: its goodbye), the copy of its record is probed at last: the
+    # handshake fails (no certificate of the cluster), and it is still never ready.
+    assert good.process is not None
+    good.process.terminate()
+    good.process.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while True:
+        refusals = json.loads(get(f"{http_base}/mesh/refusals"))["refusals"]
+        if any(
+            r["address"].startswith(rogue_host.ip + ":") and "TLS handshake" in r["reason"]
+            for r in refusals
+        ):
+            break
+        assert time.monotonic() < deadline, json.dumps(refusals)
+        time.sleep(0.5)
+    listing = subprocess.run(
+        coordinator_host.command(mesh("nodes", "--coordinator", fast, "--json")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert not [n for n in json.loads(listing.stdout) if n["state"] == "ready"], listing.stdout
     log_text = (tmp_path / "coordinator.log").read_text(errors="replace")
     assert api_key not in log_text and token.split(".")[2] not in log_text
     coordinator.terminate()

@@ -19,6 +19,8 @@ import io
 import pathlib
 import sys
 
+from zeroconf.asyncio import AsyncServiceInfo
+
 from mesh.core import pki
 from mesh.core.channels import ChannelSecurity
 from mesh.core.records import NodeRecord
@@ -39,6 +41,27 @@ class TellingBackend(FakeBackend):
 
 class CopiedRecord(DaemonAnnouncement):
     fingerprint = ""
+
+    def __init__(self, daemon: NodeDaemon) -> None:
+        super().__init__(daemon)
+        announcer = self.announcer
+        plain = announcer._service_info
+
+        def own_host(record: NodeRecord):  # type: ignore[no-untyped-def]
+            # The TXT record is the victim's; the host name under which its address is
+            # announced is the impostor's own, so that the victim's goodbye (which retracts
+            # its host name's addresses) does not retract the impostor's record too.
+            info = plain(record)
+            return AsyncServiceInfo(
+                info.type,
+                info.name,
+                port=info.port,
+                properties=info.properties,
+                server=f"impostor-{record.node_id}.local.",
+                parsed_addresses=info.parsed_addresses(),
+            )
+
+        announcer._service_info = own_host  # type: ignore[method-assign]
 
     def build_record(self) -> NodeRecord:
         return super().build_record().model_copy(update={"cert_fingerprint": self.fingerprint})
