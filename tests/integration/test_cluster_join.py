@@ -228,3 +228,54 @@ def test_another_cas_certificate_is_refused_by_the_node(cluster, tmp_path):
             assert PLAINTEXT.enabled is False
 
     run(scenario())
+
+
+def test_renewal_over_grpc_gives_a_new_certificate_the_node_serves_at_once(cluster, tmp_path):
+    from nodes.join import Renewal
+
+    authority = ClusterAuthority(cluster)
+    token = authority.create_token(ttl_s=600)
+
+    async def scenario():
+        async with (
+            join_server(cluster) as address,
+            node(tmp_path / "r", join_token=str(token), coordinator=(address,)) as daemon,
+        ):
+            before = daemon.tls.fingerprint()
+            renewed = asyncio.Event()
+            await Renewal(daemon.tls, on_renewed=renewed.set).renew()
+            assert renewed.is_set()
+            after = daemon.tls.fingerprint()
+            assert after != before
+            assert authority.members()[daemon.node_id].fingerprint == after
+            assert os.stat(daemon.tls.key_file).st_mode & 0o777 == 0o600
+            # A new connection gets the new certificate (the server reads its files again).
+            prober = GrpcProber(authority.security(), MemberDirectory(authority))
+            result = await prober.probe("k", daemon.address, timeout_s=5, node_id=daemon.node_id)
+            assert result.status is ProbeStatus.OK, result.reason
+            await prober.close()
+            assert await served_fingerprint(authority, daemon) == after
+
+    run(scenario())
+
+
+async def served_fingerprint(authority: ClusterAuthority, daemon: NodeDaemon) -> str:
+    """The fingerprint of the certificate the node's server presents on a new connection."""
+    import ssl
+
+    from cryptography import x509
+
+    security = authority.security()
+    context = ssl.create_default_context(cafile=security.ca_file)
+    context.load_cert_chain(security.cert_file, security.key_file)
+    context.set_alpn_protocols(["h2"])
+    host, port = daemon.address.rsplit(":", 1)
+    _reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(
+            host, int(port), ssl=context, server_hostname=pki.node_name(daemon.node_id)
+        ),
+        5,
+    )
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return pki.fingerprint(x509.load_der_x509_certificate(der))
