@@ -216,3 +216,28 @@ def test_tokens_json_keeps_no_secret(directory):
     assert secret_b64 not in stored and token.secret.hex() not in stored
     assert json.loads(stored)[token.token_id]["uses_left"] == 3
     assert stat.S_IMODE(os.stat(directory / "tokens.json").st_mode) == 0o600
+
+
+def test_a_cluster_coordinator_turns_on_rays_token_auth_with_an_owner_only_token(
+    directory, monkeypatch
+):
+    import sys
+
+    from mesh.coordinator import runner
+    from mesh.coordinator.settings import CoordinatorConfig
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # nothing leaks to later tests
+    for name in (runner.RAY_AUTH_MODE_VARIABLE, runner.RAY_AUTH_TOKEN_PATH_VARIABLE):
+        os.environ.pop(name, None)
+    monkeypatch.setitem(sys.modules, "ray", None)  # no Ray started in this process
+    runner.prepare_ray_environment(CoordinatorConfig(cluster_dir=str(directory)))
+    assert os.environ[runner.RAY_AUTH_MODE_VARIABLE] == "token"
+    token_path = directory / "ray-token"
+    assert os.environ[runner.RAY_AUTH_TOKEN_PATH_VARIABLE] == str(token_path)
+    assert stat.S_IMODE(token_path.stat().st_mode) == 0o600
+    assert len(token_path.read_text()) == 64
+    # An open mesh leaves Ray's authentication alone.
+    for name in (runner.RAY_AUTH_MODE_VARIABLE, runner.RAY_AUTH_TOKEN_PATH_VARIABLE):
+        del os.environ[name]
+    runner.prepare_ray_environment(CoordinatorConfig())
+    assert runner.RAY_AUTH_MODE_VARIABLE not in os.environ
