@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import grpc
@@ -143,19 +143,38 @@ async def probe_in_order(
     return best
 
 
+class Member(Protocol):
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+
+
 class Membership(Protocol):
     """Who may be a node (mesh/cluster/authority.py `MemberDirectory`)."""
 
     def refusal(self, node_id: str, name: str | None, fingerprint: str | None) -> str | None: ...
 
+    def get(self, node_id: str) -> Member | None: ...
 
-# What gRPC says when the TLS handshake fails: a peer that is not the cluster member it claims.
-_HANDSHAKE_FAILURES = ("handshake", "certificate", "peer name", "ssl", "tls")
+
+# What gRPC says when a handshake proves the peer is not the member it claims: its certificate
+# does not verify (another CA, another node's name), it refuses ours, or it does not speak TLS.
+# A connection dropped mid-handshake ("Socket closed") is no such proof: a flaky link.
+_NOT_A_MEMBER = (
+    "certificate_verify_failed",
+    "certificate verify failed",
+    "peer name",
+    "not in peer certificate",
+    "wrong_version_number",
+    "unknown_ca",
+    "bad_certificate",
+    "certificate_unknown",
+    "certificate_required",
+)
 
 
 def _handshake_failed(error: MeshError) -> bool:
     text = str(error).lower()
-    return isinstance(error, UnavailableError) and any(w in text for w in _HANDSHAKE_FAILURES)
+    return isinstance(error, UnavailableError) and any(w in text for w in _NOT_A_MEMBER)
 
 
 class GrpcProber:
@@ -237,11 +256,25 @@ class GrpcProber:
             refusal = self._members.refusal(details.node_id, details.name, None)
             if refusal is not None:
                 return ProbeResult(status=ProbeStatus.INVALID, reason=refusal)
-            if key not in self._expected:  # a static address: check the certificate's id
+            expected = self._expected.get(key)
+            if expected is None:  # a static address: check the certificate's id
                 problem = await self._check_identity(address, details.node_id, timeout_s)
                 if problem:
                     return ProbeResult(status=ProbeStatus.INVALID, reason=problem)
                 self._expected[key] = details.node_id
+                # From now on this entry's channels expect that id's certificate.
+                await self._close_channels(key)
+            elif details.node_id != expected:
+                return ProbeResult(
+                    status=ProbeStatus.INVALID,
+                    reason=f"answers as {details.node_id}, its certificate is for {expected}",
+                )
+            # The labels its join token gave are the cluster's word, not the node's.
+            member = self._members.get(details.node_id)
+            if member is not None and member.labels:
+                details = details.model_copy(
+                    update={"labels": {**details.labels, **dict(member.labels)}}
+                )
         return ProbeResult(status=ProbeStatus.OK, details=details)
 
     async def _tls_problem(self, address: str, name: str, timeout_s: float) -> str | None:
@@ -261,7 +294,12 @@ class GrpcProber:
                 timeout_s,
             )
         except ssl.SSLError as error:
-            return str(error.reason or error)[:120]
+            reason = str(error.reason or error)
+            if isinstance(error, ssl.SSLCertVerificationError) or any(
+                w in reason.lower() for w in _NOT_A_MEMBER
+            ):
+                return reason[:120]
+            return None  # EOF or a reset mid-handshake: the link, not the certificate
         except (OSError, TimeoutError, ValueError):
             return None
         writer.close()
@@ -297,6 +335,10 @@ class GrpcProber:
         finally:
             call.cancel()
         return "stream ended"
+
+    async def _close_channels(self, key: str) -> None:
+        held = self._channels.pop(key, {})
+        await asyncio.gather(*(channel.close() for channel in held.values()))
 
     async def discard(self, key: str) -> None:
         self._expected.pop(key, None)

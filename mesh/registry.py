@@ -64,6 +64,7 @@ from mesh.nodes_view import NodeSource, NodeState, NodeView
 logger = logging.getLogger("mesh.registry")
 
 EventCallback = Callable[[NodeEvent], None]
+_REFUSALS_REMEMBERED = 2_000
 
 
 class NodeRegistry:
@@ -96,7 +97,7 @@ class NodeRegistry:
         self._changed = asyncio.Event()
         self._running = False
         self._admit = admit
-        self._refused: set[tuple[str, str]] = set()
+        self._refused: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         # What was refused, newest last (each key and reason once): for the operator
         # (`GET /v1/mesh/refusals`), as a security event log.
         self.refusals: collections.deque[dict[str, object]] = collections.deque(maxlen=200)
@@ -178,8 +179,11 @@ class NodeRegistry:
 
     def _refuse(self, key: str, address: str, node_id: str | None, reason: str) -> None:
         if (key, reason) in self._refused:
+            self._refused.move_to_end((key, reason))
             return
-        self._refused.add((key, reason))
+        self._refused[(key, reason)] = None
+        if len(self._refused) > _REFUSALS_REMEMBERED:  # random names must not grow it forever
+            self._refused.popitem(last=False)
         logger.warning("ignoring %s at %s: %s", key, address, reason)
         self.refusals.append(
             {

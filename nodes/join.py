@@ -45,15 +45,27 @@ _RENEW_CHECK_S = 3600.0
 
 
 def _write_private(path: pathlib.Path, data: bytes) -> None:
+    """`data` into `path`, 0600, atomically and durably (fsync before the rename)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temporary = path.with_name(f".{path.name}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(descriptor, data)
+        os.fsync(descriptor)
     finally:
         os.close(descriptor)
     os.chmod(temporary, 0o600)
     os.replace(temporary, path)
+
+
+def _replace_pair(directory: pathlib.Path, key_pem: bytes, certificate_pem: bytes) -> None:
+    """Key and certificate replaced as a pair. Both are first written in full beside the
+    current ones (`*.next`); a crash between the two renames leaves a pair `NodeTls.load`
+    completes from `node.pem.next`."""
+    _write_private(directory / "node.key.next", key_pem)
+    _write_private(directory / "node.pem.next", certificate_pem)
+    os.replace(directory / "node.key.next", directory / "node.key")
+    os.replace(directory / "node.pem.next", directory / "node.pem")
 
 
 @dataclasses.dataclass
@@ -100,6 +112,19 @@ class NodeTls:
         }
         _write_private(self.directory / "membership.json", json.dumps(data, indent=1).encode())
 
+    def _complete_pair(self) -> None:
+        """Finish a renewal a crash interrupted (`_replace_pair`): the certificate waiting in
+        node.pem.next is the one for the key now in node.key."""
+        waiting = self.directory / "node.pem.next"
+        if not waiting.is_file() or not self.key_file.is_file():
+            return
+        key = pki.load_key(self.key_file.read_bytes())
+        if pki.load_cert(waiting.read_bytes()).public_key() == key.public_key():
+            os.replace(waiting, self.cert_file)
+        else:
+            waiting.unlink()
+        (self.directory / "node.key.next").unlink(missing_ok=True)
+
     @classmethod
     def load(cls, directory: pathlib.Path) -> NodeTls | None:
         try:
@@ -115,6 +140,7 @@ class NodeTls:
             coordinators=tuple(data.get("coordinators") or ()),
             labels={str(k): str(v) for k, v in (data.get("labels") or {}).items()},
         )
+        tls._complete_pair()
         for path in (tls.key_file, tls.cert_file, tls.ca_file):
             if not path.is_file():
                 raise ConfigError(
@@ -204,13 +230,25 @@ async def _join_at(
             ),
             timeout=_CALL_TIMEOUT_S,
         )
-    expected = pki.joined_proof(proof_key, nonce, reply.certificate_pem, info.ca_pem)
+    expected = pki.joined_proof(
+        proof_key, nonce, reply.certificate_pem, info.ca_pem, reply.cluster, dict(reply.labels)
+    )
     if not hmac.compare_digest(expected, reply.proof) or reply.ca_pem != info.ca_pem:
         raise pki.TrustError(f"the answer from {address} does not prove the token: not trusted")
-    identity = pki.check_issued(pki.load_cert(reply.certificate_pem), ca_cert)
+    _check_mine(reply.certificate_pem, ca_cert, node_id, key)
+    return reply, info.ca_pem
+
+
+def _check_mine(
+    certificate_pem: bytes, ca_cert: pki.x509.Certificate, node_id: str, key: pki.PrivateKey
+) -> None:
+    """The certificate is the CA's, for this node, and for `key`: else TrustError."""
+    cert = pki.load_cert(certificate_pem)
+    identity = pki.check_issued(cert, ca_cert)
     if identity.role != pki.ROLE_NODE or identity.identity != node_id:
         raise pki.TrustError("the certificate received is not for this node")
-    return reply, info.ca_pem
+    if cert.public_key() != key.public_key():
+        raise pki.TrustError("the certificate received is not for this node's key")
 
 
 async def join(
@@ -356,15 +394,13 @@ class Renewal:
                     reply = await cluster_pb2_grpc.ClusterServiceStub(channel).Renew(
                         request, timeout=_CALL_TIMEOUT_S
                     )
-                pki.check_issued(pki.load_cert(reply.certificate_pem), ca_cert)
+                _check_mine(reply.certificate_pem, ca_cert, self._tls.certificate().identity, key)
             except (grpc.RpcError, MeshError) as error:
                 problems.append(f"{address}: {_message(error)}")
                 continue
-            # The key first: a server reading the pair between the two writes gets the old
-            # certificate with the new key and fails that handshake, never serves a wrong pair
-            # for long (the next connection reads both again).
-            _write_private(self._tls.key_file, pki.key_pem(key))
-            _write_private(self._tls.cert_file, reply.certificate_pem)
+            # A server reading the pair between the two renames fails that one handshake; the
+            # next connection reads both again.
+            _replace_pair(self._tls.directory, pki.key_pem(key), reply.certificate_pem)
             logger.info("certificate renewed at %s", address)
             if self._on_renewed is not None:
                 result = self._on_renewed()

@@ -63,6 +63,10 @@ class Member:
     joined_unix_s: float
     labels: Mapping[str, str] = field(default_factory=dict)
     revoked_unix_s: float | None = None
+    # The certificate before the last renewal: still accepted until the node uses the new one
+    # (a renewal whose answer was lost must not lock the node out), and renewable again.
+    previous_fingerprint: str = ""
+    token_id: str = ""  # the token it joined with (a join whose answer was lost is redone)
 
     @property
     def revoked(self) -> bool:
@@ -77,6 +81,8 @@ class Member:
             "joined_unix_s": self.joined_unix_s,
             "labels": dict(self.labels),
             "revoked_unix_s": self.revoked_unix_s,
+            "previous_fingerprint": self.previous_fingerprint,
+            "token_id": self.token_id,
         }
 
     @classmethod
@@ -91,6 +97,8 @@ class Member:
             revoked_unix_s=(
                 None if data.get("revoked_unix_s") is None else float(data["revoked_unix_s"])
             ),
+            previous_fingerprint=str(data.get("previous_fingerprint") or ""),
+            token_id=str(data.get("token_id") or ""),
         )
 
 
@@ -244,11 +252,11 @@ class ClusterAuthority:
         with self._locked():
             data = self._read(MEMBERS)
             members = data.setdefault("members", {})
-            matches = [
-                k
-                for k, v in members.items()
-                if node in (k, v.get("name")) and not v.get("revoked_unix_s")
-            ]
+            live = {k: v for k, v in members.items() if not v.get("revoked_unix_s")}
+            # An exact node id wins over names (a name may not be another member's id anyway).
+            matches = (
+                [node] if node in live else [k for k, v in live.items() if v.get("name") == node]
+            )
             if not matches:
                 raise NotFoundError(f"no member {node!r} (see `mesh cluster nodes`)")
             if len(matches) > 1:
@@ -291,22 +299,31 @@ class ClusterAuthority:
             now = self._clock()
             if entry["expires_unix_s"] <= now:
                 raise TrustError("the join token has expired: make a new one")
-            if entry.get("uses_left") == 0:
-                raise TrustError("the join token has been used up: make a new one")
             data = self._read(MEMBERS)
             members = data.setdefault("members", {})
+            redo = False  # the same node's join again, its answer lost: no use spent
             for node_id, other in members.items():
                 if other.get("revoked_unix_s"):
                     continue
                 if node_id == request.node_id:
+                    if other.get("name") == request.node_name and (
+                        other.get("token_id") == request.token_id
+                        or float(other.get("not_after_unix_s", 0)) <= now
+                    ):
+                        # The same node with the same token (its answer was lost), or one whose
+                        # certificate expired: it joins again, and the old certificate is void.
+                        redo = other.get("token_id") == request.token_id
+                        continue
                     raise AlreadyMemberError(
                         f"node id {request.node_id} is already a member; revoke it first "
                         "(`mesh cluster revoke`) to join again"
                     )
-                if other.get("name") == request.node_name:
+                if request.node_name in (other.get("name"), node_id):
                     raise AlreadyMemberError(
                         f"node name {request.node_name!r} is taken by member {node_id}"
                     )
+            if entry.get("uses_left") == 0 and not redo:
+                raise TrustError("the join token has been used up: make a new one")
             cert = pki.issue(
                 self._ca_key(),
                 self.ca_cert,
@@ -323,8 +340,9 @@ class ClusterAuthority:
                 not_after_unix_s=cert.not_valid_after_utc.timestamp(),
                 joined_unix_s=now,
                 labels=labels,
+                token_id=request.token_id,
             ).to_json()
-            if entry.get("uses_left") is not None:
+            if entry.get("uses_left") is not None and not redo:
                 entry["uses_left"] -= 1
             self._write(TOKENS, tokens)
             self._write(MEMBERS, data)
@@ -336,7 +354,12 @@ class ClusterAuthority:
             cluster=self.name,
             labels=labels,
             proof=pki.joined_proof(
-                pki.proof_key_from_hash(expected_hash), request.nonce, certificate_pem, self.ca_pem
+                pki.proof_key_from_hash(expected_hash),
+                request.nonce,
+                certificate_pem,
+                self.ca_pem,
+                self.name,
+                labels,
             ),
             not_after_unix_s=cert.not_valid_after_utc.timestamp(),
         )
@@ -358,8 +381,18 @@ class ClusterAuthority:
             entry = data.get("members", {}).get(identity.identity)
             if entry is None or entry.get("revoked_unix_s"):
                 raise TrustError(f"node {identity.identity} is not a member (revoked?)")
-            if entry.get("fingerprint") != identity.fingerprint:
+            if identity.fingerprint not in (
+                entry.get("fingerprint"),
+                entry.get("previous_fingerprint"),
+            ):
                 raise TrustError("that certificate was replaced already")
+            # Renewing from the previous certificate: the last answer was lost; the
+            # certificate issued then is dropped, the previous one stays the fallback.
+            previous = (
+                identity.fingerprint
+                if identity.fingerprint == entry.get("previous_fingerprint")
+                else entry.get("fingerprint")
+            )
             cert = pki.issue(
                 self._ca_key(),
                 self.ca_cert,
@@ -368,6 +401,7 @@ class ClusterAuthority:
                 identity=identity.identity,
                 lifetime=NODE_CERT_LIFETIME,
             )
+            entry["previous_fingerprint"] = previous
             entry["fingerprint"] = pki.fingerprint(cert)
             entry["not_after_unix_s"] = cert.not_valid_after_utc.timestamp()
             self._write(MEMBERS, data)
@@ -437,7 +471,10 @@ class MemberDirectory:
             return (
                 f"node {node_id} advertises name {name!r}, its certificate is for {member.name!r}"
             )
-        if fingerprint is not None and fingerprint != member.fingerprint:
+        if fingerprint is not None and fingerprint not in (
+            member.fingerprint,
+            member.previous_fingerprint or member.fingerprint,
+        ):
             return f"node {node_id} advertises a certificate that is not its current one"
         return None
 

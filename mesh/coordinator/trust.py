@@ -69,10 +69,10 @@ class ClusterTrust:
         while True:
             try:
                 if self.members.refresh():
-                    revoked = self.members.revoked() - dropped
-                    if revoked:
-                        registry.evict(revoked, "revoked")
-                        dropped |= revoked
+                    revoked = self.members.revoked()
+                    if revoked - dropped:
+                        registry.evict(revoked - dropped, "revoked")
+                    dropped = revoked  # an id that joins again and is revoked again: again
             except Exception:  # a damaged members.json: keep the last view, say so
                 logger.exception("reading the cluster's members failed")
             await asyncio.sleep(REVOCATION_CHECK_S)

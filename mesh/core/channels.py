@@ -225,12 +225,19 @@ class PeerGuard(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap(handler.unary_unary, False))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._wrap(handler.unary_stream, True))
+        # Every kind of call, client-streaming ones included (reflection's is bidirectional):
+        # the first argument is the request or the request iterator, guarded alike.
+        for kind, streaming in (
+            ("unary_unary", False),
+            ("unary_stream", True),
+            ("stream_unary", False),
+            ("stream_stream", True),
+        ):
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                return handler._replace(**{kind: self._wrap(behaviour, streaming)})
         return handler
 
 

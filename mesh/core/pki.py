@@ -23,9 +23,11 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import json
 import re
 import secrets
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -346,8 +348,18 @@ def join_proof(
     return hmac.new(secret, message, hashlib.sha256).digest()
 
 
-def joined_proof(secret: bytes, nonce: bytes, certificate_pem: bytes, ca_pem: bytes) -> bytes:
-    message = _framed("edgemesh-joined-v1", nonce, certificate_pem, ca_pem)
+def joined_proof(
+    secret: bytes,
+    nonce: bytes,
+    certificate_pem: bytes,
+    ca_pem: bytes,
+    cluster: str,
+    labels: Mapping[str, str],
+) -> bytes:
+    """The coordinator's answer proved: everything in it the node keeps (certificate, CA,
+    cluster name, the token's labels), bound to the node's nonce."""
+    label_text = json.dumps(dict(labels), sort_keys=True, separators=(",", ":"))
+    message = _framed("edgemesh-joined-v2", nonce, certificate_pem, ca_pem, cluster, label_text)
     return hmac.new(secret, message, hashlib.sha256).digest()
 
 

@@ -114,6 +114,19 @@ def test_a_node_joins_serves_mtls_only_and_is_probed_as_its_id(cluster, tmp_path
                     with pytest.raises(MeshError) as refused:
                         await peer.describe(timeout_s=2)
                 assert refused.value.fields.get("grpc_code") == "PERMISSION_DENIED"
+                # ... nor use a client-streaming call (reflection's is bidirectional).
+                from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+                async with create_channel(daemon.address, node_security) as channel:
+                    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+                    call = stub.ServerReflectionInfo(
+                        iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                        timeout=3,
+                    )
+                    with pytest.raises(grpc.RpcError) as reflected:
+                        async for _ in call:
+                            pass
+                assert reflected.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
                 # Revoked: the prober refuses it as soon as members.json says so.
                 authority.revoke("till-1")

@@ -93,7 +93,21 @@ def test_join_signs_a_certificate_for_the_id_and_spends_the_token(directory):
     assert pki.node_name("abc123") in names.get_values_for_type(pki.x509.DNSName)
     # The node can check the answer: the proof is keyed by the token it holds.
     expected = pki.joined_proof(
-        pki.proof_key(token.secret), request.nonce, reply.certificate_pem, reply.ca_pem
+        pki.proof_key(token.secret),
+        request.nonce,
+        reply.certificate_pem,
+        reply.ca_pem,
+        "store",
+        {"site": "s1"},
+    )
+    # Cluster and labels are covered: a relay cannot change them.
+    assert reply.proof != pki.joined_proof(
+        pki.proof_key(token.secret),
+        request.nonce,
+        reply.certificate_pem,
+        reply.ca_pem,
+        "store",
+        {"site": "s2"},
     )
     assert reply.proof == expected and dict(reply.labels) == {"site": "s1"}
     again, _ = join_request(token, "def456", "till-2")
@@ -196,16 +210,53 @@ def test_renewal_is_due_in_the_last_third_and_replaces_key_and_certificate(direc
     )
     new_fp = pki.identity_of_pem(renewed.certificate_pem).fingerprint
     assert authority.members()["a1"].fingerprint == new_fp
-    # The old certificate cannot renew twice, nor after a revocation.
-    with pytest.raises(TrustError, match="replaced"):
-        authority.renew(
+
+    def renew_from(pem: bytes, signer: pki.PrivateKey) -> cluster_pb2.JoinResponse:
+        csr = pki.csr_for(pki.new_key(), "a1")
+        return authority.renew(
             cluster_pb2.RenewRequest(
-                certificate_pem=reply.certificate_pem,
+                certificate_pem=pem,
                 csr_der=csr,
                 unix_s=now,
-                signature=pki.sign(key, pki.renew_message(now, csr)),
+                signature=pki.sign(signer, pki.renew_message(now, csr)),
             )
         )
+
+    # The answer was lost: the node, still holding the first certificate, renews again (and
+    # stays acceptable meanwhile); the certificate it never received is void from then on.
+    members = MemberDirectory(authority, recheck_s=0.0)
+    first_fp = pki.identity_of_pem(reply.certificate_pem).fingerprint
+    assert members.refusal("a1", "kiosk", first_fp) is None
+    again = renew_from(reply.certificate_pem, key)
+    assert (
+        authority.members()["a1"].fingerprint
+        == pki.identity_of_pem(again.certificate_pem).fingerprint
+    )
+    with pytest.raises(TrustError, match="replaced"):
+        renew_from(renewed.certificate_pem, new_key)
+    authority.revoke("a1")
+    with pytest.raises(TrustError, match="not a member"):
+        renew_from(reply.certificate_pem, key)
+
+
+def test_a_lost_join_answer_or_an_expired_certificate_allows_joining_again(directory):
+    clock = Clock(datetime.datetime.now(datetime.UTC).timestamp())
+    authority = ClusterAuthority(directory, clock=clock)
+    token = authority.create_token(ttl_s=600, uses=1)
+    authority.join(join_request(token, "a1", "kiosk")[0])
+    # The same node and token again (its answer was lost): served, no use spent.
+    authority.join(join_request(token, "a1", "kiosk")[0])
+    with pytest.raises(TrustError, match="used up"):
+        authority.join(join_request(token, "b2", "till")[0])
+    # Another token, same node, certificate still valid: refused; expired: joins again.
+    other = authority.create_token(ttl_s=10**8)
+    with pytest.raises(AlreadyMemberError):
+        authority.join(join_request(other, "a1", "kiosk")[0])
+    clock.now = authority.members()["a1"].not_after_unix_s + 1
+    authority.join(join_request(other, "a1", "kiosk")[0])
+    # A name may not be another member's id (revocation by id stays unambiguous).
+    with pytest.raises(AlreadyMemberError, match="taken"):
+        authority.join(join_request(other, "c3", "a1")[0])
 
 
 def test_tokens_json_keeps_no_secret(directory):
@@ -241,3 +292,56 @@ def test_a_cluster_coordinator_turns_on_rays_token_auth_with_an_owner_only_token
         del os.environ[name]
     runner.prepare_ray_environment(CoordinatorConfig())
     assert runner.RAY_AUTH_MODE_VARIABLE not in os.environ
+
+
+def test_only_a_certificate_problem_counts_as_not_a_member():
+    from mesh.core.errors import UnavailableError
+    from mesh.health import _handshake_failed
+
+    proof = (
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:1.2.3.4:5: Tls handshake "
+        "failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:"
+        "OPENSSL_internal:WRONG_VERSION_NUMBER",
+        "Peer name 0123.node.edgemesh is not in peer certificate",
+        "Handshake failed with error SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED",
+    )
+    flaky = (
+        "failed to connect to all addresses; last error: UNAVAILABLE: Handshake read failed "
+        "(Socket closed)",
+        "Connection reset by peer",
+    )
+    assert all(_handshake_failed(UnavailableError(text)) for text in proof)
+    assert not any(_handshake_failed(UnavailableError(text)) for text in flaky)
+
+
+def test_a_renewal_cut_between_its_two_renames_is_completed_at_load(directory, tmp_path):
+    from nodes.join import _replace_pair
+
+    authority = ClusterAuthority(directory)
+    token = authority.create_token(ttl_s=60)
+    request, key = join_request(token, "a1", "kiosk")
+    reply = authority.join(request)
+    tls_dir = tmp_path / "tls"
+    tls = NodeTls(tls_dir, "store", authority.ca_fingerprint, (), {})
+    tls_dir.mkdir()
+    (tls_dir / "ca.pem").write_bytes(reply.ca_pem)
+    _replace_pair(tls_dir, pki.key_pem(key), reply.certificate_pem)
+    tls.save()
+    # A renewal that got as far as the key: the new certificate still waits in node.pem.next.
+    new_key = pki.new_key()
+    new_cert = pki.cert_pem(
+        pki.issue(
+            pki.load_key((directory / "ca.key").read_bytes()),
+            authority.ca_cert,
+            new_key.public_key(),
+            role=pki.ROLE_NODE,
+            identity="a1",
+            lifetime=datetime.timedelta(days=1),
+        )
+    )
+    (tls_dir / "node.pem.next").write_bytes(new_cert)
+    (tls_dir / "node.key").write_bytes(pki.key_pem(new_key))
+    loaded = NodeTls.load(tls_dir)
+    assert loaded is not None
+    assert loaded.cert_file.read_bytes() == new_cert
+    assert not (tls_dir / "node.pem.next").exists()
