@@ -59,6 +59,7 @@ _HTTP_STATUS = {
     "INVALID_ARGUMENT": (400, "invalid_request_error"),
     "UNAUTHENTICATED": (401, "authentication_error"),
     "NOT_FOUND": (404, "not_found_error"),
+    "ALREADY_EXISTS": (409, "conflict_error"),
     "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
     "DEADLINE_EXCEEDED": (504, "timeout_error"),
     "PERMISSION_DENIED": (403, "permission_error"),

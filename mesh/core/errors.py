@@ -49,6 +49,12 @@ class NotFoundError(MeshError):
     grpc_code_name = "NOT_FOUND"
 
 
+class AlreadyExistsError(MeshError):
+    """The name is taken (e.g. a task id another API key's task holds); choose another."""
+
+    grpc_code_name = "ALREADY_EXISTS"
+
+
 class OverloadedError(MeshError):
     """No capacity left now (queue full); retry later or elsewhere."""
 
@@ -127,6 +133,7 @@ _BY_CODE_NAME: dict[str, type[MeshError]] = {
     "INVALID_ARGUMENT": InvalidRequestError,
     "OUT_OF_RANGE": InvalidRequestError,
     "NOT_FOUND": NotFoundError,
+    "ALREADY_EXISTS": AlreadyExistsError,
     "RESOURCE_EXHAUSTED": OverloadedError,
     "UNAVAILABLE": UnavailableError,
     "DEADLINE_EXCEEDED": DeadlineExceededError,
@@ -144,6 +151,7 @@ _BY_KIND: dict[str, type[MeshError]] = {
         MeshError,
         InvalidRequestError,
         NotFoundError,
+        AlreadyExistsError,
         OverloadedError,
         RateLimitedError,
         UnavailableError,

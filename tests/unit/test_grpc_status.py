@@ -71,6 +71,7 @@ def test_a_failed_tasks_attempts_survive_the_wire(cls):
         errors.MeshError,
         errors.InvalidRequestError,
         errors.NotFoundError,
+        errors.AlreadyExistsError,
         errors.OverloadedError,
         errors.UnavailableError,
         errors.CancelledError,
