@@ -272,8 +272,8 @@ class LocalDirectory:
     def __init__(self, directory: TaskDirectory) -> None:
         self.directory = directory
 
-    async def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim:
-        return self.directory.claim(key, token, task_id, ttl_s)
+    async def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float, owner: str) -> Claim:
+        return self.directory.claim(key, token, task_id, ttl_s, owner)
 
     async def settle(self, key: str, token: str, outcome: Outcome) -> None:
         self.directory.settle(key, token, outcome)
@@ -284,5 +284,5 @@ class LocalDirectory:
     async def publish(self, records: list[TaskRecord]) -> None:
         self.directory.publish(records)
 
-    async def record(self, task_id: str) -> TaskRecord | None:
-        return self.directory.record(task_id)
+    async def record(self, task_id: str, reader: str | None) -> TaskRecord | None:
+        return self.directory.record(task_id, reader)

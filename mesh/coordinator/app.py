@@ -140,8 +140,8 @@ class NodeTableOwner:
 
     # The TaskDirectory, for dispatcher replicas (mesh/coordinator/shared_tasks.py).
 
-    def claim_task(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim:
-        return self.tasks.claim(key, token, task_id, ttl_s)
+    def claim_task(self, key: str, token: str, task_id: TaskId, ttl_s: float, owner: str) -> Claim:
+        return self.tasks.claim(key, token, task_id, ttl_s, owner)
 
     def settle_task(self, key: str, token: str, outcome: Outcome) -> None:
         self.tasks.settle(key, token, outcome)
@@ -152,8 +152,8 @@ class NodeTableOwner:
     def publish_tasks(self, records: list[TaskRecord]) -> None:
         self.tasks.publish(records)
 
-    def task_record(self, task_id: str) -> TaskRecord | None:
-        return self.tasks.record(task_id)
+    def task_record(self, task_id: str, reader: str | None) -> TaskRecord | None:
+        return self.tasks.record(task_id, reader)
 
     def refusals(self) -> list[dict[str, object]]:
         """Nodes refused (not members, failed handshakes, revoked...), newest last."""
@@ -214,8 +214,8 @@ class _OwnerDirectory:
     def __init__(self, owner: DeploymentHandle) -> None:
         self._owner = owner
 
-    async def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim:
-        return await self._owner.claim_task.remote(key, token, task_id, ttl_s)
+    async def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float, owner: str) -> Claim:
+        return await self._owner.claim_task.remote(key, token, task_id, ttl_s, owner)
 
     async def settle(self, key: str, token: str, outcome: Outcome) -> None:
         await self._owner.settle_task.remote(key, token, outcome)
@@ -226,8 +226,8 @@ class _OwnerDirectory:
     async def publish(self, records: list[TaskRecord]) -> None:
         await self._owner.publish_tasks.remote(records)
 
-    async def record(self, task_id: str) -> TaskRecord | None:
-        return await self._owner.task_record.remote(task_id)
+    async def record(self, task_id: str, reader: str | None) -> TaskRecord | None:
+        return await self._owner.task_record.remote(task_id, reader)
 
 
 class _ReplicaServer(uvicorn.Server):

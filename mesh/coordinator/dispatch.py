@@ -234,16 +234,21 @@ class Dispatcher:
             raise UnavailableError("the coordinator is shutting down")
         return True
 
-    async def describe_task(self, task_id: str) -> TaskRecord:
-        """The task's record, from this replica's ledger or, with several replicas, any's."""
+    async def describe_task(self, task_id: str, *, reader: str | None = None) -> TaskRecord:
+        """The task's record, from this replica's ledger or, with several replicas, any's.
+        `reader`: the API key asking (its name); another key's task is not found. None: any
+        task (an open mesh)."""
         if self.shared is not None:
-            return await self.shared.record(task_id)
-        return self.ledger.record(task_id)
+            return await self.shared.record(task_id, reader)
+        return self.ledger.record(task_id, reader)
 
-    async def trace(self, task_id: str) -> tuple[str, list[SpanRecord]]:
+    async def trace(
+        self, task_id: str, *, reader: str | None = None
+    ) -> tuple[str, list[SpanRecord]]:
         """(trace id, spans) of a task this replica ran: its own spans and those the nodes of
-        its attempts still keep. NotFoundError for a task it does not know or did not trace."""
-        entry = self.ledger.entry(task_id)
+        its attempts still keep. NotFoundError for a task it does not know or did not trace,
+        or that is not `reader`'s (as `describe_task`)."""
+        entry = self.ledger.entry(task_id, reader)
         if entry is None or not entry.trace_id:
             raise NotFoundError(
                 f"no trace of task {quoted(task_id, 64)} here (unknown, not sampled, or "

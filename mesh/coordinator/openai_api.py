@@ -45,7 +45,7 @@ from mesh.coordinator.tasks import (
     check_max_tokens,
 )
 from mesh.core.bounds import DEFAULT_MAX_MESSAGES, check_message_count
-from mesh.core.caller import current_caller
+from mesh.core.caller import current_caller, reader_of
 from mesh.core.errors import InvalidRequestError, MeshError
 from mesh.core.grpc_status import retry_after_header
 from mesh.core.untrusted import printable, quoted
@@ -403,9 +403,10 @@ def build_openai_app(
 
     @app.get("/v1/mesh/traces/{task_id}", response_model=None)
     async def task_trace(task_id: str) -> JSONResponse:
-        """The task's span tree as flat spans (parent ids link them), oldest first."""
+        """The task's span tree as flat spans (parent ids link them), oldest first; 404 for
+        another API key's task."""
         try:
-            trace_id, spans = await dispatcher.trace(task_id)
+            trace_id, spans = await dispatcher.trace(task_id, reader=reader_of(current_caller()))
         except MeshError as error:
             return error_response(error)
         return JSONResponse(

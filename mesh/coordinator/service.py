@@ -41,7 +41,7 @@ from mesh.core.bounds import (
     check_caller_id,
     check_message_count,
 )
-from mesh.core.caller import CALLER, Caller
+from mesh.core.caller import CALLER, Caller, reader_of
 from mesh.core.channels import add_server_port, create_server
 from mesh.core.decoding import undecodable_error
 from mesh.core.errors import (
@@ -354,10 +354,13 @@ class MeshHandlers:
     async def describe_task(
         self, request: mesh_pb2.DescribeTaskRequest, *, caller: Caller | None = None
     ) -> mesh_pb2.TaskRecord:
+        """The task's record; NOT_FOUND for another API key's task (its existence is not the
+        caller's to learn)."""
         self._check_caller(caller)
         _raise_if_undecodable(request)
         check_caller_id("task_id", request.task_id, MAX_TASK_ID_CHARS)
-        return record_to_proto(await self.dispatcher.describe_task(request.task_id))
+        record = await self.dispatcher.describe_task(request.task_id, reader=reader_of(caller))
+        return record_to_proto(record)
 
 
 def _raise_if_undecodable(request: object) -> None:

@@ -16,7 +16,9 @@ With several, the node-table owner also keeps a `TaskDirectory`, and each dispat
 - A claim is named by a token the claimant makes up, not by the task id: a caller-chosen task
   id is the same on every replica it is sent to.
 - Every replica publishes its tasks' records (when they start and when they end) in batches,
-  so DescribeTask answers wherever it lands.
+  so DescribeTask answers wherever it lands, to the API key whose task it is.
+- A task id is one API key's (the claim names its owner): another key's claim of that id is
+  refused (ALREADY_EXISTS), so one id never names two keys' tasks on any replica.
 
 A claim costs one call to the owner per keyed task; tasks without a key cost nothing more
 than their share of a batched publish.
@@ -43,8 +45,16 @@ from mesh.coordinator.tasks import (
     TaskSpec,
     TaskState,
     caller_error,
+    readable,
+    task_id_taken,
 )
-from mesh.core.errors import DeadlineExceededError, MeshError, NotFoundError, UnavailableError
+from mesh.core.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    MeshError,
+    NotFoundError,
+    UnavailableError,
+)
 from mesh.core.ids import TaskId
 
 logger = logging.getLogger("mesh.coordinator")
@@ -61,6 +71,7 @@ class Claim:
     granted: bool
     token: str  # the claim that holds the key: the claimant's own when granted
     task_id: TaskId  # the task that holds the key
+    in_use: bool = False  # refused: the task id is another API key's task's
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,16 +114,23 @@ class TaskDirectory:
         self._clock = clock
         self._claims: OrderedDict[str, _Held] = OrderedDict()
         self._records: OrderedDict[TaskId, TaskRecord] = OrderedDict()
+        # Task id -> the API key whose task holds it, from claims and records (both bounded).
+        self._owners: OrderedDict[TaskId, str] = OrderedDict()
 
     def __len__(self) -> int:
         """Claims held (running, or finished and kept to answer repeats)."""
         return len(self._claims)
 
-    def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim:
+    def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float, owner: str = "") -> Claim:
+        """Claim `key` for task `task_id` of API key `owner` ("": an open mesh). Refused
+        (`in_use`) when another key's task holds that id."""
+        if self._owners.get(task_id, owner) != owner:
+            return Claim(granted=False, token="", task_id=task_id, in_use=True)
         held = self._current(key)
         if held is not None:
             return Claim(granted=False, token=held.token, task_id=held.task_id)
         self._claims[key] = _Held(token, task_id, self._clock() + ttl_s)
+        self._own(task_id, owner)
         self._trim_claims()
         return Claim(granted=True, token=token, task_id=task_id)
 
@@ -144,13 +162,26 @@ class TaskDirectory:
 
     def publish(self, records: list[TaskRecord]) -> None:
         for record in records:
+            if self._owners.get(record.task_id, record.owner) != record.owner:
+                continue  # never over another key's task (its claim refuses that id)
             self._records[record.task_id] = record
             self._records.move_to_end(record.task_id)
+            self._own(record.task_id, record.owner)
         while len(self._records) > self.max_tasks:
             self._records.popitem(last=False)
 
-    def record(self, task_id: str) -> TaskRecord | None:
-        return self._records.get(TaskId(task_id))
+    def record(self, task_id: str, reader: str | None = None) -> TaskRecord | None:
+        """The task's published record; None when unknown, or not `reader`'s (an API key's
+        name; None: any task's)."""
+        record = self._records.get(TaskId(task_id))
+        return record if record is not None and readable(record.owner, reader) else None
+
+    def _own(self, task_id: TaskId, owner: str) -> None:
+        """Note `owner` as the holder of `task_id`, as long as a claim or a record may name it."""
+        self._owners[task_id] = owner
+        self._owners.move_to_end(task_id)
+        while len(self._owners) > 2 * self.max_tasks:
+            self._owners.popitem(last=False)
 
     def _current(self, key: str) -> _Held | None:
         """The claim on `key`, after letting it lapse if its holder has been silent too long."""
@@ -192,11 +223,13 @@ def _kept(outcome: Outcome) -> bool:
 class DirectoryClient(Protocol):
     """How a replica reaches the TaskDirectory (through Ray in the app, directly in tests)."""
 
-    async def claim(self, key: str, token: str, task_id: TaskId, ttl_s: float) -> Claim: ...
+    async def claim(
+        self, key: str, token: str, task_id: TaskId, ttl_s: float, owner: str
+    ) -> Claim: ...
     async def settle(self, key: str, token: str, outcome: Outcome) -> None: ...
     async def outcome(self, key: str, token: str, wait_s: float) -> Outcome | None: ...
     async def publish(self, records: list[TaskRecord]) -> None: ...
-    async def record(self, task_id: str) -> TaskRecord | None: ...
+    async def record(self, task_id: str, reader: str | None) -> TaskRecord | None: ...
 
 
 class SharedTasks:
@@ -219,7 +252,8 @@ class SharedTasks:
     async def claim_or_wait(self, task: TaskSpec, entry: LedgerEntry) -> TaskSpec | None:
         """Claim `entry`'s key. None when another replica ran or runs it: `entry` is then
         settled with that run's outcome. Else the task to run here, its deadline less the time
-        spent waiting for another replica."""
+        spent waiting for another replica. AlreadyExistsError when the task id is another API
+        key's task's: `entry` is then forgotten, as if it had never begun here."""
         if not entry.key:
             return task
         deadline_s = task.deadline_s or self._default_deadline_s
@@ -230,6 +264,8 @@ class SharedTasks:
             while True:
                 left = deadline_s - (time.monotonic() - began)
                 claim = await self._claim(entry.key, task, ttl_s=left + _CLAIM_GRACE_S)
+                if claim.in_use:
+                    raise task_id_taken(task.task_id)
                 if claim.granted:
                     self._waiters.discard(id(entry))
                     self._held[id(entry)] = (entry.key, claim.token)
@@ -252,14 +288,17 @@ class SharedTasks:
             raise
         except MeshError as error:
             self._ledger.fail(entry, error, ())
+            if isinstance(error, AlreadyExistsError):
+                self._ledger.forget(entry)  # the id is not this key's, here either
             raise
 
-    async def record(self, task_id: str) -> TaskRecord:
-        """A task's record from this replica's ledger, else from what the replicas published."""
+    async def record(self, task_id: str, reader: str | None = None) -> TaskRecord:
+        """A task's record from this replica's ledger, else from what the replicas published;
+        NotFoundError as well when it is not `reader`'s (an API key's name; None: any)."""
         try:
-            return self._ledger.record(task_id)
+            return self._ledger.record(task_id, reader)
         except NotFoundError:
-            published = await self._call(self._directory.record(task_id))
+            published = await self._call(self._directory.record(task_id, reader))
             if published is None:
                 raise
             return published
@@ -282,7 +321,7 @@ class SharedTasks:
         claim is released as soon as its answer comes, so nobody waits on it."""
         token = uuid.uuid4().hex
         call = asyncio.ensure_future(
-            _awaited(self._directory.claim(key, token, task.task_id, ttl_s))
+            _awaited(self._directory.claim(key, token, task.task_id, ttl_s, task.owner))
         )
         try:
             return await self._call(asyncio.shield(call))

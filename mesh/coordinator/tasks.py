@@ -24,7 +24,7 @@ from mesh.core.bounds import (
     check_message_count,
     check_prompt_bytes,
 )
-from mesh.core.errors import InvalidRequestError, MeshError, NotFoundError
+from mesh.core.errors import AlreadyExistsError, InvalidRequestError, MeshError, NotFoundError
 from mesh.core.ids import NodeId, TaskId, new_task_id
 from mesh.core.untrusted import check_seed, quoted
 
@@ -118,7 +118,8 @@ class TaskSpec:
     traceparent: str = ""  # the caller's W3C trace context: the task's trace continues it
     session: str = ""  # the caller's conversation (OpenAI `user`): routing affinity only
     # The API key that asked (its name; "": an open mesh): another key's idempotency key or
-    # task id never answers this one's task with that key's answer.
+    # task id never answers this one's task with that key's answer, and only this key may
+    # read the task back (`TaskLedger.record`).
     owner: str = ""
 
     @property
@@ -159,13 +160,22 @@ class TaskResult:
 
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
-    """What `DescribeTask` answers."""
+    """What `DescribeTask` answers; `owner` (not sent to callers) is the API key whose task it
+    is ("": an open mesh)."""
 
     task_id: TaskId
     state: TaskState
     attempts: tuple[AttemptRecord, ...] = ()
     result: TaskResult | None = None
     error: str = ""
+    owner: str = ""
+
+
+def readable(owner: str, reader: str | None) -> bool:
+    """Whether `reader` (an API key's name; None: nobody is asking as a key, an open mesh) may
+    see a task of `owner`. Another key's task is not found rather than forbidden: its
+    existence is not the reader's to learn."""
+    return reader is None or reader == owner
 
 
 class LedgerEntry:
@@ -175,15 +185,17 @@ class LedgerEntry:
         "error",
         "future",
         "key",
+        "owner",
         "result",
         "state",
         "task_id",
         "trace_id",
     )
 
-    def __init__(self, task_id: TaskId, key: str) -> None:
+    def __init__(self, task_id: TaskId, key: str, owner: str = "") -> None:
         self.task_id = task_id
         self.key = key
+        self.owner = owner  # the API key that asked ("": an open mesh)
         self.state = TaskState.RUNNING
         self.attempts: tuple[AttemptRecord, ...] = ()
         self.result: TaskResult | None = None
@@ -204,8 +216,10 @@ def _consume(future: asyncio.Future[TaskResult]) -> None:
 class TaskLedger:
     """Task id -> record, bounded: the oldest finished tasks are forgotten first.
 
-    Also the idempotency index: a repeated key finds the running or finished task.
-    Used from one event loop.
+    Also the idempotency index: a repeated key finds the running or finished task. A task id
+    belongs to the API key whose task holds it: another key's task with that id is refused
+    (`begin`), and another key's reads find nothing (`record`, `entry`). Used from one event
+    loop.
     """
 
     def __init__(
@@ -230,16 +244,26 @@ class TaskLedger:
         return len(self._entries)
 
     def find(self, key: str) -> LedgerEntry | None:
+        """The task that holds idempotency key `key` (it names its owner: `dedup_key`)."""
         if not key:
             return None
         task_id = self._by_key.get(key)
-        return self._entries.get(task_id) if task_id is not None else None
+        entry = self._entries.get(task_id) if task_id is not None else None
+        return entry if entry is not None and entry.key == key else None
 
     def begin(self, task: TaskSpec) -> LedgerEntry:
-        entry = LedgerEntry(task.task_id, task.dedup_key)
-        earlier = self._entries.pop(task.task_id, None)  # a retry of a task that failed
-        if earlier is not None and earlier.state is not TaskState.RUNNING:
-            self._finished -= 1
+        """A new entry for `task`; AlreadyExistsError when its (caller-chosen) id is another
+        API key's task's: one id never names two keys' tasks (nodes key a task's side effects
+        by its id), and a repeat of the first key's never finds the second's."""
+        earlier = self._entries.get(task.task_id)
+        if earlier is not None and earlier.owner != task.owner:
+            raise task_id_taken(task.task_id)
+        entry = LedgerEntry(task.task_id, task.dedup_key, task.owner)
+        if earlier is not None:  # a retry of a task that failed
+            del self._entries[task.task_id]
+            self._forget_key(earlier)
+            if earlier.state is not TaskState.RUNNING:
+                self._finished -= 1
         self._entries[task.task_id] = entry
         if entry.key:
             self._by_key[entry.key] = task.task_id
@@ -275,6 +299,14 @@ class TaskLedger:
         self._forget_key(entry)
         self._finish(entry)
 
+    def forget(self, entry: LedgerEntry) -> None:
+        """Drop `entry` and its key at once: a task refused before it began anywhere."""
+        if self._entries.get(entry.task_id) is entry:
+            del self._entries[entry.task_id]
+            if entry.state is not TaskState.RUNNING:
+                self._finished -= 1
+        self._forget_key(entry)
+
     def _forget_key(self, entry: LedgerEntry) -> None:
         if entry.key and self._by_key.get(entry.key) == entry.task_id:
             del self._by_key[entry.key]
@@ -294,11 +326,15 @@ class TaskLedger:
                 del self._by_key[oldest.key]
             self._finished -= 1
 
-    def entry(self, task_id: str) -> LedgerEntry | None:
-        return self._entries.get(TaskId(task_id))
-
-    def record(self, task_id: str) -> TaskRecord:
+    def entry(self, task_id: str, reader: str | None = None) -> LedgerEntry | None:
+        """The task's entry; None when unknown, or when `reader` (an API key's name) is not its
+        owner (None: any task)."""
         entry = self._entries.get(TaskId(task_id))
+        return entry if entry is not None and readable(entry.owner, reader) else None
+
+    def record(self, task_id: str, reader: str | None = None) -> TaskRecord:
+        """What DescribeTask answers; NotFoundError when unknown here, or not `reader`'s."""
+        entry = self.entry(task_id, reader)
         if entry is None:
             raise NotFoundError(
                 f"task {quoted(task_id)} is not known here: it never ran, was forgotten (the ledger keeps "
@@ -323,6 +359,7 @@ class TaskLedger:
             attempts=attempts,
             result=entry.result,
             error=str(entry.error or ""),
+            owner=entry.owner,
         )
 
     def close(self) -> None:
@@ -331,6 +368,14 @@ class TaskLedger:
                 entry.future.cancel()
         self._entries.clear()
         self._by_key.clear()
+
+
+def task_id_taken(task_id: str) -> AlreadyExistsError:
+    return AlreadyExistsError(
+        f"task id {quoted(task_id)} is already in use; choose another "
+        "(or send none: the mesh makes one up)",
+        task_id=task_id,
+    )
 
 
 def build_task(

@@ -31,3 +31,10 @@ CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("mesh_cal
 
 def current_caller() -> Caller | None:
     return CALLER.get()
+
+
+def reader_of(caller: Caller | None) -> str | None:
+    """Whose tasks `caller` may read back (DescribeTask, traces, the dashboard): its key's,
+    by the name they are kept under (`TaskSpec.owner`). None without a caller (an open mesh):
+    every task."""
+    return caller.key_name if caller is not None else None

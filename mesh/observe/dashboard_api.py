@@ -6,6 +6,8 @@
     GET /dashboard/api/tasks/{id}  one task's attempts and steps
 
 The task view also asks `/v1/mesh/traces/{id}` for the task's span tree (404: no trace).
+With API keys, a key sees its own tasks only: the state lists them, and another key's task is
+not found (404), as in DescribeTask; the nodes are everyone's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,10 +26,12 @@ from fastapi.staticfiles import StaticFiles
 from mesh.coordinator.dispatch import Dispatcher
 from mesh.coordinator.pool import NodeRow
 from mesh.coordinator.tasks import LedgerEntry, TaskState
+from mesh.core.caller import current_caller, reader_of
 from mesh.core.errors import MeshError
 
 STATIC = pathlib.Path(__file__).parent / "dashboard"
 _KEPT = 50
+_OWNERS = 1000  # API keys whose recent tasks are kept (the most recently active ones)
 
 
 def _node(row: NodeRow) -> dict[str, Any]:
@@ -66,17 +70,29 @@ def _task(entry: LedgerEntry) -> dict[str, Any]:
 
 
 class RecentTasks:
-    """The last `kept` tasks this dispatcher began or ended, newest first."""
+    """The last `kept` tasks of each API key ("": an open mesh's) this dispatcher began or
+    ended, newest first: a busy key does not push another's out of its view."""
 
-    def __init__(self, kept: int = _KEPT) -> None:
-        self._entries: deque[LedgerEntry] = deque(maxlen=kept)
+    def __init__(self, kept: int = _KEPT, owners: int = _OWNERS) -> None:
+        self._kept = kept
+        self._owners = owners
+        self._by_owner: OrderedDict[str, deque[LedgerEntry]] = OrderedDict()
 
     def on_entry(self, entry: LedgerEntry) -> None:
-        if entry not in self._entries:
-            self._entries.appendleft(entry)
+        entries = self._by_owner.get(entry.owner)
+        if entries is None:
+            entries = self._by_owner[entry.owner] = deque(maxlen=self._kept)
+            while len(self._by_owner) > self._owners:
+                self._by_owner.popitem(last=False)
+        self._by_owner.move_to_end(entry.owner)
+        if entry not in entries:
+            entries.appendleft(entry)
 
-    def summaries(self) -> list[dict[str, Any]]:
-        return [_task(entry) for entry in self._entries]
+    def summaries(self, reader: str | None = None) -> list[dict[str, Any]]:
+        """Tasks of API key `reader` (None: every key's, an open mesh's)."""
+        if reader is not None:
+            return [_task(entry) for entry in self._by_owner.get(reader, ())]
+        return [_task(entry) for entries in self._by_owner.values() for entry in entries]
 
 
 def add_dashboard(app: FastAPI, dispatcher: Dispatcher, *, interval_s: float = 0.5) -> None:
@@ -84,10 +100,11 @@ def add_dashboard(app: FastAPI, dispatcher: Dispatcher, *, interval_s: float = 0
     recent = RecentTasks()
     dispatcher.ledger.listen(recent.on_entry)
 
-    def state() -> dict[str, Any]:
+    def state(reader: str | None) -> dict[str, Any]:
+        """What `reader` may see (None: everything, an open mesh)."""
         return {
             "nodes": [_node(row) for row in dispatcher.node_rows()],
-            "tasks": recent.summaries(),
+            "tasks": recent.summaries(reader),
         }
 
     @app.get("/dashboard", response_model=None)
@@ -96,12 +113,12 @@ def add_dashboard(app: FastAPI, dispatcher: Dispatcher, *, interval_s: float = 0
 
     @app.get("/dashboard/api/state")
     async def current() -> dict[str, Any]:
-        return state()
+        return state(reader_of(current_caller()))
 
     @app.get("/dashboard/api/tasks/{task_id}", response_model=None)
     async def task(task_id: str) -> JSONResponse:
         try:
-            record = await dispatcher.describe_task(task_id)
+            record = await dispatcher.describe_task(task_id, reader=reader_of(current_caller()))
         except MeshError as error:
             return JSONResponse({"error": str(error)}, status_code=404)
         steps = record.result.steps if record.result else ()
@@ -127,15 +144,17 @@ def add_dashboard(app: FastAPI, dispatcher: Dispatcher, *, interval_s: float = 0
             }
         )
 
-    async def events() -> AsyncIterator[str]:
+    async def events(reader: str | None) -> AsyncIterator[str]:
         while True:
-            yield f"data: {json.dumps(state())}\n\n"
+            yield f"data: {json.dumps(state(reader))}\n\n"
             await asyncio.sleep(interval_s)
 
     @app.get("/dashboard/events", response_model=None)
     async def stream() -> StreamingResponse:
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            events(reader_of(current_caller())),  # whose: read here, in the request's context
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
 
     app.mount("/dashboard/static", StaticFiles(directory=STATIC), name="dashboard")

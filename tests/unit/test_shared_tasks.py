@@ -4,6 +4,7 @@ retry lands on, a task is described by any replica, and a silent holder's claim 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -15,8 +16,16 @@ from mesh.coordinator.shared_tasks import (
     SharedTasks,
     TaskDirectory,
 )
-from mesh.coordinator.tasks import TaskLedger, TaskResult, TaskState, build_task
+from mesh.coordinator.tasks import (
+    TaskLedger,
+    TaskRecord,
+    TaskResult,
+    TaskSpec,
+    TaskState,
+    build_task,
+)
 from mesh.core.errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
     InvalidRequestError,
     NotFoundError,
@@ -278,9 +287,9 @@ def test_a_task_that_cannot_start_frees_its_key_for_an_answer_elsewhere():
 
 
 class _SlowClaims(LocalDirectory):
-    async def claim(self, key, token, task_id, ttl_s):
+    async def claim(self, key, token, task_id, ttl_s, owner):
         await asyncio.sleep(0.1)  # the owner grants it, but the answer is slow to come back
-        return await super().claim(key, token, task_id, ttl_s)
+        return await super().claim(key, token, task_id, ttl_s, owner)
 
 
 def test_a_caller_cancelled_while_its_claim_is_in_flight_does_not_block_the_key():
@@ -346,7 +355,7 @@ def test_a_waiter_gives_up_at_its_own_deadline_with_a_clear_error():
 
 
 class _Unreachable(LocalDirectory):
-    async def claim(self, key, token, task_id, ttl_s):
+    async def claim(self, key, token, task_id, ttl_s, owner):
         raise ConnectionError("actor died")
 
 
@@ -368,5 +377,68 @@ def test_an_unreachable_directory_is_a_clear_error_and_leaves_nothing_running():
         # Tasks without a key need no claim and still run.
         assert (await dispatcher.submit(build_task("hi", model="m"))).text == ANSWER
         await dispatcher.close()
+
+    run(scenario())
+
+
+def _owned(owner: str, **options) -> TaskSpec:
+    return dataclasses.replace(build_task("hi", model="m", **options), owner=owner)
+
+
+def test_across_replicas_a_task_id_is_one_keys_and_its_record_is_hidden_from_others():
+    async def scenario():
+        mesh = FakeMesh()
+        mesh.script("a", default=Reply())
+        mesh.script("b", default=Reply())
+        one, two = replicas(mesh, TaskDirectory())
+        answer = await one.submit(_owned("ana", task_id="order-1"))
+        with pytest.raises(AlreadyExistsError, match="'order-1' is already in use"):
+            await two.submit(_owned("bob", task_id="order-1"))
+        with pytest.raises(AlreadyExistsError):
+            async for _item in two.stream(_owned("bob", task_id="order-1")):
+                pass
+        assert two.ledger.entry("order-1") is None  # bob's refused task left nothing here
+        async with asyncio.timeout(2):
+            while True:  # records are published in batches
+                try:
+                    record = await two.describe_task("order-1", reader="ana")
+                    break
+                except NotFoundError:
+                    await asyncio.sleep(0.05)
+        assert record.state is TaskState.DONE and record.result is not None
+        with pytest.raises(NotFoundError, match="not known here"):  # another key's
+            await two.describe_task("order-1", reader="bob")
+        assert (await two.describe_task("order-1")).owner == "ana"  # no reader: an open mesh
+        # ana's retry on the other replica: her answer, still one run.
+        again = await two.submit(_owned("ana", task_id="order-1"))
+        assert again.text == answer.text == ANSWER
+        assert mesh.served_by("a") + mesh.served_by("b") == 1
+        await close(one, two)
+
+    run(scenario())
+
+
+def test_the_directory_keeps_a_task_id_to_its_owner():
+    async def scenario():
+        directory = TaskDirectory()
+        claim = directory.claim("id:ana\0t-1", "c1", TaskId("t-1"), ttl_s=5.0, owner="ana")
+        assert claim.granted and not claim.in_use
+        taken = directory.claim("id:bob\0t-1", "c2", TaskId("t-1"), ttl_s=5.0, owner="bob")
+        assert taken.in_use and not taken.granted
+        directory.publish(
+            [
+                TaskRecord(TaskId("t-1"), TaskState.RUNNING, owner="ana"),
+                TaskRecord(TaskId("t-1"), TaskState.DONE, owner="bob"),  # never over ana's
+                TaskRecord(TaskId("t-2"), TaskState.DONE, owner="bob"),
+            ]
+        )
+        ana = directory.record("t-1", "ana")
+        assert ana is not None and ana.state is TaskState.RUNNING
+        assert directory.record("t-1", "bob") is None and directory.record("t-2", "ana") is None
+        assert directory.record("t-2") is not None  # no reader: an open mesh
+        assert directory.claim("id:ana\0t-2", "c3", TaskId("t-2"), ttl_s=5.0, owner="ana").in_use
+        # An open mesh has one owner, "": no id is refused.
+        assert directory.claim("id:t-3", "c4", TaskId("t-3"), ttl_s=5.0).granted
+        assert not directory.claim("id:t-3", "c5", TaskId("t-3"), ttl_s=5.0).in_use
 
     run(scenario())
