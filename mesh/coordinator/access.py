@@ -4,8 +4,11 @@
     caller = access.authenticate(request.headers.get("authorization"))   # 401 / UNAUTHENTICATED
     task = await access.admit(caller, task)                     # 403 scope, 429 over a limit
     token = CALLER.set(caller)                                  # for the runs below
-    ...
-    access.spend(caller, result)                                # its tokens, once it finished
+    usage = TaskUsage()
+    try:
+        result = await dispatcher.submit(task, usage=usage)
+    finally:                                                    # answered, failed or cut off:
+        access.spend(caller, usage.total_tokens)                # the tokens it produced
 
 The keys live in `<cluster dir>/keys.json` (mesh/cluster/keys.py), the counters in a
 `RateLimiter` (mesh/cluster/limits.py): this dispatcher's own, or the node-table owner's when
@@ -26,7 +29,7 @@ from mesh.cluster import KEYS
 from mesh.cluster.keys import ApiKey, KeyRing
 from mesh.cluster.limits import RateLimiter, Refusal
 from mesh.coordinator.agent_run import AgentItem
-from mesh.coordinator.tasks import TaskResult, TaskSpec
+from mesh.coordinator.tasks import TaskSpec, TaskUsage
 from mesh.core.caller import CALLER, Caller, current_caller
 from mesh.core.errors import PermissionDeniedError, RateLimitedError, UnauthenticatedError
 from mesh.core.untrusted import quoted
@@ -126,30 +129,34 @@ class AccessControl:
             raise UnauthenticatedError("an API key is required")
         return await self.admit(caller, task)
 
-    def spend(self, caller: Caller, result: TaskResult) -> None:
-        """Count a finished task's prompt and completion tokens against its key's tpm."""
+    def spend(self, caller: Caller, tokens: int) -> None:
+        """Count `tokens` a task of `caller` produced against its key's tpm. Called in a
+        `finally` with the task's `TaskUsage`: an answer, a failure and a stream the client
+        cut all count what was produced."""
         key = self.keys.get(caller.key_name)
-        if key is not None and key.tpm is not None:
-            self.limits.spend(key.name, result.total_tokens)
+        if tokens > 0 and key is not None and key.tpm is not None:
+            self.limits.spend(key.name, tokens)
 
     async def as_caller(
-        self, caller: Caller, items: AsyncGenerator[AgentItem, None]
+        self, caller: Caller, items: AsyncGenerator[AgentItem, None], usage: TaskUsage
     ) -> AsyncGenerator[AgentItem, None]:
-        """`items` with CALLER set to `caller` during each step (whichever task or context
-        iterates it: a streaming response's body may run in another one) and the tokens of
-        the TaskResult counted."""
-        async with contextlib.aclosing(items):
-            while True:
-                token = CALLER.set(caller)
-                try:
-                    item = await anext(items)
-                except StopAsyncIteration:
-                    return
-                finally:
-                    CALLER.reset(token)
-                if isinstance(item, TaskResult):
-                    self.spend(caller, item)
-                yield item
+        """`items` (a dispatcher's stream that fills `usage`) with CALLER set to `caller`
+        during each step (whichever task or context iterates it: a streaming response's body
+        may run in another one); once it is closed, however it ended, the tokens it
+        produced are counted."""
+        try:
+            async with contextlib.aclosing(items):
+                while True:
+                    token = CALLER.set(caller)
+                    try:
+                        item = await anext(items)
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        CALLER.reset(token)
+                    yield item
+        finally:
+            self.spend(caller, usage.total_tokens)
 
 
 def caller_of(key: ApiKey) -> Caller:

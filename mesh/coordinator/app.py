@@ -405,9 +405,10 @@ class MeshIngress:
             caller = self.handlers.caller_of(grpc_context)
             parent = incoming_traceparent(grpc_context)
             chunks = self.handlers.submit_stream(request, traceparent=parent, caller=caller)
-            async for chunk in chunks:
-                yield chunk
-                sent += 1
+            async with contextlib.aclosing(chunks):  # the node freed, its tokens counted at once
+                async for chunk in chunks:
+                    yield chunk
+                    sent += 1
         except MeshError as error:
             # The proxy takes a stream's status (code, message, trailer) from the context that
             # comes with a message; raising instead would keep the code and message but drop

@@ -35,6 +35,7 @@ from mesh.coordinator.tasks import (
     TaskResult,
     TaskSpec,
     TaskState,
+    TaskUsage,
     check_caller_ids,
     check_deadline_s,
     check_max_tokens,
@@ -119,8 +120,9 @@ class Dispatcher:
             raise
         return entry, run
 
-    async def submit(self, task: TaskSpec) -> TaskResult:
-        """Run `task` to one answer, retrying elsewhere on failure; raises one MeshError."""
+    async def submit(self, task: TaskSpec, *, usage: TaskUsage | None = None) -> TaskResult:
+        """Run `task` to one answer, retrying elsewhere on failure; raises one MeshError.
+        `usage` gets the tokens the run produced, however it ended (`TaskUsage`)."""
         _check(task, self.settings)
         while (existing := self.ledger.find(task.dedup_key)) is not None:
             try:
@@ -131,6 +133,7 @@ class Dispatcher:
         entry, run = await self._begin(task)
         if run is None:
             return await self._replay(entry)
+        result = None
         try:
             result = await run.unary()
         except MeshError as error:
@@ -143,14 +146,20 @@ class Dispatcher:
             self.ledger.abandon(entry, tuple(run.attempts.records))
             self._audit(run, "cancelled")
             raise
+        finally:
+            _count(usage, run, result)
         run.attempts.finish("ok")
         self.ledger.succeed(entry, result)
         self._audit(run, "ok", result=result)
         return result
 
-    async def stream(self, task: TaskSpec) -> AsyncGenerator[AgentItem, None]:
+    async def stream(
+        self, task: TaskSpec, *, usage: TaskUsage | None = None
+    ) -> AsyncGenerator[AgentItem, None]:
         """Text pieces as they come, then the TaskResult; a broken stream continues elsewhere.
-        Agent tasks also yield each step (`node_pb2.AgentStep`) as the node completes it."""
+        Agent tasks also yield each step (`node_pb2.AgentStep`) as the node completes it.
+        `usage` gets the tokens the run produced, however it ended: also when the stream is
+        closed early (`TaskUsage`)."""
         _check(task, self.settings)
         while (existing := self.ledger.find(task.dedup_key)) is not None:
             try:
@@ -170,12 +179,14 @@ class Dispatcher:
                 yield result.text
             yield result
             return
+        answer = None
         try:
             # Closed as soon as this generator is: the attempt is cancelled and its slot freed
             # at once (not when the garbage collector finds it), and recorded as CANCELLED.
             async with contextlib.aclosing(run.stream()) as items:
                 async for item in items:
                     if isinstance(item, TaskResult):
+                        answer = item
                         run.attempts.finish("ok")
                         self.ledger.succeed(entry, item)
                         self._audit(run, "ok", result=item)
@@ -191,6 +202,8 @@ class Dispatcher:
                 self.ledger.abandon(entry, tuple(run.attempts.records))
                 self._audit(run, "cancelled")
             raise
+        finally:
+            _count(usage, run, answer)
 
     def _audit(
         self,
@@ -266,6 +279,21 @@ class Dispatcher:
         if self.shared is not None:
             await self.shared.close()
         self.ledger.close()
+
+
+def _count(usage: TaskUsage | None, run: TaskRun | AgentRun, result: TaskResult | None) -> None:
+    """Add what `run` produced to `usage`: its answer's tokens, else its attempts' (the tokens
+    each streamed before it failed or was cancelled) and, for an agent, the prompts of the
+    tiers it left."""
+    if usage is None:
+        return
+    if result is not None:
+        usage.prompt_tokens += result.prompt_tokens
+        usage.completion_tokens += result.completion_tokens
+        return
+    usage.completion_tokens += sum(a.completion_tokens for a in run.attempts.records)
+    if isinstance(run, AgentRun):
+        usage.prompt_tokens += run.prompt_tokens
 
 
 def _check(task: TaskSpec, settings: DispatcherSettings) -> None:

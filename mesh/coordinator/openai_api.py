@@ -39,6 +39,7 @@ from mesh.coordinator.service import coalesce
 from mesh.coordinator.tasks import (
     TaskResult,
     TaskSpec,
+    TaskUsage,
     build_task,
     check_caller_ids,
     check_deadline_s,
@@ -482,21 +483,25 @@ def build_openai_app(
 def stream_of(
     dispatcher: Dispatcher, task: TaskSpec, access: AccessControl | None
 ) -> AsyncGenerator[AgentItem, None]:
-    """The task's stream; with API keys, run as the caller the middleware set, its tokens
-    counted."""
-    items = dispatcher.stream(task)
+    """The task's stream; with API keys, run as the caller the middleware set, the tokens it
+    produced counted however it ends (answered, failed, or cut by the client)."""
     caller = current_caller() if access is not None else None
     if access is None or caller is None:
-        return items
-    return access.as_caller(caller, items)
+        return dispatcher.stream(task)
+    usage = TaskUsage()
+    return access.as_caller(caller, dispatcher.stream(task, usage=usage), usage)
 
 
 async def submit_as_caller(
     dispatcher: Dispatcher, task: TaskSpec, access: AccessControl | None
 ) -> TaskResult:
-    """The task's answer; with API keys, its tokens counted against the caller's key."""
-    result = await dispatcher.submit(task)
+    """The task's answer; with API keys, the tokens it produced counted against the caller's
+    key, whether it answered, failed or was cancelled."""
     caller = current_caller() if access is not None else None
-    if access is not None and caller is not None:
-        access.spend(caller, result)
-    return result
+    if access is None or caller is None:
+        return await dispatcher.submit(task)
+    usage = TaskUsage()
+    try:
+        return await dispatcher.submit(task, usage=usage)
+    finally:
+        access.spend(caller, usage.total_tokens)

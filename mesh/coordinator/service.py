@@ -31,6 +31,7 @@ from mesh.coordinator.tasks import (
     TaskRecord,
     TaskResult,
     TaskSpec,
+    TaskUsage,
     check_caller_ids,
     check_deadline_s,
     check_max_tokens,
@@ -311,12 +312,13 @@ class MeshHandlers:
         if self.access is None or caller is None:  # an open mesh: nothing more per call
             return result_to_proto(await self.dispatcher.submit(task))
         task = await self.access.admit(caller, task)
+        usage = TaskUsage()
         token = CALLER.set(caller)
         try:
-            result = await self.dispatcher.submit(task)
-        finally:
+            result = await self.dispatcher.submit(task, usage=usage)
+        finally:  # answered, failed or cancelled: the tokens it produced count
             CALLER.reset(token)
-        self.access.spend(caller, result)
+            self.access.spend(caller, usage.total_tokens)
         return result_to_proto(result)
 
     async def submit_stream(
@@ -325,13 +327,14 @@ class MeshHandlers:
         *,
         traceparent: str = "",
         caller: Caller | None = None,
-    ) -> AsyncIterator[mesh_pb2.SubmitChunk]:
+    ) -> AsyncGenerator[mesh_pb2.SubmitChunk, None]:
         task = self._task(request, traceparent, caller)
-        if self.access is not None and caller is not None:
+        if self.access is None or caller is None:  # an open mesh
+            stream = self.dispatcher.stream(task)
+        else:
             task = await self.access.admit(caller, task)
-        stream = self.dispatcher.stream(task)
-        if self.access is not None and caller is not None:
-            stream = self.access.as_caller(caller, stream)
+            usage = TaskUsage()
+            stream = self.access.as_caller(caller, self.dispatcher.stream(task, usage=usage), usage)
         index = 0
         async with contextlib.aclosing(coalesce(stream, self.stream_window_s)) as items:
             async for item in items:
@@ -393,8 +396,11 @@ class MeshServicer(mesh_pb2_grpc.MeshServiceServicer):
             caller = self.handlers.caller_of(context)
             parent = incoming_traceparent(context)
             chunks = self.handlers.submit_stream(request, traceparent=parent, caller=caller)
-            async for chunk in chunks:
-                yield chunk
+            # Closed with this generator, however the call ends: the task's node freed and
+            # the tokens it produced counted at once.
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
         except MeshError as error:
             await abort_with_error(context, error)
 

@@ -158,6 +158,21 @@ class TaskResult:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(slots=True)
+class TaskUsage:
+    """The tokens a task's run produced, filled in by the dispatcher when the run ends: the
+    answer's usage, or, for a run that failed or whose caller went away, the tokens its attempts
+    produced (a node reports the prompt's only with an answer). Nothing for an answer that
+    another run gave (a repeat of an idempotency key). What an API key's tpm is charged."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     """What `DescribeTask` answers; `owner` (not sent to callers) is the API key whose task it

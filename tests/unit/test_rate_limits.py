@@ -10,9 +10,8 @@ import pytest
 from mesh.cluster.keys import KeyRing, KeyStore
 from mesh.cluster.limits import WINDOW_S, RateLimiter
 from mesh.coordinator.access import AccessControl, caller_of
-from mesh.coordinator.tasks import TaskResult, build_task
+from mesh.coordinator.tasks import build_task
 from mesh.core.errors import RateLimitedError
-from mesh.core.ids import NodeId, TaskId
 from tests.coordinator_fakes import ManualClock
 
 pytestmark = pytest.mark.unit
@@ -149,7 +148,7 @@ def test_replicas_share_one_count_through_the_owner(tmp_path):
                 outcomes.append(f"429 after {error.retry_after_s:.0f} s")
         spent = RateLimiter()  # a fresh key's tokens: spent on one replica, refused on the other
         owner._limiter = spent
-        replicas[0].spend(who, _result(tokens=150))
+        replicas[0].spend(who, 150)
         await asyncio.wait_for(asyncio.gather(*limits[0]._sending), 5)
         try:
             await replicas[1].admit(who, task)
@@ -158,21 +157,3 @@ def test_replicas_share_one_count_through_the_owner(tmp_path):
         return outcomes
 
     assert run(scenario()) == ["ok", "ok", "ok", "429 after 60 s", "429 ('tpm',)"]
-
-
-def _result(tokens: int) -> TaskResult:
-    return TaskResult(
-        task_id=TaskId("t"),
-        text="",
-        finish_reason="stop",
-        node_id=NodeId("n"),
-        node_name="n",
-        model="m",
-        agent="",
-        prompt_tokens=tokens - 1,
-        completion_tokens=1,
-        attempts=(),
-        failed_over=False,
-        total_ms=1.0,
-        time_to_first_token_ms=1.0,
-    )
