@@ -4,6 +4,7 @@ Importing `mesh` pulls in neither Ray nor a model runtime.
 """
 
 from mesh.core.errors import (
+    AlreadyExistsError,
     CancelledError,
     ConfigError,
     DeadlineExceededError,
@@ -23,6 +24,7 @@ from mesh.core.version import PROTOCOL_VERSION, __version__
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AlreadyExistsError",
     "CancelledError",
     "ConfigError",
     "DeadlineExceededError",
