@@ -34,6 +34,7 @@ from edgemesh.v1 import cluster_pb2, cluster_pb2_grpc
 from mesh.core import pki
 from mesh.core.channels import ChannelSecurity, create_channel
 from mesh.core.errors import ConfigError, MeshError
+from mesh.core.files import write_private
 from mesh.core.grpc_status import from_grpc_error
 
 logger = logging.getLogger(__name__)
@@ -44,26 +45,12 @@ _CALL_TIMEOUT_S = 10.0
 _RENEW_CHECK_S = 3600.0
 
 
-def _write_private(path: pathlib.Path, data: bytes) -> None:
-    """`data` into `path`, 0600, atomically and durably (fsync before the rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(descriptor, data)
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
-
-
 def _replace_pair(directory: pathlib.Path, key_pem: bytes, certificate_pem: bytes) -> None:
     """Key and certificate replaced as a pair. Both are first written in full beside the
     current ones (`*.next`); a crash between the two renames leaves a pair `NodeTls.load`
     completes from `node.pem.next`."""
-    _write_private(directory / "node.key.next", key_pem)
-    _write_private(directory / "node.pem.next", certificate_pem)
+    write_private(directory / "node.key.next", key_pem)
+    write_private(directory / "node.pem.next", certificate_pem)
     os.replace(directory / "node.key.next", directory / "node.key")
     os.replace(directory / "node.pem.next", directory / "node.pem")
 
@@ -110,7 +97,7 @@ class NodeTls:
             "coordinators": list(self.coordinators),
             "labels": self.labels,
         }
-        _write_private(self.directory / "membership.json", json.dumps(data, indent=1).encode())
+        write_private(self.directory / "membership.json", json.dumps(data, indent=1).encode())
 
     def _complete_pair(self) -> None:
         """Finish a renewal a crash interrupted (`_replace_pair`): the certificate waiting in
@@ -285,9 +272,9 @@ async def join(
         except (grpc.RpcError, MeshError) as error:
             problems.append(f"{address}: {_message(error)}")
             continue
-        _write_private(directory / "node.key", pki.key_pem(key))
-        _write_private(directory / "node.pem", reply.certificate_pem)
-        _write_private(directory / "ca.pem", ca_pem)
+        write_private(directory / "node.key", pki.key_pem(key))
+        write_private(directory / "node.pem", reply.certificate_pem)
+        write_private(directory / "ca.pem", ca_pem)
         tls = NodeTls(
             directory=directory,
             cluster=reply.cluster,

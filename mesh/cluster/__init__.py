@@ -20,6 +20,10 @@ from __future__ import annotations
 import os
 import pathlib
 
+from mesh.core.files import write_private
+
+__all__ = ["default_cluster_dir", "is_initialized", "write_private"]
+
 DEFAULT_CLUSTER_DIR_ENV = "MESH_CLUSTER_DIR"
 
 CA_CERT = "ca.pem"
@@ -47,17 +51,3 @@ def default_cluster_dir() -> pathlib.Path:
 
 def is_initialized(directory: pathlib.Path) -> bool:
     return (directory / CA_CERT).is_file()
-
-
-def write_private(path: pathlib.Path, data: bytes) -> None:
-    """Write `data` to `path` readable by its owner only (0600; the directory 0700), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(descriptor, data)
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
