@@ -318,7 +318,13 @@ class AgentRuntime:
             step_index=index,
             node_id=self.node_id,
             store=self.store,
-            idempotency_key=f"{task.task_id}:{index}",
+            # The API key's name too: a task id another key used once (and the coordinator has
+            # since forgotten) never finds that task's side effects.
+            idempotency_key=(
+                f"{task.key_name}/{task.task_id}:{index}"
+                if task.key_name
+                else f"{task.task_id}:{index}"
+            ),
             subject=task.subject,
             key_name=task.key_name,
         )

@@ -298,6 +298,30 @@ def test_side_effecting_call_repeated_with_same_arguments_runs_once(tmp_path):
     assert steps[1].result_json == steps[0].result_json and not steps[1].idempotent
 
 
+def test_a_side_effects_idempotency_key_names_the_api_key(tmp_path):
+    """Two keys that use the same task id never share a side effect's idempotency key."""
+    calls = []
+
+    @tool(data=())
+    def ring_bell(times: int, context: ToolContext) -> dict:
+        """Ring the shop bell."""
+        calls.append(context.idempotency_key)
+        return {"rang": times}
+
+    registry = builtin_registry()
+    registry.register(ring_bell)
+    spec = Agent("bell", tools=[ring_bell], max_steps=2)
+    for key_name in ("kiosk-1", "kiosk-2"):
+        runtime, _backend, _ = make_runtime(
+            tmp_path / key_name,
+            [{"tool": "ring_bell", "arguments": {"times": 1}}, {"final": "Rang."}],
+            registry=registry,
+        )
+        task = AgentTask(agent="bell", input="ring", task_id="t9", key_name=key_name)
+        collect(runtime, spec, task)
+    assert calls == ["kiosk-1/t9:0", "kiosk-2/t9:0"]
+
+
 def test_last_step_may_only_answer(tmp_path):
     spec = CUSTOMER_SERVICE.model_copy(update={"max_steps": 1})
     runtime, backend, _ = make_runtime(tmp_path, [{"final": "I can only answer."}])
