@@ -44,13 +44,20 @@ async def coordinator_app(
     *,
     wait_for_models: bool = True,
     timeout_s: float = 60.0,
+    access: object = None,
 ) -> AsyncIterator[RunningApp]:
+    """`access`: a mesh.coordinator.access.AccessControl (API keys), None for an open mesh."""
     registry = NodeRegistry(static_addresses=list(node_addresses))
     dispatcher = Dispatcher(settings or DispatcherSettings(deadline_s=120, attempt_timeout_s=60))
     registry.subscribe(lambda _event: dispatcher.update_nodes(registry.snapshot()))
     await registry.start()
     server = uvicorn.Server(
-        uvicorn.Config(build_openai_app(dispatcher), host="127.0.0.1", port=0, log_level="warning")
+        uvicorn.Config(
+            build_openai_app(dispatcher, access=access),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+        )
     )
     serving = asyncio.create_task(server.serve())
     try:

@@ -23,7 +23,13 @@ from mesh.core.errors import MeshError
 
 # /v1/mesh/info: the addresses of the ingresses (where to connect, not what runs); the
 # coordinator's own start (mesh/coordinator/runner.py) waits on it before any key exists.
-OPEN_PATHS = frozenset({"/metrics", "/dashboard", "/dashboard/", "/v1/mesh/info"})
+OPEN_PATHS = frozenset(
+    {"/metrics", "/dashboard", "/dashboard/", "/v1/mesh/info", "/dashboard/login", "/dashboard/logout"}
+)
+# The dashboard's browser cannot send a header with EventSource: after `POST /dashboard/login`
+# its key rides in this cookie (HttpOnly, SameSite=Strict), taken for reads (GET) only, so a
+# page elsewhere can neither read it nor spend it on a task.
+KEY_COOKIE = "mesh_key"
 OPEN_PREFIXES = ("/dashboard/static/",)
 
 
@@ -42,8 +48,13 @@ class RequireApiKey:
         if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
+        authorization = _header(scope, b"authorization")
+        if authorization is None and scope.get("method") == "GET":
+            cookie = _cookie(_header(scope, b"cookie"), KEY_COOKIE)
+            if cookie:
+                authorization = b"Bearer " + cookie.encode()
         try:
-            caller = self.access.authenticate(_header(scope, b"authorization"))
+            caller = self.access.authenticate(authorization)
         except MeshError as error:
             await error_response(error)(scope, receive, send)
             return
@@ -52,6 +63,17 @@ class RequireApiKey:
             await self.app(scope, receive, send)
         finally:
             CALLER.reset(token)
+
+
+def _cookie(header: bytes | None, name: str) -> str:
+    """The value of cookie `name` in a Cookie header ("" if absent)."""
+    if not header:
+        return ""
+    for part in header.decode("latin-1").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return ""
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -377,6 +377,38 @@ async def _prepend(first: AgentItem, rest: AsyncIterator[AgentItem]) -> AsyncIte
         yield item
 
 
+class _Login(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+
+
+def add_dashboard_login(app: FastAPI, access: AccessControl | None) -> None:
+    """`POST /dashboard/login {"key": KEY}`: the dashboard's browser signs in with an API key,
+    kept in an HttpOnly, SameSite=Strict cookie (mesh/coordinator/http_access.py takes it for
+    reads only); `POST /dashboard/logout` forgets it. An open mesh needs neither: 204."""
+    from mesh.coordinator.http_access import KEY_COOKIE
+
+    @app.post("/dashboard/login", response_model=None)
+    async def login(body: _Login) -> Response:
+        if access is None:
+            return Response(status_code=204)
+        try:
+            access.authenticate(f"Bearer {body.key}")
+        except MeshError as error:
+            return error_response(error)
+        reply = Response(status_code=204)
+        reply.set_cookie(
+            KEY_COOKIE, body.key, httponly=True, samesite="strict", path="/", max_age=12 * 3600
+        )
+        return reply
+
+    @app.post("/dashboard/logout", response_model=None)
+    async def logout() -> Response:
+        reply = Response(status_code=204)
+        reply.delete_cookie(KEY_COOKIE, path="/")
+        return reply
+
+
 def build_openai_app(
     dispatcher: Dispatcher,
     *,
@@ -468,6 +500,7 @@ def build_openai_app(
         return JSONResponse(completion_body(result, body.model, tool_plan))
 
     add_dashboard(app, dispatcher)  # /dashboard (mesh/observe/dashboard_api.py)
+    add_dashboard_login(app, access)
     # /v1/responses: a module of its own over this one's chat path (imported here: it imports
     # this module)
     from mesh.coordinator.openai_responses import add_responses

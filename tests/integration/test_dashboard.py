@@ -99,3 +99,46 @@ async def drive(base: str, nodes, shots) -> float:
         return gone_after_s
     finally:
         await asyncio.to_thread(page.quit)
+
+
+def test_on_a_mesh_with_api_keys_the_dashboard_asks_for_one_and_keeps_it_for_reads(tmp_path):
+    from mesh.cluster.keys import KeyStore
+    from mesh.coordinator.access import AccessControl
+
+    _, key = KeyStore(tmp_path / "cluster").create("dashboard")
+    access = AccessControl.for_cluster_dir(tmp_path / "cluster")
+    with running_nodes(tmp_path, ["node-a"], fake=True, model="smollm2") as nodes:
+
+        async def scenario() -> None:
+            settings = DispatcherSettings(deadline_s=30)
+            async with coordinator_app([n.address for n in nodes], settings, access=access) as app:
+                page = await asyncio.to_thread(browser)
+                try:
+                    await asyncio.to_thread(page.get, f"{app.base}/dashboard")
+                    form = page.find_element(By.ID, "sign-in")
+                    await asyncio.to_thread(wait_until, form.is_displayed, 10)
+                    assert node_states(page) == {}  # nothing shown without a key
+                    page.find_element(By.ID, "api-key").send_keys("emk_000000000000_wrong")
+                    page.find_element(By.CSS_SELECTOR, "#sign-in button").click()
+                    error = page.find_element(By.ID, "sign-in-error")
+                    await asyncio.to_thread(wait_until, lambda: "not valid" in error.text, 10)
+                    field = page.find_element(By.ID, "api-key")
+                    field.clear()
+                    field.send_keys(key)
+                    page.find_element(By.CSS_SELECTOR, "#sign-in button").click()
+                    await asyncio.to_thread(
+                        wait_until, lambda: node_states(page) == {"node-a": "ready"}, 20
+                    )
+                    # The cookie serves reads only: a task POSTed with it alone is refused.
+                    cookies = {"mesh_key": key}
+                    async with httpx.AsyncClient(base_url=app.base, timeout=20) as http:
+                        read = await http.get("/dashboard/api/state", cookies=cookies)
+                        body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}
+                        post = await http.post("/v1/chat/completions", json=body, cookies=cookies)
+                    assert read.status_code == 200 and post.status_code == 401
+                    # The key is not readable by the page's scripts (HttpOnly).
+                    assert key not in page.execute_script("return document.cookie")
+                finally:
+                    await asyncio.to_thread(page.quit)
+
+        asyncio.run(asyncio.wait_for(scenario(), 200))

@@ -88,6 +88,34 @@ async function showTask(taskId) {
   trace.textContent = `trace ${body.trace_id}\n${spanTree(body.spans)}`;
 }
 
+// A mesh with API keys: the key is sent once, and kept by the browser in an HttpOnly cookie
+// (never readable here) that the coordinator takes for reads.
+async function signedIn() {
+  const reply = await fetch("/dashboard/api/state");
+  if (reply.status !== 401) return true;
+  const form = document.getElementById("sign-in");
+  form.hidden = false;
+  document.getElementById("live").textContent = "sign in to see the mesh";
+  return new Promise((resolve) => {
+    form.onsubmit = async (event) => {
+      event.preventDefault();
+      const key = document.getElementById("api-key").value;
+      const answer = await fetch("/dashboard/login", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ key }),
+      });
+      if (answer.ok) {
+        form.hidden = true;
+        document.getElementById("api-key").value = "";
+        resolve(true);
+      } else {
+        document.getElementById("sign-in-error").textContent = "that key is not valid";
+      }
+    };
+  });
+}
+
 function connect() {
   const live = document.getElementById("live");
   const source = new EventSource("/dashboard/events");
@@ -98,4 +126,4 @@ function connect() {
   source.onerror = () => { live.textContent = "reconnecting…"; };
 }
 
-connect();
+signedIn().then(connect);
