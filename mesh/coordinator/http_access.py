@@ -24,7 +24,14 @@ from mesh.core.errors import MeshError
 # /v1/mesh/info: the addresses of the ingresses (where to connect, not what runs); the
 # coordinator's own start (mesh/coordinator/runner.py) waits on it before any key exists.
 OPEN_PATHS = frozenset(
-    {"/metrics", "/dashboard", "/dashboard/", "/v1/mesh/info", "/dashboard/login", "/dashboard/logout"}
+    {
+        "/metrics",
+        "/dashboard",
+        "/dashboard/",
+        "/v1/mesh/info",
+        "/dashboard/login",
+        "/dashboard/logout",
+    }
 )
 # The dashboard's browser cannot send a header with EventSource: after `POST /dashboard/login`
 # its key rides in this cookie (HttpOnly, SameSite=Strict), taken for reads (GET) only, so a
