@@ -234,12 +234,14 @@ class GrpcProber:
             reply = await client.describe(timeout_s=timeout_s)
         except MeshError as error:
             if verifying:
-                # gRPC reports a failed handshake as UNAVAILABLE, or, while its channel backs
-                # off between tries, as a deadline: a handshake of our own tells them apart.
+                # gRPC names most certificate failures in its UNAVAILABLE message; where it does
+                # not, a handshake of our own tells a certificate problem from a dropped link.
                 expected = self._expected.get(key)
                 name = node_name(expected) if expected else MEMBER_NAME
                 problem = "" if _handshake_failed(error) else None
-                if problem is None:
+                if problem is None and isinstance(error, UnavailableError):
+                    # Only a connection that failed: a deadline (a silent, vanished host) gets
+                    # no second try, which would double the time to notice it is gone.
                     problem = await self._tls_problem(address, name, timeout_s)
                 if problem is not None:
                     who = f"node {node_id}" if node_id else "a member"
