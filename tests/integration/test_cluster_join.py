@@ -24,6 +24,7 @@ from mesh.core.channels import PLAINTEXT, ChannelSecurity, create_channel
 from mesh.core.errors import ConfigError, MeshError
 from mesh.health import GrpcProber
 from mesh.node_table import ProbeStatus
+from nodes.announcer import DaemonAnnouncement
 from nodes.config import NodeConfig
 from nodes.daemon import NodeDaemon
 from tests.fakes import FakeBackend
@@ -97,6 +98,15 @@ def test_a_node_joins_serves_mtls_only_and_is_probed_as_its_id(cluster, tmp_path
                 ok = await prober.probe("k1", daemon.address, timeout_s=5, node_id=daemon.node_id)
                 assert ok.status is ProbeStatus.OK, ok.reason
                 assert ok.details.node_id == daemon.node_id
+                # The token's secret is nowhere the node shows: Describe, its mDNS record.
+                secret = str(token).split(".")[2]
+                admin = authority.security("admin").expecting(pki.node_name(daemon.node_id))
+                async with NodeClient(daemon.address, timeout_s=5, security=admin) as operator:
+                    described = await operator.describe(timeout_s=5)
+                assert secret not in str(described) and str(token) not in str(described)
+                txt = DaemonAnnouncement(daemon).build_record().to_txt()
+                assert not any(secret.encode() in value for value in txt.values())
+                assert txt[b"fp"] == daemon.tls.fingerprint().encode()
                 # A static address (no advertised id) is checked against the id it answers as.
                 static = await prober.probe("k2", daemon.address, timeout_s=5)
                 assert static.status is ProbeStatus.OK, static.reason
