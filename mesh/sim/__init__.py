@@ -1,0 +1,1 @@
+"""Simulate a topology on one machine: docker-compose or network namespaces (`mesh sim`)."""
