@@ -105,6 +105,14 @@ class ClusterSpec(FrozenModel):
     description: Text = ""
 
 
+class DeviceSpec(FrozenModel):
+    """The hardware a node runs on, as far as a simulation needs it: `mesh sim` maps it to the
+    node container's limits (`cpus`, `mem_limit`), so that a kiosk is simulated as a kiosk."""
+
+    cpus: Annotated[float, Strict(), Field(gt=0, le=256)] | None = None  # may be fractional
+    memory_mb: Annotated[int, Strict(), Field(ge=64, le=1_048_576)] | None = None
+
+
 class NodeSpec(FrozenModel):
     """A node the topology expects. Without `address`, it is found by mDNS under its `name`."""
 
@@ -117,6 +125,7 @@ class NodeSpec(FrozenModel):
     max_concurrent: Annotated[int, Strict(), Field(ge=1, le=256)] | None = None
     max_queued: Annotated[int, Strict(), Field(ge=0, le=10_000)] | None = None
     n_threads: Annotated[int, Strict(), Field(ge=1, le=256)] | None = None
+    device: DeviceSpec | None = None  # the device's CPUs and memory (a simulation's limits)
     description: Text = ""
 
     @model_validator(mode="after")
