@@ -1,101 +1,32 @@
-"""Exactly-once, judged from the nodes' own counts (`Describe` with `task_counts`), not from the
-coordinator's records.
+"""Exactly-once, judged from the nodes' own counts, for tests: the judgement itself lives in the
+product (mesh/sim/counts.py, which a simulation's report uses and whose docstring gives the
+argument that the check is complete and can fail); this asserts on its verdict.
 
     counts = [await node_counts(name, address) for name, address in every_node]
     check_exactly_once(task_ids, counts, lost=[LostWindow("node-c", killed_at, killed_at)])
-
-The argument, for a set of tasks, that the check is complete and can fail:
-
-- Every node that could have run one of the tasks is asked, each in its own words: a node that
-  is still up through Describe; a node that was killed through a restart from its state
-  directory, whose journal (nodes/task_counts.py) has every count it made before it died, and
-  a node counts a completion *before* it sends the result, so nothing it sent is missing.
-- No node dropped a task id from its window (`task_counts_evicted == 0`).
-- So the sum over nodes of a task's completions is every time the task ran to its end. It must
-  be 1: a coordinator that ran the task twice, on two nodes or twice on one, makes it 2.
-
-One exception is inherent, and bounded: a node cut off (killed, or its link gone) may finish a
-task whose result can no longer reach the coordinator, which then, rightly, runs it elsewhere.
-Such a completion is excused only when it happened on that node inside its `LostWindow` (from
-`SEND_WINDOW_S` before the cut, for a result that was still on its way out, until the node was
-back): a second completion anywhere else, or at any other time, fails the check.
-
-Side-effecting tools: the sum over nodes of each tool's executions for a task is at most one;
-no exception (a replayed step is never an execution).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
-from google.protobuf import json_format
+from mesh.sim.counts import (
+    SEND_WINDOW_S,
+    LostWindow,
+    NodeCounts,
+    Verdict,
+    judge_exactly_once,
+    node_counts,
+)
 
-from edgemesh.v1 import node_pb2
-
-# A result counted this long before a node was cut off may still have been on its way out (the
-# node's loop, its gRPC send, the kernel): a generous bound on 2 busy cores.
-SEND_WINDOW_S = 0.5
-
-
-@dataclass(frozen=True)
-class NodeCounts:
-    """One node's own counts, as its Describe reported them."""
-
-    name: str
-    counts: dict[str, node_pb2.TaskCount]
-    evicted: int
-
-    @classmethod
-    def from_describe(cls, name: str, reply: node_pb2.DescribeResponse) -> NodeCounts:
-        return cls(name, {c.task_id: c for c in reply.task_counts}, reply.task_counts_evicted)
-
-    @classmethod
-    def from_json(cls, name: str, text: str) -> NodeCounts:
-        """From `mesh node describe --task-counts --json`."""
-        reply = json_format.Parse(text, node_pb2.DescribeResponse(), ignore_unknown_fields=True)
-        return cls.from_describe(name, reply)
-
-    def get(self, task_id: str) -> node_pb2.TaskCount:
-        return self.counts.get(task_id, node_pb2.TaskCount(task_id=task_id))
-
-
-@dataclass(frozen=True)
-class LostWindow:
-    """A node could not deliver results from `cut_unix_s` (less SEND_WINDOW_S) until
-    `back_unix_s` (killed: the kill itself)."""
-
-    node: str
-    cut_unix_s: float
-    back_unix_s: float
-
-    def excuses(self, count: node_pb2.TaskCount, completed: int) -> bool:
-        return (
-            completed == 1
-            and self.cut_unix_s - SEND_WINDOW_S <= count.last_completed_unix_s <= self.back_unix_s
-        )
-
-
-async def node_counts(name: str, address: str, *, timeout_s: float = 10.0) -> NodeCounts:
-    """Ask a running node (Describe with task_counts)."""
-    from mesh.client import NodeClient
-
-    async with NodeClient(address) as client:
-        reply = await client.describe(task_counts=True, timeout_s=timeout_s)
-    return NodeCounts.from_describe(name, reply)
-
-
-@dataclass
-class Verdict:
-    """What the check found: per task, who completed it; the completions it excused."""
-
-    completed_on: dict[str, list[str]] = field(default_factory=dict)
-    excused: list[tuple[str, str]] = field(default_factory=list)  # (task id, node)
-    started: int = 0
-
-
-def _completed(count: node_pb2.TaskCount, kind: str) -> int:
-    return count.agent_runs_completed if kind == "agent" else count.generations_completed
+__all__ = [
+    "SEND_WINDOW_S",
+    "LostWindow",
+    "NodeCounts",
+    "Verdict",
+    "check_exactly_once",
+    "node_counts",
+]
 
 
 def check_exactly_once(
@@ -111,42 +42,11 @@ def check_exactly_once(
 
     `may_be_unfinished`: tasks whose answer was assembled from a stream that broke after its
     last token (no node sent the end): zero completions is right for them, one is allowed."""
-    assert nodes, "no node's counts to judge by"
-    dropped = {n.name: n.evicted for n in nodes if n.evicted}
-    assert not dropped, f"nodes dropped task ids from their counts, cannot judge: {dropped}"
-    windows = {w.node: w for w in lost}
-    unfinished = set(may_be_unfinished)
-    verdict = Verdict()
-    problems = []
-    for task_id in task_ids:
-        on: list[str] = []  # a node once per completion
-        excusable: list[str] = []
-        tools: dict[str, int] = {}
-        for node in nodes:
-            count = node.get(task_id)
-            verdict.started += (
-                count.agent_runs_started if kind == "agent" else count.generations_started
-            )
-            for tool, runs in count.side_effect_tool_runs.items():
-                tools[tool] = tools.get(tool, 0) + runs
-            completed = _completed(count, kind)
-            on += [node.name] * completed
-            window = windows.get(node.name)
-            if window is not None and window.excuses(count, completed):
-                excusable.append(node.name)
-        verdict.completed_on[task_id] = on
-        # Delivered once: at least one completion, and every completion beyond one is a result
-        # that could not get out of a node cut off at that moment.
-        extra = len(on) - 1
-        if (not on and task_id not in unfinished) or extra > len(excusable):
-            problems.append(
-                f"{task_id}: completed on {on or 'no node'} (could not deliver: "
-                f"{excusable or 'none'})"
-            )
-        elif extra > 0:
-            verdict.excused += [(task_id, name) for name in excusable[:extra]]
-        twice = {tool: runs for tool, runs in tools.items() if runs > 1}
-        if twice:
-            problems.append(f"{task_id}: side-effecting tools ran more than once: {twice}")
-    assert not problems, "not exactly once, by the nodes' own counts:\n" + "\n".join(problems)
+    verdict = judge_exactly_once(
+        task_ids, nodes, lost=lost, kind=kind, may_be_unfinished=may_be_unfinished
+    )
+    assert not verdict.cannot_judge, f"cannot judge: {verdict.cannot_judge}"
+    assert not verdict.problems, "not exactly once, by the nodes' own counts:\n" + "\n".join(
+        verdict.problems
+    )
     return verdict
