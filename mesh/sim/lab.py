@@ -9,9 +9,10 @@
     # rules are deleted, even when the block raises; `assert_clean()` checks nothing is left.
 
 Names start with `em<pid><lab>` (interface names are limited to 15 bytes), so parallel sessions
-never collide, and addresses come from the benchmark range 198.18.0.0/24..198.18.255.0/24 (part
-of 198.18.0.0/15), used only inside the namespaces created here (the bridge itself has no
-address in the root namespace). Where a Docker engine (or anything else) made the host's
+never collide, and addresses come from 198.18.0.0/17 (a /24 per lab, part of the benchmark range
+198.18.0.0/15), used only inside the namespaces created here (the bridge itself has no address
+in the root namespace). The rest of the range is the simulations': the netns backend takes
+198.18.128.0/17, compose networks 198.19.0.0/17 and our own dockerd's pool 198.19.128.0/17. Where a Docker engine (or anything else) made the host's
 firewall filter bridged traffic, the lab adds accept rules for its own bridge and removes them
 again (mesh/sim/firewall.py). The netns simulation backend (mesh/sim/netns.py) builds its
 namespaces and cables with the same functions (`add_bridge`, `plug_namespace`).
@@ -181,7 +182,7 @@ class NetnsLab:
         if len(self.prefix) > 11:
             raise RuntimeError(f"lab prefix {self.prefix!r} too long for interface names")
         self.bridge = f"{self.prefix}b"
-        self.subnet = f"{_SUBNET_PREFIX}.{index % 256}"
+        self.subnet = f"{_SUBNET_PREFIX}.{index % 128}"  # 198.18.0.0/17: see the docstring
         self.hosts: list[NetnsHost] = []
         self._veths: list[str] = []
         self._closed = False
