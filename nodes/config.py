@@ -6,6 +6,7 @@ import os
 import pathlib
 import socket
 import urllib.parse
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -20,6 +21,7 @@ from mesh.core.bounds import (
 from mesh.core.errors import ConfigError
 from mesh.core.model import FrozenModel
 from nodes.agents.spec import AgentSpec
+from nodes.cpu_limits import usable_cpu_count
 from nodes.router import ROUTER_ALIAS
 
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -29,7 +31,7 @@ RPC_HEADROOM = 64  # calls beyond admission's: coordinators' health watches, Des
 
 
 def _default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
+    return usable_cpu_count()
 
 
 class ModelConfig(FrozenModel):
@@ -213,6 +215,16 @@ class NodeConfig(FrozenModel):
     # tool, side effects, outcome; never the key, tool arguments, results or the user's text.
     # false: no audit log.
     audit_log: bool = True
+    # ---- a node from the topology (`mesh node start --topology FILE --node NAME`): the values
+    # above are built from that node's entry (name, cluster, port, labels, capacity, threads,
+    # models, agents); keys of this file and flags override them. A relative `topology` is
+    # relative to this file's folder. stand_ins: a `path:` model whose file is missing is
+    # served by the bundled smollm2, and an agent's tool this node lacks is left out, each
+    # logged as a `stand-in:` warning (a simulation has not everything a real device has);
+    # without it, those are errors.
+    topology: str | None = None
+    topology_node: str | None = None
+    stand_ins: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -312,23 +324,70 @@ def _format_validation_error(path: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_node_config(path: str | None, **overrides: object) -> NodeConfig:
-    """Read `path` (YAML; None: defaults) and apply non-None `overrides`; ConfigError on any problem."""
-    data: dict[str, object] = {}
+def read_node_config_file(path: str) -> dict[str, Any]:
+    """The keys of a node config file, unvalidated; ConfigError if unreadable or not a mapping."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read node config: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the node config must be a mapping of keys to values")
+    return dict(loaded or {})
+
+
+# (topology file, node name, stand_ins, the config's other keys) -> NodeConfig values of that
+# node (mesh/topology/node_config.py: nodes/ does not read topologies itself).
+TopologyValues = Callable[[str, str, bool, Mapping[str, Any]], dict[str, Any]]
+
+
+def load_node_config(
+    path: str | None, *, from_topology: TopologyValues | None = None, **overrides: object
+) -> NodeConfig:
+    """Read `path` (YAML; None: defaults) and apply non-None `overrides`; ConfigError on any problem.
+
+    With `topology` and `topology_node` (in the file or the overrides) the node's entry in that
+    topology, turned into values by `from_topology`, comes first; the file and then the
+    overrides go over it."""
+    data: dict[str, Any] = read_node_config_file(path) if path else {}
     source = path or "(command line)"
-    if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                loaded = yaml.safe_load(handle)
-        except OSError as error:
-            raise ConfigError(f"{path}: cannot read node config: {error.strerror}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the node config must be a mapping of keys to values")
-        data = dict(loaded or {})
+    if path and isinstance(data.get("topology"), str) and overrides.get("topology") is None:
+        # A topology named in the file is found next to the file, wherever the node starts.
+        data["topology"] = str(pathlib.Path(path).parent / os.path.expanduser(data["topology"]))
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if data.get("topology") is not None or data.get("topology_node") is not None:
+        data = {**_topology_values(data, source, from_topology), **data}
     try:
         return NodeConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(source, error)) from None
+
+
+def _topology_values(
+    data: Mapping[str, Any], source: str, from_topology: TopologyValues | None
+) -> dict[str, Any]:
+    topology, node, stand_ins = (
+        data.get("topology"),
+        data.get("topology_node"),
+        data.get("stand_ins"),
+    )
+    if not isinstance(topology, str) or not topology:
+        raise ConfigError(
+            f"{source}: topology_node {node!r} needs the topology file it is in: "
+            "`topology: FILE` (or --topology FILE)"
+        )
+    if not isinstance(node, str) or not node:
+        raise ConfigError(
+            f"{source}: topology {topology}: which of its nodes is this one? Name it with "
+            "`topology_node: NAME` (or --node NAME)"
+        )
+    if not isinstance(stand_ins, bool | None):
+        raise ConfigError(f"{source}: stand_ins: must be true or false (got {stand_ins!r})")
+    if from_topology is None:
+        raise ConfigError(
+            f"{source}: a node from a topology is built by `mesh node start`; "
+            "this caller cannot read topologies"
+        )
+    return from_topology(topology, node, bool(stand_ins), data)

@@ -15,6 +15,7 @@ from mesh.core.errors import MeshError
 
 if TYPE_CHECKING:
     from mesh.coordinator.runner import RunningCoordinator
+    from mesh.topology import Topology
 
 DEFAULT_ENDPOINT = "127.0.0.1:9000"
 
@@ -67,7 +68,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve the OpenAI API only through Ray Serve's HTTP proxy",
     )
     start.add_argument("--replicas", type=int, help="dispatcher replicas (default: topology's)")
-    start.add_argument("--no-mdns", action="store_true", help="static nodes only")
+    discovery = start.add_mutually_exclusive_group()
+    discovery.add_argument("--no-mdns", action="store_true", help="static nodes only")
+    discovery.add_argument(
+        "--mdns-only",
+        action="store_true",
+        help="ignore the topology's node addresses and find every node by mDNS, even if the "
+        "topology says `mdns: false` (simulations, where nodes get addresses of their own; "
+        "--node addresses are still added)",
+    )
     start.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
     start.add_argument("--num-cpus", type=float, help="CPUs of a locally started Ray")
     start.add_argument(
@@ -155,6 +164,8 @@ def _config(args: argparse.Namespace) -> object:
 
     if args.topology:
         topology = load_topology(args.topology)
+        if args.mdns_only:
+            topology = without_static_addresses(topology)
     else:
         topology = default_topology()
         if args.node:  # nodes named on the command line replace the default local one
@@ -169,7 +180,7 @@ def _config(args: argparse.Namespace) -> object:
         replicas=args.replicas,
         ray_address=args.ray_address,
         num_cpus=args.num_cpus,
-        mdns=False if args.no_mdns else None,
+        mdns=False if args.no_mdns else True if args.mdns_only else None,
         fast_path=False if args.no_fast_path else None,
         http_fast_port=args.http_fast_port,
         http_fast_path=False if args.no_http_fast_path else None,
@@ -189,6 +200,13 @@ def _config(args: argparse.Namespace) -> object:
         return config
     dispatcher = config.dispatcher.model_validate({**config.dispatcher.model_dump(), **tracing})
     return config.model_copy(update={"dispatcher": dispatcher})
+
+
+def without_static_addresses(topology: Topology) -> Topology:
+    """`topology` with no node's static `address`: every node is then found by mDNS (under
+    the topology's cluster name), as `--mdns-only` asks."""
+    nodes = tuple(node.model_copy(update={"address": None}) for node in topology.nodes)
+    return topology.model_copy(update={"nodes": nodes})
 
 
 def _cluster_dir(args: argparse.Namespace) -> str | None:

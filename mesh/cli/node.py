@@ -6,10 +6,14 @@ import argparse
 import asyncio
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from mesh.cli._common import EXIT_ERROR, message_to_dict, print_json, run_async
 from mesh.core.channels import PLAINTEXT, ChannelSecurity
 from mesh.core.errors import ConfigError, MeshError
+
+if TYPE_CHECKING:
+    from nodes.config import NodeConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,6 +22,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     start = actions.add_parser("start", help="start a node daemon in the foreground")
     start.add_argument("--config", help="node config YAML file")
+    start.add_argument(
+        "--topology",
+        metavar="FILE",
+        help="run the node as this topology declares it (with --node): name, cluster, port, "
+        "labels, capacity, threads, models, agents; other flags override it",
+    )
+    start.add_argument("--node", metavar="NAME", help="which node of --topology this one is")
+    start.add_argument(
+        "--stand-ins",
+        action="store_true",
+        default=None,
+        help="with a topology: serve the bundled smollm2 for a model whose file is missing, "
+        "and leave out an agent's tool this node does not have (each logged as `stand-in:`); "
+        "without it those are errors",
+    )
     start.add_argument("--name", help="node name (default: host name)")
     start.add_argument("--cluster", help="mesh the node joins (default: 'default')")
     start.add_argument("--host", help="address to listen on (default 0.0.0.0)")
@@ -113,50 +132,63 @@ def _labels(pairs: list[str]) -> dict[str, str] | None:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from nodes.config import default_router_config, load_node_config, model_config_from_flag
     from nodes.daemon import NodeDaemon, run_daemon
 
     try:
-        models = None
-        if args.model:
-            models = (model_config_from_flag(args.model, n_threads=args.n_threads),)
-        config = load_node_config(
-            args.config,
-            name=args.name,
-            cluster=args.cluster,
-            host=args.host,
-            port=args.port,
-            models=models,
-            max_concurrent=args.max_concurrent,
-            max_queued=args.max_queued,
-            state_dir=args.state_dir,
-            labels=_labels(args.label),
-            advertise=False if args.no_advertise else None,
-            interface=args.interface,
-            metrics_port=args.metrics_port,
-            trace_sample_ratio=args.trace_sample_ratio,
-            otlp_endpoint=args.otlp_endpoint,
-            router=default_router_config() if args.router else None,
-            join_token=args.join,
-            join_token_file=args.join_file,
-            coordinator=tuple(args.coordinator) or None,
-            insecure=True if args.insecure else None,
-        )
-        if args.router is False:
-            config = config.model_copy(update={"router": None})
-        if args.n_threads and not args.model:
-            config = config.model_copy(
-                update={
-                    "models": tuple(
-                        m.model_copy(update={"n_threads": args.n_threads}) for m in config.models
-                    )
-                }
-            )
+        config = node_config_from_args(args)
         daemon = NodeDaemon(config, announcer_factory=_announcer_factory())
         return asyncio.run(run_daemon(daemon))
     except MeshError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def node_config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """The node's config: a topology's node entry (--topology/--node, or the config file's
+    `topology`/`topology_node`), then the config file, then the flags; ConfigError if wrong."""
+    from mesh.topology.node_config import node_config_values
+    from nodes.config import default_router_config, load_node_config, model_config_from_flag
+
+    models = None
+    if args.model:
+        models = (model_config_from_flag(args.model, n_threads=args.n_threads),)
+    config = load_node_config(
+        args.config,
+        from_topology=node_config_values,
+        topology=args.topology,
+        topology_node=args.node,
+        stand_ins=args.stand_ins,
+        name=args.name,
+        cluster=args.cluster,
+        host=args.host,
+        port=args.port,
+        models=models,
+        max_concurrent=args.max_concurrent,
+        max_queued=args.max_queued,
+        state_dir=args.state_dir,
+        labels=_labels(args.label),
+        advertise=False if args.no_advertise else None,
+        interface=args.interface,
+        metrics_port=args.metrics_port,
+        trace_sample_ratio=args.trace_sample_ratio,
+        otlp_endpoint=args.otlp_endpoint,
+        router=default_router_config() if args.router else None,
+        join_token=args.join,
+        join_token_file=args.join_file,
+        coordinator=tuple(args.coordinator) or None,
+        insecure=True if args.insecure else None,
+    )
+    if args.router is False:
+        config = config.model_copy(update={"router": None})
+    if args.n_threads and not args.model:
+        config = config.model_copy(
+            update={
+                "models": tuple(
+                    m.model_copy(update={"n_threads": args.n_threads}) for m in config.models
+                )
+            }
+        )
+    return config
 
 
 def _announcer_factory():  # type: ignore[no-untyped-def]
