@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "trace",
     "audit",
     "keys",
+    "sim",
 )
 
 
