@@ -2,13 +2,14 @@
 
 Compose runs it every few seconds inside every simulated container (mesh/sim/compose.py), on
 machines where a whole mesh shares two cores, and its memory counts against the container's
-limit (a kiosk's few hundred MB). So it imports nothing but the standard library's socket code:
+limit (a kiosk's few hundred MB). So it imports nothing but the standard library's socket code
+and speaks only as much of each protocol as a health check needs:
 
 - gRPC (nodes): the standard `grpc.health.v1.Health/Check` of the whole server (service ""),
   spoken as one plaintext HTTP/2 request (RFC 9113, prior knowledge, as gRPC does without TLS).
   A node daemon answers NOT_SERVING while its models load and turns SERVING once every model
-  is ready (nodes/daemon.py), so "healthy" means "can take a task". Importing `grpc` instead
-  costs about 0.11 s of CPU and 39 MB per check; this costs a fifth of that.
+  is ready (nodes/daemon.py), so "healthy" means "can take a task". Measured on 2 cores: 0.04 s
+  of CPU and 14 MB per check, against 0.11 s and 39 MB when it imported `grpc`.
 - HTTP (the coordinator: Ray Serve's gRPC proxy has no grpc.health.v1): `GET PATH` must answer
   200. `/v1/mesh/info` is answered by a dispatcher replica through the HTTP ingress, with no API
   key even in a cluster, so a 200 says the ingress and the app behind it answer.
@@ -151,7 +152,7 @@ class _Reader:
         while len(self.buffer) < size:
             left = self.deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError("no answer within the timeout")
+                raise TimeoutError
             self.sock.settimeout(left)
             chunk = self.sock.recv(65536)
             if not chunk:
@@ -201,8 +202,8 @@ def check_grpc(address: str, timeout_s: float, service: str = "") -> int:
                         raise HealthCheckError("the reply is too long to be a health reply")
                 if kind in (_DATA, _HEADERS) and flags & _END_STREAM:
                     break
-    except TimeoutError as error:  # socket.timeout is TimeoutError since 3.10
-        raise HealthCheckError(f"{address}: {error or 'timed out'}") from None
+    except TimeoutError:  # ours, or the socket's (socket.timeout is TimeoutError since 3.10)
+        raise HealthCheckError(f"{address}: no answer within {timeout_s:g} s") from None
     except OSError as error:  # refused, unreachable, reset
         raise HealthCheckError(f"{address}: {error.strerror or error}") from None
     if not body:
@@ -214,21 +215,30 @@ def check_grpc(address: str, timeout_s: float, service: str = "") -> int:
 
 
 def check_http(address: str, path: str, timeout_s: float) -> None:
-    """Return when `GET http://address/path` answers 200; HealthCheckError otherwise."""
-    import http.client
+    """Return when `GET http://address/path` answers 200; HealthCheckError otherwise.
 
+    Only the status line is read (`http.client` would double the check's cost in imports)."""
     host, port = _split(address)
-    connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    request = f"GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    deadline = time.monotonic() + timeout_s
     try:
-        connection.request("GET", path, headers={"Connection": "close"})
-        reply = connection.getresponse()
-        reply.read()
-    except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out
-        raise HealthCheckError(f"http://{address}{path}: {error or type(error).__name__}") from None
-    finally:
-        connection.close()
-    if reply.status != 200:
-        raise HealthCheckError(f"http://{address}{path}: HTTP {reply.status}")
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(request.encode())
+            reader = _Reader(sock, deadline)
+            line = b""
+            while not line.endswith(b"\r\n") and len(line) < 1024:
+                line += reader.exactly(1)
+    except TimeoutError:  # ours, or the socket's
+        raise HealthCheckError(
+            f"http://{address}{path}: no answer within {timeout_s:g} s"
+        ) from None
+    except OSError as error:  # refused, unreachable, reset
+        raise HealthCheckError(f"http://{address}{path}: {error.strerror or error}") from None
+    parts = line.decode("latin-1").split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise HealthCheckError(f"http://{address}{path}: not an HTTP answer")
+    if parts[1] != "200":
+        raise HealthCheckError(f"http://{address}{path}: HTTP {parts[1]}")
 
 
 def _split(address: str) -> tuple[str, int]:
