@@ -48,7 +48,16 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from mesh.core.errors import ConfigError
 from mesh.core.model import FrozenModel
@@ -88,13 +97,17 @@ RESTORING: tuple[FaultAction, ...] = ("restart", "heal")  # bring the mesh back,
 VIAS = ("grpc", "openai")
 _SHARE_TOLERANCE = 1e-6
 
-Int = Annotated[int, Strict()]
+Via = Literal["grpc", "openai"]
 Share = Annotated[float, Strict(), Field(ge=0, le=1)]
 Seconds = Annotated[float, Strict(), Field(ge=0, le=86_400)]
 PositiveSeconds = Annotated[float, Strict(), Field(gt=0, le=86_400)]
 Name = Annotated[str, Strict(), Field(min_length=1, max_length=63)]
 Text = Annotated[str, Strict()]
 Prompt = Annotated[str, Strict(), Field(min_length=1, max_length=4000)]
+
+
+def _all_grpc() -> dict[Via, float]:
+    return {"grpc": 1.0}
 
 
 class LoadSpec(FrozenModel):
@@ -108,20 +121,30 @@ class LoadSpec(FrozenModel):
     duration_s: Seconds = 0.0  # spread task starts over this long (0: as fast as allowed)
     task_deadline_s: PositiveSeconds | None = None  # per task; None: the coordinator's
     prompts: Annotated[tuple[Prompt, ...], Field(min_length=1)] = DEFAULT_PROMPTS
-    via: dict[Literal["grpc", "openai"], Share] = Field(default_factory=lambda: {"grpc": 1.0})
+    via: dict[Via, Share] = Field(default_factory=_all_grpc)
     agents: dict[Name, Share] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _shares(self) -> LoadSpec:
-        total = sum(self.via.values())
+    @field_validator("via")
+    @classmethod
+    def _via_shares(cls, value: dict[Via, float]) -> dict[Via, float]:
+        total = sum(value.values())
         if abs(total - 1.0) > _SHARE_TOLERANCE:
-            raise field_error("via", f"shares must add up to 1 (they add up to {total:g})")
-        agents = sum(self.agents.values())
-        if agents > 1.0 + _SHARE_TOLERANCE:
-            raise field_error(
-                "agents", f"shares must add up to at most 1 (they add up to {agents:g})"
+            raise PydanticCustomError(
+                "mesh", "shares must add up to 1 (they add up to {total})", {"total": f"{total:g}"}
             )
-        return self
+        return value
+
+    @field_validator("agents")
+    @classmethod
+    def _agent_shares(cls, value: dict[str, float]) -> dict[str, float]:
+        total = sum(value.values())
+        if total > 1.0 + _SHARE_TOLERANCE:
+            raise PydanticCustomError(
+                "mesh",
+                "shares must add up to at most 1 (they add up to {total})",
+                {"total": f"{total:g}"},
+            )
+        return value
 
 
 class FaultSpec(FrozenModel):
