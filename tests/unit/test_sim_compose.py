@@ -185,6 +185,22 @@ def test_ports_bound_to_loopback_limits_and_health_checks(topology_path: pathlib
     assert coordinator["shm_size"] and coordinator["mem_limit"]
 
 
+@pytest.mark.parametrize("topology_path", SHIPPED, ids=lambda p: p.stem)
+def test_every_command_is_one_the_mesh_cli_accepts(topology_path: pathlib.Path) -> None:
+    from mesh.cli import build_parser
+
+    services = _document(topology_path, SHIPPED_COMPOSE_DIR)["services"]
+    for name, service in services.items():
+        command = service["command"]
+        assert command[0] == "mesh"
+        args = build_parser().parse_args(command[1:])  # SystemExit on an unknown flag
+        assert args.topology == TOPOLOGY_MOUNT and args.host == "0.0.0.0"
+        if name != COORDINATOR_SERVICE:
+            assert args.node == name and args.stand_ins and args.state_dir == STATE_MOUNT
+        else:
+            assert args.mdns_only and args.grpc_port == COORDINATOR_GRPC_PORT
+
+
 def test_sites_devices_and_names_of_a_multi_site_topology(tmp_path: pathlib.Path) -> None:
     topology_path = _multi_site(tmp_path)
     output_dir = tmp_path / "out"
