@@ -11,7 +11,7 @@ TYPED_PATHS := mesh nodes
 gate = @echo "== $(1): $(2)"; $(2) || { status=$$?; echo "*** gate '$(1)' failed: $(3)" >&2; exit $$status; }
 
 .PHONY: setup run check check-static test test-unit test-integration test-e2e lint typecheck \
-  proto proto-check bench clean
+  proto proto-check bench clean sim-base sim-wheels sim-images sim-engine-start sim-engine-stop
 
 $(STAMP): pyproject.toml
 	@# The dashboard's browser test (tests/integration/test_dashboard.py) needs Debian's chromium.
@@ -68,6 +68,28 @@ proto-check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Docker simulations (`mesh sim`, deploy/docker/README.md). The engine: an answering one
+# (DOCKER_HOST, the system's), else our own dockerd with flags that leave iptables alone
+# (as root; its data under MESH_SIM_ENGINE_DIR, default ~/.local/state/edge-agent-mesh/sim/engine).
+sim-engine-start: $(STAMP)
+	$(PY) -m mesh.sim.engine start
+
+sim-engine-stop: $(STAMP)
+	$(PY) -m mesh.sim.engine stop
+
+# edgemesh-base:bookworm from debootstrap (cached in the engine; ~1 min the first time).
+sim-base: $(STAMP)
+	$(PY) -m mesh.sim.images base
+
+# The images' wheels, built on the host into build/wheelhouse/<extra>/ (only what is missing).
+sim-wheels: $(STAMP)
+	$(PY) -m mesh.sim.images wheels
+
+# edgemesh-node and edgemesh-coordinator (:<hash of the tree> and :latest); BASE=IMAGE to build
+# on another base, REBUILD=1 to build even when cached.
+sim-images: $(STAMP)
+	$(PY) -m mesh.sim.images build $(if $(BASE),--base $(BASE)) $(if $(REBUILD),--rebuild)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
