@@ -245,8 +245,8 @@ def _run_condensed(
     env: dict[str, str] | None = None,
 ) -> None:
     """Run `command`, its whole output into `log`; a progress line each time `phase_of(line)`
-    names a new phase. SimError with the log's tail when it fails."""
-    last_phase = None
+    names a phase not seen before. SimError with the log's tail when it fails."""
+    seen: set[str] = set()
     with log.open("w") as out:
         process = subprocess.Popen(
             list(command),
@@ -260,8 +260,8 @@ def _run_condensed(
         for line in process.stdout:
             out.write(line)
             phase = phase_of(line.rstrip())  # type: ignore[operator]
-            if phase and phase != last_phase:
-                last_phase = phase
+            if phase and phase not in seen:
+                seen.add(phase)
                 progress(f"{clock}   {phase}")
         code = process.wait()
     if code != 0:
