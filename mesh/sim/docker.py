@@ -7,9 +7,11 @@ nodes find the coordinator, and it them, by mDNS inside the compose networks; th
 the coordinator and each node through ports published on 127.0.0.1.
 
 Faults act on the containers: `docker kill|stop|pause|start`, `docker network disconnect` (and
-`connect` with the same address to heal), and `tc netem` run by `nsenter` in the container's
-network namespace (so containers need no NET_ADMIN). Faults in force are kept in
-`<state>/docker/<project>/faults.json`, so `status` and `heal` work from a later command.
+`connect` with the same address to heal), and delay and loss set by `nsenter` in the
+container's network namespace (so containers need no NET_ADMIN): `tc netem`, or on a kernel
+without netem iptables rules and an NFQUEUE delayer, a host process in that namespace
+(mesh/sim/shaping.py). Faults in force, with the delayers' pids, are kept in
+`<state>/docker/<project>/faults.json`, so `status`, `heal` and `down` work from a later command.
 
 Every docker and compose command goes through one injected `run` (argv, env) so the logic is
 unit-tested without an engine (tests/unit/test_sim_docker.py); the real thing is
@@ -27,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mesh.sim import shaping
 from mesh.sim.backend import (
     DEFAULT_SITE,
     FaultAction,
@@ -266,6 +269,9 @@ class DockerBackend:
     def down(self, topology: pathlib.Path, *, progress: Progress) -> list[str]:
         _loaded, project = self._load(topology)
         label = f"label={PROJECT_LABEL}={project}"
+        faults = self._faults(project)
+        stopped = [line for entry in faults.values() for line in self._stop_shaping(entry)]
+        self._save_faults(project, faults)
         before = {
             "container": self._names("ps", "-a", "--filter", label, "--format", "{{.Names}}"),
             "network": self._names("network", "ls", "--filter", label, "--format", "{{.Name}}"),
@@ -290,6 +296,7 @@ class DockerBackend:
         with contextlib.suppress(FileNotFoundError):
             self._faults_path(project).unlink()
         removed = [f"removed {kind} {name}" for kind, names in before.items() for name in names]
+        removed += [f"stopped {line}" for line in stopped]
         return removed or [f"{project}: nothing to remove"]
 
     def _names(self, *args: str) -> list[str]:
@@ -316,11 +323,13 @@ class DockerBackend:
             names = [name]
         faults = self._faults(project)
         said = []
-        for node in names:
-            container = self._container(project, service_name(node))
-            entry = faults.setdefault(node, {})
-            said.append(self._apply(container, node, action, value, entry))
-        self._save_faults(project, faults)
+        try:
+            for node in names:
+                container = self._container(project, service_name(node))
+                entry = faults.setdefault(node, {})
+                said.append(self._apply(container, node, action, value, entry))
+        finally:  # a failure half-way still records what is in force (a delayer's pid)
+            self._save_faults(project, faults)
         return "; ".join(said)
 
     def _apply(
@@ -349,7 +358,8 @@ class DockerBackend:
                 self._docker("restart", "-t", "10", ident, timeout_s=60)
             else:
                 self._docker("start", ident, timeout_s=60)
-            entry.pop("netem", None)  # a new namespace has no qdisc
+            entry.pop("netem", None)  # a new namespace has no qdisc and no rules
+            self._stop_shaping(entry)  # the old one's delayer has nothing left to delay
             return f"{node}: started again"
         if action == "partition":
             networks = container["NetworkSettings"]["Networks"]
@@ -367,10 +377,19 @@ class DockerBackend:
             assert value is not None
             netem = dict(entry.get("netem") or {})
             netem[action] = value
-            self._netem(container, netem)
+            try:
+                self._netem(container, netem, entry=entry)
+            except SimError:
+                before = entry.pop("netem", None)  # the failed apply took it back: set it again
+                if before:
+                    with contextlib.suppress(SimError):
+                        self._netem(container, before, entry=entry)
+                        entry["netem"] = before
+                raise
             entry["netem"] = netem
             unit = "ms" if action == "delay" else "%"
-            return f"{node}: {action} {value:g}{unit}"
+            how = shaping.describe(entry.get("shaping") or {})
+            return f"{node}: {action} {value:g}{unit}" + (f" ({how})" if how else "")
         # heal: undo everything heal can undo
         done = []
         if state == "paused":
@@ -382,38 +401,52 @@ class DockerBackend:
                 args += ["--ip", address]
             self._docker(*args, network, ident)
             done.append(f"reconnected to {network}")
-        if entry.pop("netem", None):
-            self._netem(container, {})
-            done.append("netem removed")
+        if entry.pop("netem", None) or entry.get("shaping"):
+            self._netem(container, {}, entry=entry)
+            done.append("delay/loss removed")
         return f"{node}: healed ({', '.join(done) or 'nothing to undo'})"
 
-    def _netem(self, container: dict[str, Any], netem: dict[str, float]) -> None:
-        """Set (or with {} clear) the netem qdisc on every interface of the container."""
+    def _netem(
+        self,
+        container: dict[str, Any],
+        netem: dict[str, float],
+        *,
+        entry: dict[str, Any] | None = None,
+    ) -> None:
+        """Set (or with {} clear) the container's delay and loss in its network namespace
+        (mesh/sim/shaping.py: netem on every interface, or where the kernel has no netem
+        iptables rules and an NFQUEUE delayer entered with nsenter). What was done is kept in
+        `entry["shaping"]` (faults.json), so heal and down undo it from a later command."""
+        entry = entry if entry is not None else {}
+        previous = entry.pop("shaping", None) or {}
         pid = str(container["State"].get("Pid") or "")
         if not pid or pid == "0":
-            raise SimError("the container is not running: netem needs its network namespace")
-        enter = ["nsenter", "-t", pid, "-n"]
-        links = self._run([*enter, "ip", "-o", "link", "show"], {}, 20)
-        if links.returncode != 0:
-            raise SimError(f"nsenter (root needed for netem): {_tail(links.stderr)}")
-        interfaces = [
-            line.split(":")[1].strip().split("@")[0]
-            for line in links.stdout.splitlines()
-            if ":" in line and line.split(":")[1].strip().split("@")[0] != "lo"
-        ]
-        for interface in interfaces:
+            shaping.clear(None, previous, run=self._shaping_run)  # stops a delayer it had
             if netem:
-                spec = []
-                if "delay" in netem:
-                    spec += ["delay", f"{netem['delay']:g}ms"]
-                if "loss" in netem:
-                    spec += ["loss", f"{netem['loss']:g}%"]
-                argv = [*enter, "tc", "qdisc", "replace", "dev", interface, "root", "netem", *spec]
-                done = self._run(argv, {}, 20)
-                if done.returncode != 0:
-                    raise SimError(f"tc netem on {interface}: {_tail(done.stderr)}")
-            else:
-                self._run([*enter, "tc", "qdisc", "del", "dev", interface, "root"], {}, 20)
+                raise SimError("the container is not running: delay and loss need its namespace")
+            return
+        labels = container["Config"]["Labels"]
+        project = labels.get(PROJECT_LABEL, "")
+        service = labels.get(SERVICE_LABEL) or container["Id"][:12]
+        log = self._project_dir(project) / f"delayer-{service}.log" if project else None
+        state = shaping.apply(
+            ["nsenter", "-t", pid, "-n"],
+            delay_ms=netem.get("delay"),
+            loss_pct=netem.get("loss"),
+            tag=shaping.shaping_tag(project or "docker", service),
+            previous=previous,
+            run=self._shaping_run,
+            log=str(log) if log else None,
+        )
+        if state:
+            entry["shaping"] = state
+
+    def _shaping_run(self, argv: Sequence[str]) -> Completed:
+        return self._run(argv, {}, 30)
+
+    def _stop_shaping(self, entry: dict[str, Any]) -> list[str]:
+        """Stop the delayer `entry` records (its container gone or renewed); what was done."""
+        return shaping.clear(None, entry.pop("shaping", None) or {}, run=self._shaping_run)
 
 
 def _state(container: dict[str, Any] | None) -> str:

@@ -272,3 +272,67 @@ def test_up_of_a_running_project_waits_for_its_nodes(tmp_path: pathlib.Path) -> 
     assert f"{PROJECT} is already up" in lines
     assert not [c for c in fake.commands if c[0] == "compose"]  # nothing started twice
     assert status.up
+
+
+class NoNetemDocker(FakeDocker):
+    """A host whose kernel has no netem: `tc ... netem` fails, iptables and the NFQUEUE delayer
+    (started with nsenter in the container's namespace, stopped by pid) work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delayers: set[int] = set()
+        self.started = 0
+
+    def __call__(self, argv: Sequence[str], env: dict[str, str], timeout_s: float) -> Completed:
+        argv = list(argv)
+        if "--stop" in argv:
+            self.commands.append(argv)
+            self.delayers.discard(int(argv[-1]))
+            return Completed(0, f"delayer {argv[-1]}: stopped\n", "")
+        if argv[0] == "nsenter" and "netem" in argv:
+            self.commands.append(argv)
+            return Completed(2, "", "Error: Specified qdisc kind is unknown.\n")
+        if argv[0] == "nsenter" and "--background" in argv:
+            self.commands.append(argv)
+            pid = 900 + self.started
+            self.started += 1
+            self.delayers.add(pid)
+            return Completed(0, f"{pid}\n", "")
+        return super().__call__(argv, env, timeout_s)
+
+
+def test_without_netem_delay_is_an_nfqueue_delayer_that_heal_stops(tmp_path: pathlib.Path) -> None:
+    fake = NoNetemDocker()
+    backend = _backend(fake, tmp_path)
+    said = backend.fault(TOPOLOGY, "edge-a", "delay", 200)
+    assert "NFQUEUE delayer pid 900" in said
+    [started] = [c for c in fake.commands if "--background" in c]
+    assert started[:4] == ["nsenter", "-t", "1001", "-n"]
+    assert started[started.index("--delay-ms") + 1] == "200"
+    inserted = [c for c in fake.commands if c[:4] == started[:4] and "-I" in c and "OUTPUT" in c]
+    assert [c[c.index("-j") + 1] for c in inserted] == ["NFQUEUE"]
+    assert inserted[0][inserted[0].index("--comment") + 1] == "edgemesh-shape:docker/edge-a"
+    saved = json.loads((tmp_path / "docker" / PROJECT / "faults.json").read_text())
+    assert saved["edge-a"]["shaping"]["delayer_pid"] == 900
+    assert saved["edge-a"]["netem"] == {"delay": 200}
+    # A later command heals it: the rule deleted in the container, the delayer stopped.
+    later = _backend(fake, tmp_path)
+    assert later.status(TOPOLOGY).node("edge-a").faults == ("delay 200ms",)
+    assert "delay/loss removed" in later.fault(TOPOLOGY, "edge-a", "heal")
+    deleted = [c for c in fake.commands if "-D" in c and "OUTPUT" in c]
+    assert [c[c.index("-D") + 2 :] for c in deleted] == [inserted[0][inserted[0].index("-I") + 2 :]]
+    assert fake.delayers == set()
+    assert later.status(TOPOLOGY).node("edge-a").faults == ()
+
+
+def test_down_and_restart_stop_the_delayers_they_recorded(tmp_path: pathlib.Path) -> None:
+    fake = NoNetemDocker()
+    backend = _backend(fake, tmp_path)
+    backend.fault(TOPOLOGY, "edge-a", "delay", 50)
+    backend.fault(TOPOLOGY, "edge-b", "delay", 50)
+    backend.fault(TOPOLOGY, "edge-b", "restart")  # a new namespace: the old delayer goes
+    assert fake.delayers == {900}
+    assert backend.status(TOPOLOGY).node("edge-b").faults == ()
+    removed = backend.down(TOPOLOGY, progress=lambda line: None)
+    assert "stopped delayer 900: stopped" in removed
+    assert fake.delayers == set()
