@@ -21,7 +21,9 @@ built it, so that `status`, `fault` and `down` work from later commands:
 What `up` made is recorded in `state_root()/netns/<project>/state.json` (with the processes'
 logs and the nodes' state directories next to it); every name starts with a prefix derived from
 the project and that directory, so `down` also finds what a crashed `up` made before it could
-write it down. Needs root and iproute2 (`tc` for delay and loss).
+write it down. Needs root and iproute2. Delay and loss (mesh/sim/shaping.py) use netem where the
+kernel has it, and otherwise iptables in the node's namespace: a `statistic` drop rule, and an
+NFQUEUE rule served by a delayer process (mesh/sim/nfqueue.py) that holds each packet MS ms.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.core.errors import ConfigError
+from mesh.sim import shaping
 from mesh.sim.backend import (
     FaultAction,
     Progress,
@@ -112,6 +115,7 @@ class NodeEntry:
     partition: bool = False
     delay_ms: float | None = None
     loss_pct: float | None = None
+    shaping: dict[str, Any] = field(default_factory=dict)  # mesh/sim/shaping.py's state
 
     def faults(self) -> tuple[str, ...]:
         found = ["partition"] if self.partition else []
@@ -213,11 +217,6 @@ def _wait_gone(proc: Proc, timeout_s: float) -> bool:
             return False
         time.sleep(0.1)
     return True
-
-
-def _quiet(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run a short command, its output captured, never raising on failure."""
-    return subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
 
 
 def _log_tail(path: str, chars: int = 2000) -> str:
@@ -656,7 +655,9 @@ class NetnsBackend:
             node.delay_ms, node.loss_pct = before
             self._netem(node)  # back to what was in force
             raise
-        return f"{node.name}: {' '.join(f for f in node.faults() if f != 'partition')}"
+        said = " ".join(f for f in node.faults() if f != "partition")
+        how = shaping.describe(node.shaping)
+        return f"{node.name}: {said or 'no delay or loss'}" + (f" ({how})" if how else "")
 
     def _heal(self, node: NodeEntry) -> str:
         undone = []
@@ -674,38 +675,22 @@ class NetnsBackend:
         return f"healed {node.name} ({', '.join(undone) or 'nothing to undo'})"
 
     def _netem(self, node: NodeEntry) -> None:
-        """The node's outgoing traffic with its delay and loss: through netem, or, on a kernel
-        without netem, loss alone through an iptables `statistic` rule in the node's own
-        namespace (its firewall is ours alone). Neither: both removed."""
-        in_node = ["ip", "netns", "exec", node.namespace]
-        _quiet([*in_node, "tc", "qdisc", "del", "dev", IFACE, "root"])  # none there: fine
-        _quiet([*in_node, "iptables", "-w", "-F", "OUTPUT"])
-        if node.delay_ms is None and node.loss_pct is None:
-            return
-        netem = []
-        if node.delay_ms is not None:
-            netem += ["delay", f"{node.delay_ms:g}ms"]
-        if node.loss_pct is not None:
-            netem += ["loss", f"{node.loss_pct:g}%"]
-        done = _quiet([*in_node, "tc", "qdisc", "replace", "dev", IFACE, "root", "netem", *netem])
-        if done.returncode == 0:
-            return
-        no_netem = "unknown" in done.stderr  # "Specified qdisc kind is unknown."
-        if no_netem and node.delay_ms is None and shutil.which("iptables") is not None:
-            probability = f"{(node.loss_pct or 0) / 100:.4f}"
-            rule = ["-o", IFACE, "-m", "statistic", "--mode", "random"]
-            rule += ["--probability", probability, "-j", "DROP"]
-            dropped = _quiet([*in_node, "iptables", "-w", "-A", "OUTPUT", *rule])
-            if dropped.returncode == 0:
-                return
-            done = dropped
-        reason = (
-            "this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): delay cannot be simulated "
-            "here; loss alone works through iptables"
-            if no_netem
-            else "needs `tc` (iproute2) and the sch_netem kernel module"
-        )
-        raise SimError(f"{' '.join(netem)} on {node.name}: {done.stderr.strip()}; {reason}")
+        """The node's outgoing traffic with its delay and loss (mesh/sim/shaping.py: netem, or
+        on a kernel without it iptables rules and an NFQUEUE delayer in the node's namespace);
+        neither: whatever was set is removed. The delayer's pid is kept in `node.shaping`."""
+        logs = pathlib.Path(node.proc.log).parent if node.proc.log else None
+        try:
+            node.shaping = shaping.apply(
+                ["ip", "netns", "exec", node.namespace],
+                delay_ms=node.delay_ms,
+                loss_pct=node.loss_pct,
+                tag=shaping.shaping_tag(node.namespace),
+                previous=node.shaping,
+                log=str(logs / f"{node.name}-delayer.log") if logs else None,
+            )
+        except SimError as error:
+            node.shaping = {}  # apply took back what it had set
+            raise SimError(f"{node.name}: {error}") from None
 
     # -- down
 
@@ -721,6 +706,8 @@ class NetnsBackend:
             state = None
         removed: list[str] = []
         if state is not None:
+            for node in state.nodes.values():  # delayers, before their namespaces go
+                removed += shaping.clear(["ip", "netns", "exec", node.namespace], node.shaping)
             removed += self._stop_processes(state, progress)
         for namespace in namespaces_named(f"{prefix}-"):
             for pid in kill_namespace_processes(namespace):
