@@ -230,7 +230,7 @@ class Report:
                 detail = f"answered by {task.node} in {task.latency_s:.2f} s{_path(task)}"
             else:
                 detail = f"failed ({task.error_kind}) after {task.latency_s:.2f} s: {task.error}"
-            events.append(TimelineEvent(task.finished_s, "task", task.task_id or task.key, detail))
+            events.append(TimelineEvent(task.finished_s, "task", task.key, detail))
         order = {"fault": 0, "node": 1, "task": 2, "note": 3}
         return sorted(events, key=lambda e: (e.at_s, order.get(e.kind, 9)))
 

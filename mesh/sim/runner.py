@@ -301,7 +301,7 @@ def run_scenario(
         clock=clock,
         wall=wall,
         sleep=sleep,
-        mesh=mesh(status, scenario),
+        mesh=mesh,
         recover_timeout_s=recover_timeout_s,
         poll_s=poll_s,
         run_id=run_id or uuid.uuid4().hex[:8],
@@ -323,7 +323,7 @@ class _Run:
         clock: Clock,
         wall: Clock,
         sleep: Sleep,
-        mesh: MeshAccess,
+        mesh: MeshFactory,
         recover_timeout_s: float,
         poll_s: float,
         run_id: str,
@@ -335,7 +335,8 @@ class _Run:
         self.clock = clock
         self.wall = wall
         self.sleep = sleep
-        self.mesh = mesh
+        self.connect = mesh  # called inside the run's event loop (gRPC channels belong to one)
+        self.mesh: MeshAccess
         self.recover_timeout_s = recover_timeout_s
         self.poll_s = poll_s
         self.run_id = run_id
@@ -369,6 +370,7 @@ class _Run:
     async def run(self) -> Report:
         scenario = self.scenario
         planned = plan_tasks(scenario, self.run_id)
+        self.mesh = self.connect(self.status, scenario)
         self.start = self.clock()
         started_unix = self.wall()
         load = scenario.load
