@@ -219,10 +219,11 @@ class Engine:
                 return None
             if host != self.paths.host:
                 return f"DOCKER_HOST={host} does not answer: {_last_line(answer.output)}"
-        elif self.our_pid(self.paths) is not None or (
-            self.answers(f"unix://{SYSTEM_SOCKET}").returncode == 0
-        ):
-            return None
+        else:
+            ours = self.our_pid(self.paths) is not None
+            for candidate in ([self.paths.host] if ours else []) + [f"unix://{SYSTEM_SOCKET}"]:
+                if self.answers(candidate).returncode == 0:
+                    return None
         if not self.is_root():
             return "not root: cannot start a Docker engine"
         if self.which("dockerd") is None:

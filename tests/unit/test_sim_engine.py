@@ -254,3 +254,10 @@ def test_a_pidfile_of_another_process_is_not_our_dockerd(tmp_path: pathlib.Path)
     assert engine_module.our_dockerd_pid(paths) is None
     paths.pidfile.write_text("not a pid")
     assert engine_module.our_dockerd_pid(paths) is None
+
+
+def test_ours_running_but_out_of_reach_is_no_engine_for_a_user(tmp_path: pathlib.Path) -> None:
+    fake = FakeDocker(up=set())  # e.g. a root-owned socket: `docker version` is refused
+    engine = make_engine(tmp_path, fake, root=False)
+    fake.pid = 4242
+    assert engine.skip_reason() == "not root: cannot start a Docker engine"
