@@ -142,10 +142,15 @@ def _assert_nothing_left(server: NetnsHost, echo: subprocess.Popen, state: dict,
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("entered_by", ["ip-netns-exec", "nsenter"])
 def test_delay_holds_every_packet_the_namespace_sends_and_clear_undoes_it(
-    netns_lab_factory, tmp_path
+    netns_lab_factory, tmp_path, entered_by
 ):
+    """Entered as the netns backend enters a node (`ip netns exec NAME`) and as the Docker
+    backend enters a container (`nsenter -t PID -n`, the pid of a process inside)."""
     lab, server, echo, client, enter = _start_echo(netns_lab_factory)
+    if entered_by == "nsenter":
+        enter = ["nsenter", "-t", str(echo.pid), "-n"]
     tag = shaping.shaping_tag(lab.prefix, "server")
     state: dict = {}
     try:
@@ -162,6 +167,7 @@ def test_delay_holds_every_packet_the_namespace_sends_and_clear_undoes_it(
         after = client.median_rtt()
         fresh_after = client.ask("fresh 5")
         figures = {
+            "entered_by": entered_by,
             "method": state["method"],
             "rtt_before_ms": round(before, 2),
             "rtt_delay_200_ms": round(held, 2),
