@@ -72,12 +72,12 @@ from mesh.sim.backend import (
 )
 from mesh.topology.loader import (
     TopologyProblem,
-    _duplicate_keys,
-    _line_index,
-    _line_of,
-    _message,
-    _yaml_problem,
+    duplicate_keys,
+    line_index,
+    line_of,
     load_topology,
+    problem_message,
+    yaml_problem,
 )
 from mesh.topology.model import Topology, field_error
 from mesh.topology.references import format_path
@@ -318,19 +318,19 @@ def parse_scenario(text: str, *, source: str) -> Scenario:
         if root is None:
             message = "the file is empty; a scenario needs name, topology and load"
             _fail(source, [TopologyProblem(file=source, message=message, line=1)])
-        duplicates = _duplicate_keys(root, ())
+        duplicates = duplicate_keys(root, ())
         data = loader.construct_document(root)
     except yaml.MarkedYAMLError as error:
-        _fail(source, [_yaml_problem(source, error)])
+        _fail(source, [yaml_problem(source, error)])
     except yaml.YAMLError as error:
         _fail(source, [TopologyProblem(file=source, message=f"YAML error: {error}")])
     finally:
         loader.dispose()
-    lines = _line_index(root)
+    lines = line_index(root)
 
     def problem(where: tuple[str | int, ...], message: str) -> TopologyProblem:
         return TopologyProblem(
-            file=source, path=format_path(where), message=message, line=_line_of(where, lines)
+            file=source, path=format_path(where), message=message, line=line_of(where, lines)
         )
 
     problems += [problem(where, message) for where, message, _line in duplicates]
@@ -441,7 +441,7 @@ def _validation_problems(error: ValidationError) -> list[tuple[tuple[str | int, 
         if item["type"] == "extra_forbidden":
             message = _unknown_key(tuple(loc))
         else:
-            message = _message(item, tuple(loc))
+            message = problem_message(item, tuple(loc))
         found.append((tuple(loc), f"bad key: {message}" if in_key else message))
     return found
 

@@ -82,15 +82,15 @@ def check_topology_text(text: str, *, source: str) -> tuple[Topology | None, lis
         if root is None:
             message = "the file is empty; a topology needs at least `cluster: NAME`"
             return None, [TopologyProblem(file=source, message=message, line=1)]
-        duplicates = _duplicate_keys(root, ())
+        duplicates = duplicate_keys(root, ())
         data = loader.construct_document(root)
     except yaml.MarkedYAMLError as error:
-        return None, [_yaml_problem(source, error)]
+        return None, [yaml_problem(source, error)]
     except yaml.YAMLError as error:  # unmarked: PyYAML gives no position
         return None, [TopologyProblem(file=source, message=f"YAML error: {error}")]
     finally:
         loader.dispose()
-    lines = _line_index(root)
+    lines = line_index(root)
     problems = [
         TopologyProblem(file=source, path=format_path(path), message=message, line=line)
         for path, message, line in duplicates
@@ -114,7 +114,7 @@ def check_topology_text(text: str, *, source: str) -> tuple[Topology | None, lis
     return topology, []
 
 
-def _yaml_problem(source: str, error: yaml.MarkedYAMLError) -> TopologyProblem:
+def yaml_problem(source: str, error: yaml.MarkedYAMLError) -> TopologyProblem:
     mark = error.problem_mark or error.context_mark
     problem = error.problem or "not valid YAML"
     if error.context and error.problem:
@@ -129,11 +129,11 @@ def _yaml_problem(source: str, error: yaml.MarkedYAMLError) -> TopologyProblem:
 
 def _problem(source: str, path: _Path, message: str, lines: _LineIndex) -> TopologyProblem:
     return TopologyProblem(
-        file=source, path=format_path(path), message=message, line=_line_of(path, lines)
+        file=source, path=format_path(path), message=message, line=line_of(path, lines)
     )
 
 
-def _duplicate_keys(node: yaml.Node, path: _Path) -> list[tuple[_Path, str, int]]:
+def duplicate_keys(node: yaml.Node, path: _Path) -> list[tuple[_Path, str, int]]:
     """(path, message, line) of keys repeated in one mapping, anywhere (merge keys `<<` excepted)."""
     found: list[tuple[_Path, str, int]] = []
     stack: list[tuple[yaml.Node, _Path, int]] = [(node, path, 0)]
@@ -162,7 +162,7 @@ def _duplicate_keys(node: yaml.Node, path: _Path) -> list[tuple[_Path, str, int]
     return found
 
 
-def _line_index(root: yaml.Node) -> _LineIndex:
+def line_index(root: yaml.Node) -> _LineIndex:
     """Every key path in the document -> the (line, column) of its key (or sequence item)."""
     index: _LineIndex = {(): (root.start_mark.line + 1, root.start_mark.column + 1)}
     stack: list[tuple[yaml.Node, tuple[str, ...], int]] = [(root, (), 0)]
@@ -186,7 +186,7 @@ def _line_index(root: yaml.Node) -> _LineIndex:
     return index
 
 
-def _line_of(path: _Path, lines: _LineIndex) -> int | None:
+def line_of(path: _Path, lines: _LineIndex) -> int | None:
     """The line of the longest prefix of `path` present in the file (a missing key: its parent)."""
     parts = tuple(str(part) for part in path)
     for length in range(len(parts), -1, -1):
@@ -207,14 +207,14 @@ def _validation_problems(
         ctx = item.get("ctx") or {}
         if item["type"] == "mesh_field":
             loc.append(ctx["field"])
-        message = _message(item, tuple(loc))
+        message = problem_message(item, tuple(loc))
         if in_key:
             message = f"bad key: {message}"
         problems.append(_problem(source, tuple(loc), message, lines))
     return problems
 
 
-def _message(item: Mapping[str, Any], loc: _Path) -> str:
+def problem_message(item: Mapping[str, Any], loc: _Path) -> str:
     kind, value, ctx = item["type"], item.get("input"), item.get("ctx") or {}
     got = f" (got {_describe(value)})"
     if kind == "missing":
