@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -69,7 +71,7 @@ class PlannedTask:
 
     index: int
     key: str
-    via: str  # grpc or openai
+    via: str  # grpc, openai or cli
     agent: str  # "" for a plain generation
     prompt: str
 
@@ -187,6 +189,8 @@ class LiveMesh:
     async def submit(self, task: PlannedTask) -> Answer:
         if task.via == "openai":
             return await self._submit_openai(task)
+        if task.via == "cli":
+            return await self._submit_cli(task)
         try:
             reply = await self._mesh.submit(
                 task.prompt,
@@ -251,6 +255,49 @@ class LiveMesh:
             for a in mesh.get("attempts", ())
         )
         return Answer(str(mesh.get("task_id", "")), str(mesh.get("node_name", "")), attempts)
+
+    async def _submit_cli(self, task: PlannedTask) -> Answer:
+        """`mesh submit --json` as a user would type it (the key through $MESH_API_KEY)."""
+        argv = [
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            "submit",
+            *(("--agent", task.agent) if task.agent else ("--model", self.load.model)),
+            "--coordinator",
+            self.status.coordinator_grpc,
+            "--max-tokens",
+            str(self.load.max_tokens),
+            "--temperature",
+            f"{self.load.temperature:g}",
+            "--idempotency-key",
+            task.key,
+            *(
+                ("--deadline", f"{self.load.task_deadline_s:g}")
+                if self.load.task_deadline_s
+                else ()
+            ),
+            "--json",
+            task.prompt,
+        ]
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), self._task_timeout_s())
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise TaskFailure("CliTimeout", "mesh submit did not finish in time") from None
+        if process.returncode != 0:
+            message = err.decode(errors="replace").strip().splitlines()
+            raise TaskFailure("CliError", message[-1] if message else f"exit {process.returncode}")
+        data = json.loads(out)
+        attempts = tuple(
+            AttemptView(str(a["node"]), str(a["outcome"]), float(a["duration_ms"]))
+            for a in data.get("attempts", ())
+        )
+        return Answer(str(data["task_id"]), str(data["node"]["name"]), attempts)
 
     async def list_nodes(self) -> dict[str, str]:
         return {node.name: node.state for node in await self._watch.list_nodes(timeout_s=2.0)}

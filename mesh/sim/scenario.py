@@ -15,7 +15,7 @@ The file:
       model: smollm2           # what plain (non-agent) tasks ask for
       duration_s: 35           # task i starts no earlier than i * duration_s / tasks (0: at once)
       prompts: [...]           # optional; default DEFAULT_PROMPTS, used in turn
-      via: {grpc: 0.8, openai: 0.2}     # share of tasks through each ingress; sums to 1
+      via: {grpc: 0.7, openai: 0.2, cli: 0.1}  # share of tasks per ingress (cli: `mesh submit`)
       agents: {customer-service: 0.1}   # optional share run as agent tasks; sums to <= 1
     faults:
       - {at: 5, target: edge-b, action: kill}
@@ -97,7 +97,7 @@ RESTORING: tuple[FaultAction, ...] = ("restart", "heal")  # bring the mesh back,
 VIAS = ("grpc", "openai")
 _SHARE_TOLERANCE = 1e-6
 
-Via = Literal["grpc", "openai"]
+Via = Literal["grpc", "openai", "cli"]
 Share = Annotated[float, Strict(), Field(ge=0, le=1)]
 Seconds = Annotated[float, Strict(), Field(ge=0, le=86_400)]
 PositiveSeconds = Annotated[float, Strict(), Field(gt=0, le=86_400)]
