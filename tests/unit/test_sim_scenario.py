@@ -44,7 +44,7 @@ def test_the_distributed_edge_scenario_is_the_one_the_issue_asks_for():
     scenario = load_scenario(TOPOLOGIES / "scenarios" / "distributed-edge.yaml")
     load = scenario.load
     assert (load.tasks, load.concurrency, load.max_tokens) == (50, 4, 16)
-    assert load.via == {"grpc": 0.8, "openai": 0.2}
+    assert load.via == {"grpc": 0.7, "openai": 0.2, "cli": 0.1}
     assert [e.label for e in scenario.schedule()] == [
         "5s kill edge-a",
         "15s restart edge-a",
