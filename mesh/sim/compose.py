@@ -197,21 +197,7 @@ def _node_service(
     service: dict[str, Any] = {
         "image": NODE_IMAGE,
         "hostname": name,
-        "command": [
-            "mesh",
-            "node",
-            "start",
-            "--topology",
-            TOPOLOGY_MOUNT,
-            "--node",
-            node.name,
-            "--stand-ins",
-            "--insecure",
-            "--state-dir",
-            STATE_MOUNT,
-            "--host",
-            "0.0.0.0",
-        ],  # fmt: skip
+        "command": ["mesh", *node_args(TOPOLOGY_MOUNT, node.name, STATE_MOUNT)],
         "init": True,  # signals reach the node; zombies are reaped
         "volumes": [
             _topology_volume(source),
@@ -236,6 +222,26 @@ def _node_service(
     return service
 
 
+def node_args(topology: str, node: str, state_dir: str) -> list[str]:
+    """`mesh` arguments of a simulated node, on every backend: the node as its topology entry
+    declares it, with stand-ins for what a simulation lacks (a model file, a tool), listening
+    on every address of its own network without cluster credentials (a lab, not a site)."""
+    return [
+        "node", "start", "--topology", topology, "--node", node, "--stand-ins", "--insecure",
+        "--state-dir", state_dir, "--host", "0.0.0.0",
+    ]  # fmt: skip
+
+
+def coordinator_args(topology: str, num_cpus: str) -> list[str]:
+    """`mesh` arguments of a simulated coordinator, on every backend: nodes found by mDNS only
+    (the topology's static addresses are a real site's), no cluster credentials."""
+    return [
+        "coordinator", "start", "--topology", topology, "--mdns-only", "--no-cluster",
+        "--insecure", "--host", "0.0.0.0", "--grpc-port", str(COORDINATOR_GRPC_PORT),
+        "--http-port", str(COORDINATOR_HTTP_PORT), "--num-cpus", num_cpus,
+    ]  # fmt: skip
+
+
 def _coordinator_service(
     topology: Topology, *, source: str, networks: dict[str, str], subnets: dict[str, str]
 ) -> dict[str, Any]:
@@ -243,23 +249,7 @@ def _coordinator_service(
     return {
         "image": COORDINATOR_IMAGE,
         "hostname": COORDINATOR_SERVICE,
-        "command": [
-            "mesh",
-            "coordinator",
-            "start",
-            "--topology",
-            TOPOLOGY_MOUNT,
-            "--mdns-only",
-            "--no-cluster",
-            "--host",
-            "0.0.0.0",
-            "--grpc-port",
-            str(COORDINATOR_GRPC_PORT),
-            "--http-port",
-            str(COORDINATOR_HTTP_PORT),
-            "--num-cpus",
-            _number(num_cpus),
-        ],  # fmt: skip
+        "command": ["mesh", *coordinator_args(TOPOLOGY_MOUNT, _number(num_cpus))],
         "init": True,  # Ray starts many processes: tini reaps them and forwards signals
         "volumes": [_topology_volume(source)],
         "networks": {

@@ -41,15 +41,13 @@ import difflib
 import math
 import os
 import pathlib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     Strict,
@@ -77,6 +75,7 @@ from mesh.topology.loader import (
     line_of,
     load_topology,
     problem_message,
+    unknown_key_message,
     yaml_problem,
 )
 from mesh.topology.model import Topology, field_error
@@ -439,51 +438,8 @@ def _validation_problems(error: ValidationError) -> list[tuple[tuple[str | int, 
         if item["type"] == "mesh_field":
             loc.append(ctx["field"])
         if item["type"] == "extra_forbidden":
-            message = _unknown_key(tuple(loc))
+            message = unknown_key_message(ScenarioSpec, tuple(loc))
         else:
             message = problem_message(item, tuple(loc))
         found.append((tuple(loc), f"bad key: {message}" if in_key else message))
     return found
-
-
-def _unknown_key(loc: tuple[str | int, ...]) -> str:
-    model = _model_at(loc[:-1])
-    if model is None:
-        return "unknown key"
-    fields = [field.alias or name for name, field in model.model_fields.items()]
-    close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
-    if close:
-        return f"unknown key (did you mean {close[0]!r}?)"
-    return f"unknown key (expected one of: {', '.join(fields)})"
-
-
-def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
-    current: Any = ScenarioSpec
-    for part in loc:
-        current = _unwrap(current)
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            by_alias = {f.alias or n: f for n, f in current.model_fields.items()}
-            field = by_alias.get(str(part))
-            if field is None:
-                return None
-            current = field.annotation
-        elif typing.get_origin(current) in (tuple, list):
-            current = typing.get_args(current)[0]
-        else:
-            return None
-    current = _unwrap(current)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _unwrap(annotation: Any) -> Any:
-    while True:
-        origin = typing.get_origin(annotation)
-        if origin is typing.Annotated:
-            annotation = typing.get_args(annotation)[0]
-        elif origin in (typing.Union, types.UnionType):
-            options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-            if len(options) != 1:
-                return annotation
-            annotation = options[0]
-        else:
-            return annotation

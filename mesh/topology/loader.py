@@ -272,22 +272,30 @@ def _unknown_key_message(loc: _Path) -> str:
     key = str(loc[-1]) if loc else ""
     if key in ("api_key", "key", "token", "secret"):
         return "unknown key; never put a secret in a topology: name an environment variable in api_key_env"
-    model = _model_at(loc[:-1])
-    if model is not None:
-        close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
-        if close:
-            return f"unknown key (did you mean {close[0]!r}?)"
-        return f"unknown key (expected one of: {', '.join(model.model_fields)})"
-    return "unknown key"
+    return unknown_key_message(Topology, loc)
 
 
-def _model_at(loc: _Path) -> type[BaseModel] | None:
-    """The model class whose fields live at `loc` in the topology (None if not a model)."""
-    current: Any = Topology
+def unknown_key_message(root: type[BaseModel], loc: _Path) -> str:
+    """ "unknown key", with the closest known key or the known ones, for a key at `loc` of a
+    file read into `root` (shared by every YAML file the project checks: topology, scenario)."""
+    model = model_at(root, loc[:-1])
+    if model is None:
+        return "unknown key"
+    fields = [field.alias or name for name, field in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]) if loc else "", fields, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key (expected one of: {', '.join(fields)})"
+
+
+def model_at(root: type[BaseModel], loc: _Path) -> type[BaseModel] | None:
+    """The model class whose fields live at `loc` under `root` (None if not a model)."""
+    current: Any = root
     for part in loc:
         current = _unwrap(current)
         if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(str(part))
+            by_alias = {f.alias or n: f for n, f in current.model_fields.items()}
+            field = by_alias.get(str(part))
             if field is None:
                 return None
             current = field.annotation
