@@ -193,7 +193,9 @@ def process_state(proc: Proc) -> str:
     except OSError:  # gone
         return "stopped" if proc.ended_by == "stop" else "exited"
     state = stat.rpartition(")")[2].split()[0]
-    if state == "Z" or b"mesh.cli" not in command:  # a zombie, or the pid was reused
+    # A zombie, or the pid reused by another program. An empty command line is neither: the
+    # kernel shows one while the process is inside execve (`ip netns exec` becoming python).
+    if state == "Z" or (command and b"mesh.cli" not in command):
         return "stopped" if proc.ended_by == "stop" else "exited"
     return "paused" if state in ("T", "t") else "running"
 
