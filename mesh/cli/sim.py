@@ -154,10 +154,10 @@ def _print_status(status, *, as_json: bool) -> None:  # type: ignore[no-untyped-
 def _compose(args: argparse.Namespace) -> int:
     from mesh.sim.compose import render_compose
 
-    topology = pathlib.Path(args.topology).resolve()
+    topology = pathlib.Path(args.topology).absolute()
     if args.output:
         output = pathlib.Path(args.output)
-        text = render_compose(topology, output.resolve().parent)
+        text = render_compose(topology, output.absolute().parent)
         output.write_text(text, encoding="utf-8")
         print(f"wrote {output}", file=sys.stderr)
     else:
