@@ -215,14 +215,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cold", action="store_true", help="skip the cold (image build) up")
     parser.add_argument("--no-ups", action="store_true", help="skip the `up` timings")
     parser.add_argument("--no-scenarios", action="store_true", help="skip the scenarios")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=TOPOLOGIES,
+        help="the topologies whose scenarios to run (default: those of --topologies)",
+    )
+    parser.add_argument(
+        "--reuse",
+        metavar="FILE",
+        help="an earlier run's --json: its figures are kept for what this run does not measure",
+    )
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--write", action="store_true", help="write docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     from mesh.sim.engine import ensure_engine
 
     ensure_engine(_say)
-    ups = {} if args.no_ups else measure_up(args.topologies, args.warm, not args.no_cold)
-    scenarios = {} if args.no_scenarios else run_scenarios(args.topologies)
+    earlier = json.loads(pathlib.Path(args.reuse).read_text()) if args.reuse else {}
+    ups = dict(earlier.get("up", {}))
+    if not args.no_ups:
+        ups.update(measure_up(args.topologies, args.warm, not args.no_cold))
+    scenarios = dict(earlier.get("scenarios", {}))
+    if not args.no_scenarios:
+        scenarios.update(run_scenarios(args.scenarios or args.topologies))
     command = "python -m bench.bench_sim " + " ".join(argv if argv is not None else sys.argv[1:])
     text = render(ups, scenarios, command.strip())
     print(text)

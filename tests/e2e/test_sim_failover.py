@@ -2,9 +2,9 @@
 
 Docker: the node and coordinator images, a compose project on a real engine, the nodes found by
 the coordinator through real mDNS inside the compose network, tasks through the ports published
-on 127.0.0.1. netns: the same topology as processes in network namespaces on a bridge. The same
-scenario runs on each (tests/e2e/sim_failover.yaml is written here, not shipped: its load keeps
-both nodes busy all the time, so the kill lands on a task in flight):
+on 127.0.0.1. netns: the same topology as processes in network namespaces on a bridge. The shipped
+scenario (topologies/scenarios/distributed-edge.yaml) runs on each; its load keeps both nodes
+busy all the time, so the kill lands on a task in flight:
 
 - 50 tasks at concurrency 4 through the gRPC client, the `openai` client and the `mesh submit`
   CLI; edge-a's container (process) is killed at 3 s and started again at 8 s; edge-b is paused
@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import subprocess
-import textwrap
 
 import pytest
 
@@ -38,21 +37,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TOPOLOGY = REPO / "topologies" / "distributed-edge.yaml"
 
-SCENARIO = f"""
-name: distributed-edge-under-fire
-topology: {TOPOLOGY}
-load:
-  tasks: 50
-  concurrency: 4
-  max_tokens: 48
-  model: smollm2
-  via: {{grpc: 0.6, openai: 0.3, cli: 0.1}}
-faults:
-  - {{at: 3, target: edge-a, action: kill}}
-  - {{at: 8, target: edge-a, action: restart}}
-  - {{at: 14, target: edge-b, action: pause, for: 4}}
-deadline_s: 400
-"""
+SCENARIO = REPO / "topologies" / "scenarios" / "distributed-edge.yaml"
 
 
 def _skip_reason(backend: str) -> str | None:
@@ -101,9 +86,7 @@ def test_distributed_edge_answers_every_task_once_through_kill_and_pause(
         if os.environ.get("CI") and os.geteuid() == 0:
             pytest.fail(f"CI as root must run the {backend_name} simulation: {reason}")
         pytest.skip(f"{backend_name} backend unavailable: {reason}")
-    scenario_file = tmp_path / "sim_failover.yaml"
-    scenario_file.write_text(textwrap.dedent(SCENARIO), encoding="utf-8")
-    scenario = load_scenario(scenario_file)
+    scenario = load_scenario(SCENARIO)
     # The backend keeps its state (compose file, faults; lab state and logs) under tmp_path.
     backend = _backend(backend_name, tmp_path / "state")
     lines: list[str] = []

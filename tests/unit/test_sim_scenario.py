@@ -43,13 +43,13 @@ def test_every_shipped_topology_has_a_scenario_and_each_loads_against_it():
 def test_the_distributed_edge_scenario_is_the_one_the_issue_asks_for():
     scenario = load_scenario(TOPOLOGIES / "scenarios" / "distributed-edge.yaml")
     load = scenario.load
-    assert (load.tasks, load.concurrency, load.max_tokens) == (50, 4, 16)
-    assert load.via == {"grpc": 0.7, "openai": 0.2, "cli": 0.1}
+    assert (load.tasks, load.concurrency, load.max_tokens) == (50, 4, 48)
+    assert load.via == {"grpc": 0.6, "openai": 0.3, "cli": 0.1}
     assert [e.label for e in scenario.schedule()] == [
-        "5s kill edge-a",
-        "15s restart edge-a",
-        "25s pause edge-b",
-        "30s heal edge-b",
+        "3s kill edge-a",
+        "8s restart edge-a",
+        "14s pause edge-b",
+        "18s heal edge-b",
     ]
 
 
