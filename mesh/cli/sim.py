@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
+import subprocess
 import sys
 
 from mesh.cli._common import EXIT_ERROR, error_line, print_json
@@ -117,7 +119,13 @@ def _fails(function):  # type: ignore[no-untyped-def]
             return int(function(args) or 0)
         except MeshError as error:
             print(error_line(error), file=sys.stderr)
-            return EXIT_ERROR
+        except subprocess.CalledProcessError as error:  # a system tool the backend ran
+            said = (error.stderr or "").strip() if isinstance(error.stderr, str) else ""
+            print(f"error: {shlex.join(map(str, error.cmd))}: {said or error}", file=sys.stderr)
+        except OSError as error:  # a file we were asked to write, a cgroup, a namespace
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_ERROR
 
     return wrapped
 
@@ -203,18 +211,28 @@ def _run(args: argparse.Namespace) -> int:
     backend = _backend(args)
     topology = pathlib.Path(scenario.topology_path)
     try:
-        if not backend.status(topology).up:
-            backend.up(topology, progress=_progress, timeout_s=args.timeout)
+        # `up` of a mesh that is up already says so and returns.
+        backend.up(topology, progress=_progress, timeout_s=args.timeout)
         report = run_scenario(scenario, backend, progress=_progress)
+        # The report first: a `down` that fails afterwards must not lose it.
+        print(render_text(report), flush=True)
+        if args.json:
+            text = json.dumps(to_json(report), indent=2)
+            pathlib.Path(args.json).write_text(text, encoding="utf-8")
+            print(f"report written to {args.json}", file=sys.stderr)
     finally:
         if not args.keep:
-            for line in backend.down(topology, progress=_progress):
-                _progress(line)
-    print(render_text(report))
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(to_json(report), indent=2), encoding="utf-8")
-        print(f"report written to {args.json}", file=sys.stderr)
+            _down_quietly(backend, topology)
     return 0
+
+
+def _down_quietly(backend, topology: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """`down` after a run; its own failure is reported without hiding the run's."""
+    try:
+        for line in backend.down(topology, progress=_progress):
+            _progress(line)
+    except MeshError as error:
+        _progress(error_line(error) + f"\n(then: mesh sim down {topology})")
 
 
 @_fails

@@ -15,17 +15,18 @@ without netem iptables rules and an NFQUEUE delayer, a host process in that name
 
 Every docker and compose command goes through one injected `run` (argv, env) so the logic is
 unit-tested without an engine (tests/unit/test_sim_docker.py); the real thing is
-tests/e2e/test_sim_docker.py.
+tests/e2e/test_sim_failover.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,11 @@ class DockerBackend:
 
     def _docker(self, *args: str, timeout_s: float = 60.0, check: bool = True) -> Completed:
         done = self._run(["docker", *args], self._env(), timeout_s)
+        if check and "Cannot connect to the Docker daemon" in done.stderr:
+            raise SimError(
+                "no Docker engine answers (`mesh sim up` or `mesh sim engine start` starts one; "
+                f"DOCKER_HOST={self._env().get('DOCKER_HOST', 'unix:///var/run/docker.sock')})"
+            )
         if check and done.returncode != 0:
             raise SimError(f"docker {' '.join(args[:3])}: {_tail(done.stderr) or 'failed'}")
         return done
@@ -199,12 +205,14 @@ class DockerBackend:
 
     def up(self, topology: pathlib.Path, *, progress: Progress, timeout_s: float) -> SimStatus:
         loaded, project = self._load(topology)
+        # The engine first (started when none answers), and the images of this tree (built
+        # when missing; a second or so when they are there).
+        env = self._prepare(progress) if self._prepare else _prepare_real(progress)
         current = self.status(topology)
         running = [n.name for n in current.nodes if n.state == "running"]
         if current.up and len(running) == len(loaded.nodes):
             progress(f"{project} is already up")
         else:
-            env = self._prepare(progress) if self._prepare else _prepare_real(progress)
             file = self._write_compose(topology, project)
             progress(f"starting {project} ({len(loaded.nodes)} nodes and a coordinator)")
             done = self._compose_run(project, file, "up", "-d", "--no-build", env=env)
@@ -321,16 +329,30 @@ class DockerBackend:
                 known = ", ".join(n.name for n in loaded.nodes)
                 raise SimError(f"no node {name!r} in {project} (nodes: {known})")
             names = [name]
-        faults = self._faults(project)
         said = []
-        try:
-            for node in names:
-                container = self._container(project, service_name(node))
-                entry = faults.setdefault(node, {})
-                said.append(self._apply(container, node, action, value, entry))
-        finally:  # a failure half-way still records what is in force (a delayer's pid)
-            self._save_faults(project, faults)
+        # One fault at a time per project (the runner's recovery may overlap a late fault, or
+        # two commands run at once): faults.json is read, changed and written under a lock.
+        with self._locked(project):
+            faults = self._faults(project)
+            try:
+                for node in names:
+                    container = self._container(project, service_name(node))
+                    entry = faults.setdefault(node, {})
+                    said.append(self._apply(container, node, action, value, entry))
+            finally:  # a failure half-way still records what is in force (a delayer's pid)
+                self._save_faults(project, faults)
         return "; ".join(said)
+
+    @contextlib.contextmanager
+    def _locked(self, project: str) -> Iterator[None]:
+        path = self._project_dir(project) / "faults.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _apply(
         self,

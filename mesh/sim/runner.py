@@ -292,12 +292,18 @@ class LiveMesh:
         if process.returncode != 0:
             message = err.decode(errors="replace").strip().splitlines()
             raise TaskFailure("CliError", message[-1] if message else f"exit {process.returncode}")
-        data = json.loads(out)
-        attempts = tuple(
-            AttemptView(str(a["node"]), str(a["outcome"]), float(a["duration_ms"]))
-            for a in data.get("attempts", ())
-        )
-        return Answer(str(data["task_id"]), str(data["node"]["name"]), attempts)
+        try:
+            data = json.loads(out)
+            attempts = tuple(
+                AttemptView(str(a["node"]), str(a["outcome"]), float(a["duration_ms"]))
+                for a in data.get("attempts", ())
+            )
+            return Answer(str(data["task_id"]), str(data["node"]["name"]), attempts)
+        except (ValueError, KeyError, TypeError) as error:
+            text = out.decode(errors="replace")[:200]
+            raise TaskFailure(
+                "CliOutput", f"mesh submit --json printed {text!r}: {error}"
+            ) from None
 
     async def list_nodes(self) -> dict[str, str]:
         return {node.name: node.state for node in await self._watch.list_nodes(timeout_s=2.0)}

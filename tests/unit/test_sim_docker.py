@@ -108,7 +108,14 @@ class FakeDocker:
 
 
 def _backend(fake: FakeDocker, root: pathlib.Path, **kwargs: Any) -> DockerBackend:
-    return DockerBackend(run=fake, root=root, compose=["compose"], docker_env=lambda: {}, **kwargs)
+    return DockerBackend(
+        run=fake,
+        root=root,
+        compose=["compose"],
+        docker_env=lambda: {},
+        prepare=lambda _p: {},
+        **kwargs,
+    )
 
 
 def test_status_reads_published_addresses_and_states(tmp_path: pathlib.Path) -> None:
@@ -336,3 +343,30 @@ def test_down_and_restart_stop_the_delayers_they_recorded(tmp_path: pathlib.Path
     removed = backend.down(TOPOLOGY, progress=lambda line: None)
     assert "stopped delayer 900: stopped" in removed
     assert fake.delayers == set()
+
+
+def test_no_engine_is_a_clear_error_and_up_starts_one_first(tmp_path: pathlib.Path) -> None:
+    fake = FakeDocker()
+    engine = {"up": False}
+
+    def run(argv: Sequence[str], env: dict[str, str], timeout_s: float) -> Completed:
+        if not engine["up"]:
+            return Completed(1, "", "Cannot connect to the Docker daemon at unix:///x.sock.")
+        return fake(argv, env, timeout_s)
+
+    def prepare(progress: Any) -> dict[str, str]:
+        engine["up"] = True  # what ensure_engine does
+        return {}
+
+    backend = DockerBackend(run=run, root=tmp_path, compose=["compose"], docker_env=lambda: {})
+    with pytest.raises(SimError, match="no Docker engine answers .*mesh sim engine start"):
+        backend.status(TOPOLOGY)
+    starting = DockerBackend(
+        run=run,
+        root=tmp_path,
+        compose=["compose"],
+        docker_env=lambda: {},
+        prepare=prepare,
+        wait_ready=lambda *a, **k: {},
+    )
+    assert starting.up(TOPOLOGY, progress=lambda line: None, timeout_s=5).up

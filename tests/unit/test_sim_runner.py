@@ -175,6 +175,18 @@ def _scenario(tmp_path, body: str):
     return load_scenario(path)
 
 
+@pytest.fixture(autouse=True)
+def _backend_calls_inline(monkeypatch):
+    """The runner calls the backend in a worker thread (a slow docker command must not stall
+    the load); here the fake backend runs inline, so in virtual time a fault takes effect at
+    exactly its instant, whatever the machine's load (a real thread lets the clock move on)."""
+
+    async def inline(function, /, *args, **kwargs):
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", inline)
+
+
 def _run(scenario, world, *, mesh=None, **options):
     lines: list[str] = []
     fake = mesh or FakeMesh(world)
@@ -313,7 +325,7 @@ def test_answered_twice_by_the_nodes_counts_and_a_completion_in_a_lost_window_ex
         load: {tasks: 6, concurrency: 1, duration_s: 12}
         faults:
           - {at: 5, target: edge-a, action: kill}
-          - {at: 8, target: edge-a, action: restart}
+          - {at: 7, target: edge-a, action: restart}
         """,
     )
     world = World(VirtualTime())
