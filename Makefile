@@ -47,8 +47,9 @@ check: check-static sim-deps
 	@MESH_SIM_ENGINE_DIR=$(TEST_ENGINE_DIR) $(PY) -m mesh.sim.engine start \
 	  || echo "no Docker engine: the Docker simulation tests say why (they fail under CI as root)" >&2
 	@echo "== tests: $(PY) -m pytest"; \
+	trap 'MESH_SIM_ENGINE_DIR=$(TEST_ENGINE_DIR) $(PY) -m mesh.sim.engine stop >/dev/null || true' EXIT; \
+	trap 'exit 130' INT TERM; \
 	MESH_SIM_ENGINE_DIR=$(TEST_ENGINE_DIR) $(PY) -m pytest; status=$$?; \
-	MESH_SIM_ENGINE_DIR=$(TEST_ENGINE_DIR) $(PY) -m mesh.sim.engine stop >/dev/null || true; \
 	if [ $$status -ne 0 ]; then echo "*** gate 'tests' failed: see the failures above" >&2; fi; \
 	exit $$status
 
@@ -95,9 +96,17 @@ sim-deps:
 	    || ! command -v debootstrap >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing docker.io docker-compose debootstrap (Docker simulations)"; \
+	    : "no service starts from the install: a system dockerd with default flags would set the"; \
+	    : "FORWARD policy to DROP (../docs/simulation.md); mesh sim starts its own, safe one"; \
+	    policy=/usr/sbin/policy-rc.d; made=; had=$$(command -v dockerd); \
+	    if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy; chmod +x $$policy; made=1; fi; \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose debootstrap \
 	    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	         docker.io docker-compose debootstrap; }; \
+	         docker.io docker-compose debootstrap; }; status=$$?; \
+	    [ -z "$$made" ] || rm -f $$policy; \
+	    if [ -z "$$had" ] && [ -d /run/systemd/system ]; then \
+	      systemctl disable docker.service docker.socket 2>/dev/null || true; fi; \
+	    [ $$status -eq 0 ] || exit $$status; \
 	  else echo "not root: cannot apt-get install docker.io docker-compose debootstrap; the Docker simulation tests will skip, saying so" >&2; fi; \
 	fi
 

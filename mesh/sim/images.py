@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,15 @@ class Images:
 
 def image_name(extra: str) -> str:
     return f"edgemesh-{extra}"
+
+
+CHECKOUT_LABEL = "edgemesh.checkout"  # on every image we build: which checkout built it
+
+
+def checkout_id() -> str:
+    """This checkout, as a short hash of its path: old builds of it may be removed, never the
+    images of another checkout or worktree sharing the engine."""
+    return hashlib.sha256(str(repo_root()).encode()).hexdigest()[:12]
 
 
 def repo_root() -> pathlib.Path:
@@ -374,6 +384,8 @@ def _build_image(
         f"EXTRA={extra}",
         "--label",
         f"org.opencontainers.image.version={tag.split(':', 1)[1]}",
+        "--label",
+        f"{CHECKOUT_LABEL}={checkout_id()}",
         str(context),
     ]
     _run_condensed(
@@ -395,7 +407,18 @@ def _tag_latest(tag: str) -> None:
         raise SimError(f"docker tag {tag} {latest} failed: {done.stderr.strip()}")
     listed = _docker(["images", name, "--format", "{{.Repository}}:{{.Tag}}"])
     for old in listed.stdout.split():
-        if old not in (tag, latest) and not old.endswith(":<none>"):
+        if old in (tag, latest) or not re.fullmatch(r"[^:]+:[0-9a-f]{12}", old):
+            continue  # only our own hash tags; a user's `:prod` is theirs
+        label = _docker(
+            [
+                "image",
+                "inspect",
+                "--format",
+                f'{{{{index .Config.Labels "{CHECKOUT_LABEL}"}}}}',
+                old,
+            ]
+        )
+        if label.stdout.strip() == checkout_id():  # built from this checkout, not another
             _docker(["rmi", old])  # in use: refused, and that is fine
     if previous and previous != image_id(tag):
         tags = _docker(["image", "inspect", "--format", "{{len .RepoTags}}", previous])

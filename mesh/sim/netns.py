@@ -101,6 +101,9 @@ class Proc:
     pgid: int = 0
     log: str = ""
     ended_by: str = ""  # "kill" or "stop" when a fault ended it
+    # When it started (/proc/PID/stat field 22, clock ticks since boot): a pid whose start time
+    # differs was reused by another process after ours ended, and is never signalled.
+    start_ticks: int = 0
 
 
 @dataclass
@@ -180,7 +183,17 @@ def launch(namespace: str, argv: list[str], log: pathlib.Path, cgroups: list[str
     out, err = launcher.communicate(timeout=30)
     if launcher.returncode != 0 or not out.strip().isdigit():
         raise SimError(f"cannot start `{shlex.join(argv[1:5])}` in {namespace}: {err.strip()}")
-    return Proc(pid=int(out.strip()), pgid=launcher.pid, log=str(log))
+    pid = int(out.strip())
+    return Proc(pid=pid, pgid=launcher.pid, log=str(log), start_ticks=_start_ticks(pid))
+
+
+def _start_ticks(pid: int) -> int:
+    """A process's start time (field 22 of /proc/PID/stat); 0 when it is gone."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rpartition(")")[2].split()[19])
 
 
 def process_state(proc: Proc) -> str:
@@ -192,10 +205,17 @@ def process_state(proc: Proc) -> str:
         command = pathlib.Path(f"/proc/{proc.pid}/cmdline").read_bytes()
     except OSError:  # gone
         return "stopped" if proc.ended_by == "stop" else "exited"
-    state = stat.rpartition(")")[2].split()[0]
-    # A zombie, or the pid reused by another program. An empty command line is neither: the
-    # kernel shows one while the process is inside execve (`ip netns exec` becoming python).
-    if state == "Z" or (command and b"mesh.cli" not in command):
+    fields = stat.rpartition(")")[2].split()
+    state = fields[0]
+    # A zombie, or the pid reused by another process (another start time; or, for a state file
+    # of an older version, another program). An empty command line is not a sign of either:
+    # the kernel shows one while a process is inside execve (`ip netns exec` becoming python).
+    reused = (
+        int(fields[19]) != proc.start_ticks
+        if proc.start_ticks
+        else bool(command) and b"mesh.cli" not in command
+    )
+    if state == "Z" or reused:
         return "stopped" if proc.ended_by == "stop" else "exited"
     return "paused" if state in ("T", "t") else "running"
 

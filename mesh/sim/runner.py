@@ -6,7 +6,7 @@
 The run, through the `SimBackend` interface only (so a report means the same on every backend):
 
 1. The mesh must be up: if `backend.status` says it is not, the runner brings it up (and says
-   so); taking it down again is `mesh sim down`'s job, never the runner's.
+   so); it never takes it down (`mesh sim run` does, after the report, unless `--keep`).
 2. The load: `load.tasks` tasks, at most `load.concurrency` at a time, task i starting no
    earlier than i * duration_s / tasks; each has its own key (`sim-<run>-<index>`), sent as
    both task id and idempotency key through gRPC (`MeshClient`) and as the `Idempotency-Key`
@@ -549,14 +549,26 @@ class _Run:
     async def _apply(self, event: ScheduledFault, kind: str) -> FaultRecord:
         issued, issued_unix = self.now(), self.wall()
         result = error = ""
-        try:
-            result = await asyncio.to_thread(
+        call = asyncio.ensure_future(
+            asyncio.to_thread(
                 self.backend.fault,
                 self.scenario.topology_path,
                 event.target,
                 event.action,
                 event.value,
             )
+        )
+        stopping = False
+        try:
+            while True:
+                try:
+                    result = await asyncio.shield(call)
+                    break
+                except asyncio.CancelledError:
+                    # The run is stopping (its deadline): the command goes on in its thread
+                    # whatever we do, so wait for it and record what it did (a lost window for
+                    # the judgement), and recovery never races it.
+                    stopping = True
         except Exception as failure:  # recorded, and the run goes on: a report, not a crash
             error = f"{type(failure).__name__}: {failure}"
         record = FaultRecord(
@@ -578,6 +590,8 @@ class _Run:
         took = f" ({record.command_s:.2f} s)" if record.command_s else ""
         self.say(f"fault {event.label}{' [' + kind + ']' if kind != 'scheduled' else ''}: "
                  f"{error or result}{took}")  # fmt: skip
+        if stopping:
+            raise asyncio.CancelledError
         return record
 
     def _unfired(self, schedule: list[ScheduledFault]) -> None:
