@@ -41,8 +41,32 @@ CHAIN = "FORWARD"
 
 
 def run_command(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    """Run `argv`, capturing its output; never raises on a non-zero exit."""
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
+    """Run a short command, its output captured; never raises (a missing program answers 127,
+    one that hangs 124). The runner of every iptables and tc command of the simulations."""
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError as error:
+        return subprocess.CompletedProcess(list(argv), 127, "", str(error))
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(list(argv), 124, "", f"{argv[0]}: timed out")
+
+
+def tagged_rules(listing: str, chain: str, tag: str) -> list[list[str]]:
+    """From `iptables -S CHAIN` output, the rules whose comment is exactly `tag`, each as the
+    arguments after `-A CHAIN` (what `-D CHAIN` takes to delete it)."""
+    found = []
+    for line in listing.splitlines():
+        try:
+            words = shlex.split(line)
+        except ValueError:  # an unbalanced quote in someone else's comment: not ours
+            continue
+        spec = words[2:]
+        if words[:2] == ["-A", chain] and any(
+            word == "--comment" and spec[index + 1 : index + 2] == [tag]
+            for index, word in enumerate(spec)
+        ):
+            found.append(spec)
+    return found
 
 
 def lab_tag(name: str) -> str:
@@ -138,21 +162,7 @@ class Firewall:
         if iptables is None:
             return []
         listed = self._runner([iptables, "-w", "-S", CHAIN])
-        found = []
-        for line in listed.stdout.splitlines():
-            try:
-                words = shlex.split(line)
-            except ValueError:  # an unbalanced quote in someone else's comment: not ours
-                continue
-            if words[:2] != ["-A", CHAIN]:
-                continue
-            spec = words[2:]
-            if any(
-                word == "--comment" and index + 1 < len(spec) and spec[index + 1] == tag
-                for index, word in enumerate(spec)
-            ):
-                found.append(spec)
-        return found
+        return tagged_rules(listed.stdout, CHAIN, tag)
 
     def remove(self, tag: str) -> list[str]:
         """Delete every FORWARD rule carrying `tag` (ours: the tag names the lab); one line per

@@ -30,13 +30,14 @@ target's own, so its firewall has nothing else of ours in it.
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from mesh.sim import firewall
 from mesh.sim.backend import SimError
+from mesh.sim.firewall import run_command
 
 DEFAULT_QUEUE = 4711  # NFQUEUE numbers are per network namespace: one delayer per namespace
 TAG_PREFIX = "edgemesh-shape:"
@@ -58,16 +59,6 @@ class Result(Protocol):
 
 
 Runner = Callable[[Sequence[str]], Result]
-
-
-def run_command(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    """Run a short command, its output captured; never raises on a non-zero exit."""
-    try:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
-    except FileNotFoundError as error:
-        return subprocess.CompletedProcess(list(argv), 127, "", str(error))
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(list(argv), 124, "", f"{argv[0]}: timed out")
 
 
 def shaping_tag(*names: str) -> str:
@@ -249,20 +240,7 @@ def tagged_rules(enter: Sequence[str], tag: str, *, run: Runner = run_command) -
     """The namespace's OUTPUT rules carrying `tag` (each as `-A OUTPUT`'s arguments)."""
     if not tag:
         return []
-    listed = run([*enter, "iptables", "-w", "-S", CHAIN])
-    found = []
-    for line in listed.stdout.splitlines():
-        try:
-            words = shlex.split(line)
-        except ValueError:  # an unbalanced quote in someone else's comment: not ours
-            continue
-        spec = words[2:]
-        if words[:2] == ["-A", CHAIN] and any(
-            word == "--comment" and spec[index + 1 : index + 2] == [tag]
-            for index, word in enumerate(spec)
-        ):
-            found.append(spec)
-    return found
+    return firewall.tagged_rules(run([*enter, "iptables", "-w", "-S", CHAIN]).stdout, CHAIN, tag)
 
 
 def describe(state: Mapping[str, Any]) -> str:
