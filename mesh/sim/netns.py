@@ -87,6 +87,7 @@ from mesh.topology import Topology, load_topology
 NETNS_POOL = ipaddress.IPv4Network("198.18.128.0/17")
 GATEWAY_HOST = 1  # the root namespace's address on every site bridge
 COORDINATOR_NUM_CPUS = 2
+SIGNAL_WAIT_S = 10.0  # SIGKILL or SIGSTOP sent -> the process's state shows it
 STOP_WAIT_S = 30.0  # SIGTERM -> gone: a node drains for 10 s, the coordinator stops Serve and Ray
 CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
@@ -235,11 +236,18 @@ def _signal(proc: Proc, number: signal.Signals, *, group: bool = True) -> None:
 
 
 def _wait_gone(proc: Proc, timeout_s: float) -> bool:
+    return _wait_until(proc, lambda state: state not in ("running", "paused"), timeout_s)
+
+
+def _wait_until(proc: Proc, done: Callable[[str], bool], timeout_s: float) -> bool:
+    """Signals are delivered asynchronously (a process in uninterruptible sleep, e.g. paging
+    in a memory-mapped model, takes a SIGKILL or SIGSTOP only when it wakes): wait until the
+    process's state shows the signal acted, up to `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while _alive(proc):
+    while not done(process_state(proc)):
         if time.monotonic() >= deadline:
             return False
-        time.sleep(0.1)
+        time.sleep(0.02)
     return True
 
 
@@ -621,16 +629,26 @@ class NetnsBackend:
         if action == "kill":
             _signal(proc, signal.SIGKILL)
             proc.ended_by = "kill"
+            # Like `docker kill`: the fault has acted when it returns.
+            if not _wait_gone(proc, SIGNAL_WAIT_S):
+                raise SimError(
+                    f"{node.name} (pid {proc.pid}) still runs {SIGNAL_WAIT_S:g} s after SIGKILL"
+                )
             return f"killed {node.name} (SIGKILL, pid {proc.pid})"
         if action == "stop":
             _signal(proc, signal.SIGTERM)
             _signal(proc, signal.SIGCONT)  # a paused node must run to handle it
             if not _wait_gone(proc, STOP_WAIT_S):
                 _signal(proc, signal.SIGKILL)
+                _wait_gone(proc, SIGNAL_WAIT_S)
             proc.ended_by = "stop"
             return f"stopped {node.name} (SIGTERM, pid {proc.pid})"
         if action == "pause":
             _signal(proc, signal.SIGSTOP)
+            if not _wait_until(proc, lambda state: state != "running", SIGNAL_WAIT_S):
+                raise SimError(
+                    f"{node.name} (pid {proc.pid}) still runs {SIGNAL_WAIT_S:g} s after SIGSTOP"
+                )
             return f"paused {node.name} (SIGSTOP, pid {proc.pid})"
         if action == "restart":
             if _alive(proc):
@@ -670,6 +688,7 @@ class NetnsBackend:
             undone.append("delay/loss")
         if process_state(node.proc) == "paused":
             _signal(node.proc, signal.SIGCONT)
+            _wait_until(node.proc, lambda state: state != "paused", SIGNAL_WAIT_S)
             undone.append("pause")
         return f"healed {node.name} ({', '.join(undone) or 'nothing to undo'})"
 
