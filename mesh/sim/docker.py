@@ -23,11 +23,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import pathlib
-import subprocess
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from mesh.sim import shaping
@@ -43,43 +40,11 @@ from mesh.sim.backend import (
     state_root,
     wait_until_ready,
 )
+from mesh.sim.commands import NOT_INSTALLED, TIMED_OUT, Completed, Runner, run_command
+from mesh.sim.engine import INSTALL_HINT
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
-
-
-@dataclass(frozen=True)
-class Completed:
-    """What one command did."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-Runner = Callable[[Sequence[str], dict[str, str], float], Completed]
-
-
-def run_command(argv: Sequence[str], env: dict[str, str], timeout_s: float) -> Completed:
-    """Run `argv` with `env` added to ours; SimError when it cannot run at all or hangs."""
-    try:
-        done = subprocess.run(
-            list(argv),
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-    except FileNotFoundError:
-        raise SimError(
-            f"{argv[0]} is not installed (apt-get install docker.io docker-compose)"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise SimError(
-            f"`{' '.join(argv[:4])} ...` did not finish within {timeout_s:.0f} s"
-        ) from None
-    return Completed(done.returncode, done.stdout, done.stderr)
 
 
 def _tail(text: str, lines: int = 12) -> str:
@@ -124,8 +89,18 @@ class DockerBackend:
             self._compose = compose_command()
         return list(self._compose)
 
+    def _call(self, argv: Sequence[str], env: dict[str, str], timeout_s: float) -> Completed:
+        """Run docker or the compose command. Neither exits 127 or 124 itself: those say it is
+        not installed or hung, an error whatever the caller checks."""
+        done = self._run(argv, env, timeout_s)
+        if done.returncode == NOT_INSTALLED:
+            raise SimError(f"{argv[0]} is not installed ({INSTALL_HINT})")
+        if done.returncode == TIMED_OUT:
+            raise SimError(done.stderr.strip())
+        return done
+
     def _docker(self, *args: str, timeout_s: float = 60.0, check: bool = True) -> Completed:
-        done = self._run(["docker", *args], self._env(), timeout_s)
+        done = self._call(["docker", *args], self._env(), timeout_s)
         if check and "Cannot connect to the Docker daemon" in done.stderr:
             raise SimError(
                 "no Docker engine answers (`mesh sim up` or `mesh sim engine start` starts one; "
@@ -163,7 +138,7 @@ class DockerBackend:
         timeout_s: float = 600.0,
     ) -> Completed:
         argv = [*self._compose_argv(), "-p", project, "-f", str(file), *args]
-        done = self._run(argv, {**self._env(), **(env or {})}, timeout_s)
+        done = self._call(argv, {**self._env(), **(env or {})}, timeout_s)
         if done.returncode != 0:
             raise SimError(
                 f"{' '.join(argv[:2])} {' '.join(args[:2])} failed:\n{_tail(done.stderr or done.stdout)}"

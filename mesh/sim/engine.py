@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from mesh.sim.backend import Progress, SimError, state_root
+from mesh.sim.commands import Completed, Runner, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -56,37 +57,6 @@ _SOCKET_PATH_MAX = 60  # sun_path is 108 bytes; containerd's sockets go under th
 _START_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 60.0
 _PROBE_TIMEOUT_S = 10.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """What a command said: its exit code and its output (stdout and stderr together)."""
-
-    returncode: int
-    output: str
-
-
-# Runs a command with an environment and a timeout; a command that cannot run (not installed,
-# timed out) answers a non-zero code with the reason as its output.
-Runner = Callable[[Sequence[str], Mapping[str, str], float], Answer]
-
-
-def run_command(command: Sequence[str], env: Mapping[str, str], timeout_s: float) -> Answer:
-    """The real Runner."""
-    try:
-        done = subprocess.run(
-            list(command),
-            env=dict(env),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError:
-        return Answer(127, f"{command[0]}: not installed")
-    except subprocess.TimeoutExpired:
-        return Answer(124, f"{' '.join(command)}: no answer within {timeout_s:.0f} s")
-    return Answer(done.returncode, (done.stdout + done.stderr).strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +172,7 @@ class Engine:
     sleep: Callable[[float], None] = time.sleep
     start_timeout_s: float = _START_TIMEOUT_S
 
-    def answers(self, host: str) -> Answer:
+    def answers(self, host: str) -> Completed:
         """`docker version` against `host`."""
         env = {**self.environ, "DOCKER_HOST": host}
         command = ["docker", "version", "--format", "{{.Server.Version}}"]

@@ -27,28 +27,18 @@ from __future__ import annotations
 import pathlib
 import shlex
 import shutil
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mesh.sim.backend import SimError
+from mesh.sim.commands import Completed, run_command
 
-Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+# A short command's argv -> what it did (the real one: commands.run_command, never raises).
+Runner = Callable[[Sequence[str]], Completed]
 
 BRIDGE_NF_CALL_IPTABLES = pathlib.Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
 TAG_PREFIX = "edgemesh:"
 CHAIN = "FORWARD"
-
-
-def run_command(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    """Run a short command, its output captured; never raises (a missing program answers 127,
-    one that hangs 124). The runner of every iptables and tc command of the simulations."""
-    try:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
-    except FileNotFoundError as error:
-        return subprocess.CompletedProcess(list(argv), 127, "", str(error))
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(list(argv), 124, "", f"{argv[0]}: timed out")
 
 
 def tagged_rules(listing: str, chain: str, tag: str) -> list[list[str]]:

@@ -33,11 +33,11 @@ import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from mesh.sim import firewall
 from mesh.sim.backend import SimError
-from mesh.sim.firewall import run_command
+from mesh.sim.commands import Completed, run_command
 
 DEFAULT_QUEUE = 4711  # NFQUEUE numbers are per network namespace: one delayer per namespace
 TAG_PREFIX = "edgemesh-shape:"
@@ -45,20 +45,7 @@ DELAYER = Path(__file__).resolve().with_name("nfqueue.py")
 CHAIN = "OUTPUT"
 
 
-class Result(Protocol):
-    """What a runner returns (subprocess.CompletedProcess, or a test's fake)."""
-
-    @property
-    def returncode(self) -> int: ...
-
-    @property
-    def stdout(self) -> str: ...
-
-    @property
-    def stderr(self) -> str: ...
-
-
-Runner = Callable[[Sequence[str]], Result]
+Runner = Callable[[Sequence[str]], Completed]  # what firewall.py's runners are
 
 
 def shaping_tag(*names: str) -> str:

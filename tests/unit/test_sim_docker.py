@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from mesh.sim.backend import SimError
-from mesh.sim.docker import Completed, DockerBackend
+from mesh.sim.commands import Completed
+from mesh.sim.docker import DockerBackend
 
 pytestmark = pytest.mark.unit
 
@@ -370,3 +371,26 @@ def test_no_engine_is_a_clear_error_and_up_starts_one_first(tmp_path: pathlib.Pa
         wait_ready=lambda *a, **k: {},
     )
     assert starting.up(TOPOLOGY, progress=lambda line: None, timeout_s=5).up
+
+
+def test_docker_missing_or_hung_is_a_clear_error_even_where_failures_are_tolerated(
+    tmp_path: pathlib.Path,
+) -> None:
+    from mesh.sim.commands import run_command
+
+    missing = DockerBackend(
+        run=lambda argv, env, timeout_s: run_command(["no-such-docker-here", *argv[1:]], env),
+        root=tmp_path,
+        compose=["compose"],
+        docker_env=lambda: {},
+    )
+    with pytest.raises(SimError, match=r"docker is not installed \(apt-get install docker.io"):
+        missing._docker("unpause", "id-edge-a", check=False)
+    hung = DockerBackend(
+        run=lambda argv, env, timeout_s: run_command(["sleep", "5"], env, 0.2),
+        root=tmp_path,
+        compose=["compose"],
+        docker_env=lambda: {},
+    )
+    with pytest.raises(SimError, match=r"`sleep 5` did not finish within 0.2 s"):
+        hung.status(TOPOLOGY)

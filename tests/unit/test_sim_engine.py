@@ -10,7 +10,8 @@ import pytest
 
 from mesh.sim import engine as engine_module
 from mesh.sim.backend import SimError
-from mesh.sim.engine import SYSTEM_SOCKET, Answer, Engine, engine_paths
+from mesh.sim.commands import Completed
+from mesh.sim.engine import SYSTEM_SOCKET, Engine, engine_paths
 
 SYSTEM = f"unix://{SYSTEM_SOCKET}"
 
@@ -26,18 +27,18 @@ class FakeDocker:
         self.spawned: list[list[str]] = []
         self.pid: int | None = None
 
-    def run(self, command: Sequence[str], env: Mapping[str, str], timeout_s: float) -> Answer:
+    def run(self, command: Sequence[str], env: Mapping[str, str], timeout_s: float) -> Completed:
         self.calls.append(tuple(command))
         if command[:2] == ["docker", "version"]:
             if env["DOCKER_HOST"] in self.up:
-                return Answer(0, "20.10.24")
-            return Answer(1, f"Cannot connect to the Docker daemon at {env['DOCKER_HOST']}")
+                return Completed(0, "20.10.24", "")
+            return Completed(1, f"Cannot connect to the Docker daemon at {env['DOCKER_HOST']}", "")
         if command[0] == "iptables":
-            return Answer(0, f"-P FORWARD {self.policy}\n-A FORWARD -j ACCEPT")
+            return Completed(0, f"-P FORWARD {self.policy}\n-A FORWARD -j ACCEPT", "")
         if command[:3] == ["docker", "compose", "version"]:
-            return Answer(1, "docker: unknown command: docker compose")
+            return Completed(1, "docker: unknown command: docker compose", "")
         if command[:2] == ["docker-compose", "version"]:
-            return Answer(0, "docker-compose version 1.29.2")
+            return Completed(0, "docker-compose version 1.29.2", "")
         raise AssertionError(f"unexpected command {command}")
 
 
@@ -228,8 +229,8 @@ def test_compose_v1_is_used_when_v2_is_missing(
     fake = FakeDocker(up=set())
     assert engine_module.compose_command(fake.run) == ["docker-compose"]
 
-    def nothing(command: Sequence[str], env: Mapping[str, str], timeout_s: float) -> Answer:
-        return Answer(127, f"{command[0]}: not installed")
+    def nothing(command: Sequence[str], env: Mapping[str, str], timeout_s: float) -> Completed:
+        return Completed(127, f"{command[0]}: not installed", "")
 
     with pytest.raises(SimError, match="neither `docker compose` nor `docker-compose`"):
         engine_module.compose_command(nothing)

@@ -187,12 +187,12 @@ def _backend_calls_inline(monkeypatch):
     monkeypatch.setattr(asyncio, "to_thread", inline)
 
 
-def _run(scenario, world, *, mesh=None, **options):
+def _run(scenario, world, *, mesh=None, backend=None, **options):
     lines: list[str] = []
     fake = mesh or FakeMesh(world)
     report = run_scenario(
         scenario,
-        FakeBackend(world),
+        backend or FakeBackend(world),
         progress=lines.append,
         clock=world.time,
         wall=world.time.wall,
@@ -402,16 +402,7 @@ def test_a_fault_the_backend_refuses_is_recorded_and_the_run_goes_on(tmp_path):
                 raise SimError("docker kill: no such container")
             return super().fault(topology, target, action, value)
 
-    lines: list[str] = []
-    report = run_scenario(
-        scenario,
-        Refusing(world),
-        progress=lines.append,
-        clock=world.time,
-        wall=world.time.wall,
-        sleep=world.time.sleep,
-        mesh=lambda status, scenario: FakeMesh(world),
-    )
+    report, _lines, _mesh = _run(scenario, world, backend=Refusing(world))
     (kill,) = report.faults
     assert kill.fired and kill.error == "SimError: docker kill: no such container"
     assert len(report.ok) == 3 and report.exactly_once.ok
