@@ -12,7 +12,9 @@ The figures, defined here once:
 - tasks: total, ok, failed, and failures by error kind (the exception's class name).
 - answered twice: tasks that the nodes' own counts say ran to completion more than once, beyond
   what a lost window excuses; `excused`: completions beyond the first that happened on a node
-  while it was cut off (killed, paused, partitioned, losing packets), stated separately.
+  while it was cut off (killed, paused, partitioned, losing packets), stated separately;
+  `cut_after_last_token`: answers whose node sent every token asked for and was cut before it
+  sent its end (the coordinator's answer is whole; the node counts a start, no completion).
 - per-node load: tasks answered per node by the coordinator's answers, and completions per node
   by the nodes' own counts (over this run's task ids; excused completions included).
 - per fault (`fault_figures`), with T the moment the runner asked the backend for the fault, N
@@ -135,6 +137,8 @@ class ExactlyOnce:
     cannot_judge: str = ""
     missing_nodes: list[str] = field(default_factory=list)  # never answered Describe
     completions: dict[str, int] = field(default_factory=dict)  # node -> completions counted
+    # (task id, node): answered whole from a stream cut after its last token (module docstring)
+    cut_after_last_token: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -477,6 +481,11 @@ def _exactly_once_lines(verdict: ExactlyOnce) -> list[str]:
         )
     for task_id, node in verdict.excused:
         lines.append(f"  excused: {task_id} on {node}")
+    for task_id, node in verdict.cut_after_last_token:
+        lines.append(
+            f"  cut after its last token: {task_id} on {node} (answered whole; the node "
+            "counts a start, no completion)"
+        )
     for problem in verdict.problems:
         lines.append(f"  PROBLEM: {problem}")
     for task_id in verdict.mismatched:
@@ -532,6 +541,9 @@ def to_json(report: Report) -> dict[str, object]:
             "cannot_judge": verdict.cannot_judge,
             "missing_nodes": verdict.missing_nodes,
             "not_judged": verdict.not_judged,
+            "cut_after_last_token": [
+                {"task_id": t, "node": n} for t, n in verdict.cut_after_last_token
+            ],
         },
         "nodes": {
             name: {

@@ -40,10 +40,17 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mesh.core.errors import MeshError
-from mesh.sim.backend import DEFAULT_SITE, Progress, SimBackend, SimStatus, parse_target
+from mesh.sim.backend import (
+    DEFAULT_SITE,
+    Progress,
+    SimBackend,
+    SimError,
+    SimStatus,
+    parse_target,
+)
 from mesh.sim.counts import AGENT, GENERATION, LostWindow, NodeCounts, judge_exactly_once
 from mesh.sim.report import (
     AttemptView,
@@ -55,7 +62,12 @@ from mesh.sim.report import (
 )
 from mesh.sim.scenario import HEALABLE, Scenario, ScheduledFault
 
+if TYPE_CHECKING:
+    from mesh.client import NodeClient
+
 POLL_S = 0.25  # the coordinator's node table, read this often
+BUSY_POLL_S = 0.05  # a `busy` fault's node asked this often whether it has a task in flight
+BUSY_WAIT_S = 10.0  # ... for up to this long; then it fires anyway, with a note
 RESUME_GRACE_S = 2.0  # a generation frozen by a pause (or cut) may end this long after the heal
 CUTTING = ("kill", "stop", "restart", "pause", "partition", "loss")  # faults that get a window
 DOWN = ("kill", "stop")  # faults after which a node needs a restart
@@ -109,6 +121,10 @@ class MeshAccess(Protocol):
 
     async def node_counts(self, name: str, address: str) -> NodeCounts:
         """The node's own task counts (Describe with task_counts)."""
+        ...
+
+    async def in_flight(self, name: str, address: str) -> int:
+        """The tasks the node is running now, by its own count (Describe's load)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -182,6 +198,7 @@ class LiveMesh:
         self._mesh = MeshClient(status.coordinator_grpc, api_key=api_key)
         self._watch = MeshClient(status.coordinator_grpc, api_key=api_key)  # never queued behind
         self._openai: object | None = None
+        self._nodes: dict[str, NodeClient] = {}  # by address, for `in_flight`
 
     def _task_timeout_s(self) -> float:
         return (self.load.task_deadline_s or 120.0) + 10.0
@@ -313,9 +330,20 @@ class LiveMesh:
 
         return await node_counts(name, address, timeout_s=5.0)
 
+    async def in_flight(self, name: str, address: str) -> int:
+        from mesh.client import NodeClient
+
+        client = self._nodes.get(address)
+        if client is None:
+            client = self._nodes[address] = NodeClient(address)
+        reply = await client.describe(timeout_s=1.0)
+        return int(reply.load.in_flight)
+
     async def aclose(self) -> None:
         await self._mesh.close()
         await self._watch.close()
+        for client in self._nodes.values():
+            await client.close()
         if self._openai is not None:
             await self._openai.close()  # type: ignore[attr-defined]
 
@@ -542,9 +570,46 @@ class _Run:
     # ------------------------------------------------------------------ faults
 
     async def _fire(self, schedule: list[ScheduledFault]) -> None:
+        put_off: dict[int, float] = {}  # per file fault: how long waiting for `busy` took
         for event in schedule:
-            await self.sleep_until(event.at)
+            await self.sleep_until(event.at + (put_off.get(event.index, 0.0) * event.healing))
+            if event.busy:
+                put_off[event.index] = await self._until_busy(event)
             await self._apply(event, "heal" if event.healing else "scheduled")
+
+    async def _until_busy(self, event: ScheduledFault) -> float:
+        """Wait until `event`'s node has a task in flight, by its own count, up to BUSY_WAIT_S
+        (then it fires anyway, with a note); the seconds waited."""
+        start = self.now()
+        status, fresh = self.status, False
+        problem = ""
+        while self.now() - start < BUSY_WAIT_S:
+            address = next((n.address for n in status.nodes if n.name == event.target), "")
+            try:
+                if not address:
+                    raise MeshError("no address")
+                if await self.mesh.in_flight(event.target, address) > 0:
+                    waited = self.now() - start
+                    if waited > 0:
+                        self.say(f"fault {event.label}: {event.target} busy after {waited:.2f} s")
+                    return waited
+                problem = ""
+            except (MeshError, OSError) as error:
+                problem = str(error)
+                if not fresh:  # a restart may have moved it (a new published port): ask again
+                    fresh = True
+                    with contextlib.suppress(SimError):
+                        path = self.scenario.topology_path
+                        status = await asyncio.to_thread(self.backend.status, path)
+                    continue
+            await self.sleep(BUSY_POLL_S)
+        waited = self.now() - start
+        self.notes.append(
+            f"{event.label}: {event.target} had no task in flight within {waited:.1f} s"
+            + (f" ({problem})" if problem else "")
+            + "; fired anyway"
+        )
+        return waited
 
     async def _apply(self, event: ScheduledFault, kind: str) -> FaultRecord:
         issued, issued_unix = self.now(), self.wall()
@@ -743,12 +808,29 @@ class _Run:
         tasks = [self.tasks[i] for i in sorted(self.tasks)]
         judged = [t for t in tasks if t.task_id]
         kinds = {t.task_id: AGENT if t.agent else GENERATION for t in judged}
+        # An answer none of whose attempts ended ok was assembled from a stream that broke
+        # after its last token (mesh/coordinator/runs.py): its node sent every token asked for
+        # but not its end, so it counted a start and no completion. Without that start it
+        # stays a task completed on no node.
+        started = {
+            (n.name, task_id)
+            for n in counts
+            for task_id, c in n.counts.items()
+            if (c.agent_runs_started if kinds.get(task_id) == AGENT else c.generations_started)
+        }
+        cut = [
+            t
+            for t in judged
+            if t.ok
+            and not any(a.outcome == "ok" for a in t.attempts)
+            and (t.node, t.task_id) in started
+        ]
         verdict = judge_exactly_once(
             [t.task_id for t in judged],
             counts,
             lost=self.lost_windows(),
             kinds=kinds,
-            may_be_unfinished=[t.task_id for t in judged if not t.ok],
+            may_be_unfinished=[t.task_id for t in judged if not t.ok] + [t.task_id for t in cut],
         )
         result = ExactlyOnce(
             judged=len(judged) if not verdict.cannot_judge else 0,
@@ -760,6 +842,7 @@ class _Run:
             problems=verdict.problems,
             cannot_judge=verdict.cannot_judge,
             missing_nodes=missing,
+            cut_after_last_token=[(t.task_id, t.node) for t in cut],
         )
         for task in judged:
             on = verdict.completed_on.get(task.task_id, [])

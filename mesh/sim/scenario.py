@@ -22,6 +22,7 @@ The file:
       - {at: 12, target: edge-b, action: restart}
       - {at: 10, target: site:store-2, action: partition, for: 5}   # healed 5 s later
       - {at: 20, target: kiosk-1, action: delay, value: 200}
+      - {at: 30, target: edge-a, action: kill, busy: true}   # at 30 s, or once it has a task
     phases:                    # optional; default: see `Scenario.phases`
       - {name: warm, from: 0, to: 5}
     deadline_s: 300            # load and faults give up after this
@@ -31,6 +32,7 @@ Everything is checked when the file is read, every problem at once with its key 
 fault actions and values (`mesh.sim.backend.check_fault`, the same rules `mesh sim fault` has),
 targets against the topology (a node's name, or `site:NAME` of a `site` label; a site only for
 partition/heal/delay/loss), `for` only on what `heal` undoes (pause, partition, delay, loss),
+`busy` only on a node (a fault that waits for it puts its own `for` heal off as long),
 and the load's model and agents against what the topology's nodes serve. Faults may be listed
 in any order; they fire in order of `at` (ties: in file order).
 """
@@ -156,6 +158,9 @@ class FaultSpec(FrozenModel):
     action: Annotated[str, Strict()]
     value: Annotated[float, Strict()] | None = None
     for_s: PositiveSeconds | None = Field(default=None, alias="for")
+    # Fire at `at` only if the node has a task in flight then, else as soon as it has one
+    # (up to the runner's BUSY_WAIT_S): a kill that must land mid-task.
+    busy: Annotated[bool, Strict()] = False
 
     @model_validator(mode="after")
     def _checked(self) -> FaultSpec:
@@ -173,6 +178,8 @@ class FaultSpec(FrozenModel):
                 "target",
                 f"a site takes {', '.join(SITE_ACTIONS)}; {self.action} acts on one node",
             )
+        if self.busy and kind == "site":
+            raise field_error("busy", "a site has no tasks of its own: name one of its nodes")
         if self.for_s is not None and self.action not in HEALABLE:
             raise field_error(
                 "for",
@@ -220,6 +227,7 @@ class ScheduledFault:
     value: float | None = None
     index: int = 0  # the fault in the file (faults[index]) this comes from
     healing: bool = False  # the heal a `for` scheduled
+    busy: bool = False  # fire once the target has a task in flight (FaultSpec.busy)
 
     @property
     def label(self) -> str:
@@ -268,7 +276,9 @@ class Scenario:
         events = []
         for index, fault in enumerate(self.spec.faults):
             action = check_fault(fault.action, fault.value)
-            events.append(ScheduledFault(fault.at, fault.target, action, fault.value, index))
+            events.append(
+                ScheduledFault(fault.at, fault.target, action, fault.value, index, busy=fault.busy)
+            )
             if fault.for_s is not None:
                 events.append(
                     ScheduledFault(fault.at + fault.for_s, fault.target, "heal", None, index, True)

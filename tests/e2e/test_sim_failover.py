@@ -117,12 +117,22 @@ def test_distributed_edge_answers_every_task_once_through_kill_and_pause(
     assert once["never_completed"] == [] and once["answered_by_node_without_count"] == []
     assert once["ok"], once["problems"]
     counted = sum(node["completed"] for node in report["nodes"].values())
-    assert counted == 50 + len(once["excused"])
+    # An answer whose stream was cut after its last token is whole, but its node never sent
+    # (nor counted) its end: the report lists each such task.
+    cut = once["cut_after_last_token"]
+    assert counted == 50 + len(once["excused"]) - len(cut), cut
     # The faults happened, mid-load, and the kill moved tasks in flight to edge-b.
     faults = {f["label"]: f for f in report["faults"]}
     kill = next(f for f in faults.values() if f["action"] == "kill")
-    assert kill["error"] == "" and kill["not_ready_s"] is not None
-    assert kill["tasks_hit"] >= 1, kill
+    # What a failure needs to be understood (CI keeps no report.json): the fault and the
+    # node changes and faults of the timeline, whole.
+    story = json.dumps(
+        {"kill": kill, "timeline": [e for e in report["timeline"] if e["kind"] != "task"]},
+        indent=1,
+    )
+    assert kill["error"] == "" and kill["not_ready_s"] is not None, story
+    assert kill["tasks_hit"] >= 1, story
+    assert not any("fired anyway" in note for note in report["notes"]), report["notes"]
     assert kill["reroute_s"] is not None and kill["reroute_s"] < 30
     pause = next(f for f in faults.values() if f["action"] == "pause")
     assert pause["error"] == "" and pause["not_ready_s"] is not None, pause

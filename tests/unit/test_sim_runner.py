@@ -9,6 +9,7 @@ import asyncio
 import heapq
 import itertools
 import pathlib
+import re
 import textwrap
 from collections import Counter
 
@@ -74,6 +75,7 @@ class World:
         self.up = True
         self.faults: list[tuple[float, str, str, float | None]] = []
         self.turn = itertools.count()
+        self.busy: Counter[str] = Counter()  # tasks in flight per node
 
     def complete(self, node: str, task_id: str, *, agent: bool = False, at: float | None = None):
         count = self.counts[node].setdefault(task_id, node_pb2.TaskCount(task_id=task_id))
@@ -137,6 +139,7 @@ class FakeMesh:
         self.world = world
         self.hang = hang
         self.closed = False
+        self.asked_busy: list[tuple[float, str, str]] = []
 
     async def submit(self, task: PlannedTask) -> Answer:
         world = self.world
@@ -149,7 +152,9 @@ class FakeMesh:
             if world.state[name] != "running":
                 attempts.append(AttemptView(name, "unavailable", 5.0))
                 continue
+            world.busy[name] += 1
             await world.time.sleep(0.4)
+            world.busy[name] -= 1
             world.complete(name, task.key, agent=bool(task.agent))
             attempts.append(AttemptView(name, "ok", 400.0))
             return Answer(task.key, name, tuple(attempts))
@@ -164,6 +169,10 @@ class FakeMesh:
         if self.world.state[name] != "running":
             raise UnavailableError(f"{name} is down")
         return NodeCounts(name, dict(self.world.counts[name]), 0)
+
+    async def in_flight(self, name: str, address: str) -> int:
+        self.asked_busy.append((self.world.time.now, name, address))
+        return self.world.busy[name]
 
     async def aclose(self) -> None:
         self.closed = True
@@ -406,3 +415,88 @@ def test_a_fault_the_backend_refuses_is_recorded_and_the_run_goes_on(tmp_path):
     (kill,) = report.faults
     assert kill.fired and kill.error == "SimError: docker kill: no such container"
     assert len(report.ok) == 3 and report.exactly_once.ok
+
+
+def test_a_busy_fault_waits_for_a_task_in_flight_and_puts_its_heal_off(tmp_path):
+    # One task every 5 s, 0.4 s each, round the nodes: edge-a is idle at 6 s, busy from 10 s.
+    scenario = _scenario(
+        tmp_path,
+        """\
+        load: {tasks: 4, concurrency: 1, duration_s: 20}
+        faults:
+          - {at: 6, target: edge-a, action: pause, for: 1, busy: true}
+        deadline_s: 120
+        """,
+    )
+    world = World(VirtualTime())
+    report, lines, mesh = _run(scenario, world)
+
+    (pause, heal) = [
+        (round(at - 1000.0, 2), target, action) for at, target, action, _ in world.faults
+    ][:2]
+    # When task 2 was on edge-a (10 s to 10.4 s, asked every 0.05 s), not at 6 s; its `for`
+    # from when it fired.
+    assert pause[1:] == ("edge-a", "pause") and 10.0 <= pause[0] <= 10.05 + 1e-6
+    assert heal[1:] == ("edge-a", "heal") and heal[0] == pytest.approx(pause[0] + 1.0)
+    assert {address for _at, _name, address in mesh.asked_busy} == {"edge-a:1"}
+    assert min(at for at, _n, _a in mesh.asked_busy) - 1000.0 == pytest.approx(6.0)
+    assert any(re.search(r"fault 6s pause edge-a: edge-a busy after 4\.0\d s", x) for x in lines)
+    assert report.notes == []
+
+
+def test_a_busy_fault_whose_node_stays_idle_fires_after_the_wait_with_a_note(tmp_path):
+    from mesh.sim.runner import BUSY_WAIT_S
+
+    scenario = _scenario(
+        tmp_path,
+        """\
+        load: {tasks: 1, concurrency: 1}
+        faults:
+          - {at: 2, target: edge-a, action: kill, busy: true}
+        deadline_s: 120
+        """,
+    )
+    world = World(VirtualTime())
+    report, _lines, _mesh = _run(scenario, world)
+
+    (at, target, action, _value) = world.faults[0]
+    assert (target, action) == ("edge-a", "kill")
+    assert at - 1000.0 == pytest.approx(2.0 + BUSY_WAIT_S, abs=0.06)
+    assert report.notes == [
+        f"2s kill edge-a: edge-a had no task in flight within {BUSY_WAIT_S:.1f} s; fired anyway"
+    ]
+
+
+class CutMesh(FakeMesh):
+    """Tasks 1 and 2 come back whole from a stream cut after its last token: their one attempt
+    failed (edge-a went away before its end). Task 1's node counted the start, task 2's none."""
+
+    async def submit(self, task: PlannedTask) -> Answer:
+        if task.index not in (1, 2):
+            return await super().submit(task)
+        world = self.world
+        if task.index == 1:
+            started = world.counts["edge-a"].setdefault(
+                task.key, node_pb2.TaskCount(task_id=task.key)
+            )
+            started.generations_started += 1
+        await world.time.sleep(0.4)
+        return Answer(task.key, "edge-a", (AttemptView("edge-a", "unavailable", 400.0),))
+
+
+def test_an_answer_cut_after_its_last_token_is_judged_by_the_start_its_node_counted(tmp_path):
+    from mesh.sim.report import render_text, to_json
+
+    scenario = _scenario(tmp_path, "load: {tasks: 4, concurrency: 1}\n")
+    world = World(VirtualTime())
+    report, _lines, _mesh = _run(scenario, world, mesh=CutMesh(world))
+    verdict = report.exactly_once
+    assert len(report.ok) == 4
+    # Task 1: answered whole, started on edge-a, never completed there: not a problem, shown.
+    assert verdict.cut_after_last_token == [("sim-r1-0001", "edge-a")]
+    # Task 2: no node even started it: still completed on no node.
+    assert verdict.never == ["sim-r1-0002"] and not verdict.ok
+    assert verdict.problems == ["sim-r1-0002: completed on no node"]
+    data = to_json(report)["exactly_once"]
+    assert data["cut_after_last_token"] == [{"task_id": "sim-r1-0001", "node": "edge-a"}]
+    assert "cut after its last token: sim-r1-0001 on edge-a" in render_text(report)

@@ -45,6 +45,7 @@ def test_the_distributed_edge_scenario_is_the_one_the_issue_asks_for():
     load = scenario.load
     assert (load.tasks, load.concurrency, load.max_tokens) == (50, 4, 48)
     assert load.via == {"grpc": 0.6, "openai": 0.3, "cli": 0.1}
+    assert [e.busy for e in scenario.schedule()] == [True, False, False, False]  # mid-task
     assert [e.label for e in scenario.schedule()] == [
         "3s kill edge-a",
         "8s restart edge-a",
@@ -193,3 +194,33 @@ def test_a_broken_topology_is_named_as_the_scenario_s_problem(tmp_path):
     path.write_text("name: t\ntopology: topo.yaml\nload: {tasks: 1}\n", encoding="utf-8")
     (problem,) = _problems(path)
     assert problem.startswith("topology: the topology is not valid") and "port" in problem
+
+
+def test_busy_takes_a_node_and_a_boolean(tmp_path):
+    path = _write(
+        tmp_path,
+        """\
+        load: {tasks: 10}
+        faults:
+          - {at: 5, target: site:lab, action: partition, busy: true}
+          - {at: 6, target: edge-a, action: kill, busy: "yes"}
+          - {at: 7, target: edge-b, action: pause, for: 2, busy: true}
+        """,
+    )
+    problems = _problems(path)
+    assert problems[0] == "faults[0].busy: a site has no tasks of its own: name one of its nodes"
+    assert problems[1].startswith("faults[1].busy: ")
+    assert len(problems) == 2
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        path.read_text()
+        .replace("site:lab, action: partition, busy: true", "edge-a, action: stop")
+        .replace('busy: "yes"', "busy: false")
+    )
+    busy = [(e.label, e.busy) for e in load_scenario(good).schedule()]
+    assert busy == [
+        ("5s stop edge-a", False),
+        ("6s kill edge-a", False),
+        ("7s pause edge-b", True),
+        ("9s heal edge-b", False),
+    ]
